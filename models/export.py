@@ -1,0 +1,208 @@
+"""Export a variant to ONNX with preprocessing inside the graph, verify it, and write it
+to the model repository (``<repository>/<name>/model.onnx`` + ``model.json``).
+
+The graph takes ``images``: uint8 ``[N, H, W, 3]`` RGB, already resized and cropped, and
+returns ``logits`` ``[N, num_classes]`` and ``embedding`` ``[N, D]`` (float32).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from torch import Tensor, nn
+
+from models.catalog import Preprocess, Variant
+from models.weights import Weights, build_model, sha256_file
+
+FORMAT_VERSION = 1
+DEFAULT_OPSET = 18
+# Max error relative to the largest |value| of PyTorch's output, per output tensor.
+DEFAULT_TOLERANCE = 1e-4
+PARITY_BATCH = 3
+
+
+class ExportError(Exception):
+    """The export or its verification failed; the message says how."""
+
+
+class ServingGraph(nn.Module):
+    """uint8 NHWC in; (logits, embedding) out. Normalisation is folded into one affine."""
+
+    def __init__(self, model: nn.Module, preprocess: Preprocess) -> None:
+        super().__init__()
+        self.model = model
+        mean = torch.tensor(preprocess.mean, dtype=torch.float32)
+        std = torch.tensor(preprocess.std, dtype=torch.float32)
+        # (x / 255 - mean) / std == x * scale + shift, one Mul and one Add in the graph.
+        self.register_buffer("scale", (1.0 / (255.0 * std)).view(1, 3, 1, 1))
+        self.register_buffer("shift", (-mean / std).view(1, 3, 1, 1))
+
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        x = images.permute(0, 3, 1, 2).to(torch.float32) * self.scale + self.shift
+        embedding = self.model.forward_features(x)
+        return self.model.forward_head(embedding), embedding
+
+
+@dataclass(frozen=True)
+class Parity:
+    max_abs_err: float
+    max_rel_err: dict[str, float]
+
+
+def export_onnx(graph: ServingGraph, crop: int, path: Path, opset: int = DEFAULT_OPSET) -> None:
+    dummy = torch.zeros(2, crop, crop, 3, dtype=torch.uint8)
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            graph,
+            (dummy,),
+            input_names=["images"],
+            output_names=["logits", "embedding"],
+            dynamic_shapes={"images": {0: batch}},
+            opset_version=opset,
+            dynamo=True,
+            external_data=False,
+            verbose=False,
+        )
+    if program is None:
+        raise ExportError("torch.onnx.export returned no program")
+    program.save(str(path), external_data=False)
+    model = onnx.load(str(path))
+    # Readable dimension names for tools like Netron and for the runtime's checks.
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "N"
+    for out in model.graph.output:
+        out.type.tensor_type.shape.dim[0].dim_param = "N"
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save(model, str(path))
+
+
+def check_parity(
+    graph: ServingGraph, path: Path, crop: int, tolerance: float, batch: int = PARITY_BATCH
+) -> Parity:
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(batch, crop, crop, 3), dtype=np.uint8)
+    with torch.no_grad():
+        expected = [t.numpy() for t in graph(torch.from_numpy(images))]
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = session.run(["logits", "embedding"], {"images": images})
+    abs_err = 0.0
+    rel: dict[str, float] = {}
+    for name, e, g in zip(("logits", "embedding"), expected, got, strict=True):
+        if g.shape != e.shape:
+            raise ExportError(f"{name}: ONNX shape {g.shape} != PyTorch shape {e.shape}")
+        err = float(np.max(np.abs(g.astype(np.float64) - e)))
+        abs_err = max(abs_err, err)
+        rel[name] = err / max(float(np.max(np.abs(e))), 1e-12)
+    worst = max(rel.values())
+    if not np.isfinite(worst) or worst > tolerance:
+        raise ExportError(
+            f"ONNX output differs from PyTorch: relative error {worst:.3g} > "
+            f"tolerance {tolerance:g} "
+            f"({', '.join(f'{k} {v:.3g}' for k, v in rel.items())})"
+        )
+    return Parity(abs_err, rel)
+
+
+def model_json(
+    *,
+    name: str,
+    variant: Variant,
+    labels: list[str],
+    embedding_dim: int,
+    weights: Weights,
+    opset: int,
+    parity: Parity,
+    tolerance: float,
+    onnx_sha256: str,
+) -> dict[str, Any]:
+    crop = variant.preprocess.crop
+    return {
+        "format_version": FORMAT_VERSION,
+        "name": name,
+        "arch": variant.name,
+        "family": variant.family,
+        "dataset": variant.dataset,
+        "num_classes": len(labels),
+        "labels": labels,
+        "embedding_dim": embedding_dim,
+        "precision": "fp32",
+        "input": {
+            "name": "images",
+            "dtype": "uint8",
+            "layout": "NHWC",
+            "shape": [-1, crop, crop, 3],
+        },
+        "outputs": {
+            "logits": {"dtype": "float32", "shape": [-1, len(labels)]},
+            "embedding": {"dtype": "float32", "shape": [-1, embedding_dim]},
+        },
+        "preprocess": variant.preprocess.to_json(),
+        "weights": weights.to_json(),
+        "opset": opset,
+        "parity_max_abs_err": parity.max_abs_err,
+        "parity_max_rel_err": parity.max_rel_err,
+        "parity_tolerance": tolerance,
+        "onnx_sha256": onnx_sha256,
+        "exported_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "exporter": {"torch": torch.__version__, "onnx": onnx.__version__},
+    }
+
+
+def export_variant(
+    variant: Variant,
+    weights: Weights,
+    repository: Path,
+    *,
+    name: str | None = None,
+    labels: list[str] | None = None,
+    opset: int = DEFAULT_OPSET,
+    tolerance: float = DEFAULT_TOLERANCE,
+) -> Path:
+    """Build, export, verify and publish one model; returns its directory."""
+    name = name or variant.name
+    labels = labels or variant.labels()
+    model = build_model(variant, weights, num_classes=len(labels))
+    graph = ServingGraph(model, variant.preprocess).eval()
+    crop = variant.preprocess.crop
+    repository.mkdir(parents=True, exist_ok=True)
+    # Build in a sibling directory and rename into place, so a server reading the
+    # repository never sees a half-written model.
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=repository))
+    try:
+        onnx_path = staging / "model.onnx"
+        export_onnx(graph, crop, onnx_path, opset)
+        parity = check_parity(graph, onnx_path, crop, tolerance)
+        meta = model_json(
+            name=name,
+            variant=variant,
+            labels=labels,
+            embedding_dim=int(model.embedding_dim),
+            weights=weights,
+            opset=opset,
+            parity=parity,
+            tolerance=tolerance,
+            onnx_sha256=sha256_file(onnx_path),
+        )
+        (staging / "model.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        os.chmod(staging, 0o755)
+        target = repository / name
+        if target.exists():
+            shutil.rmtree(target)
+        staging.rename(target)
+        return target
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

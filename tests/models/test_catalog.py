@@ -1,0 +1,56 @@
+import re
+
+import pytest
+
+from models.catalog import VARIANTS, UnknownVariantError, get_variant
+
+IMAGENET = [
+    "resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d",
+    "resnext101_32x8d", "resnext101_64x4d", "wide_resnet50_2", "wide_resnet101_2",
+]  # fmt: skip
+CIFAR = [f"resnet{d}_cifar10" for d in (20, 32, 44, 56, 110, 1202)]
+
+
+def test_every_named_variant_is_in_the_catalog() -> None:
+    assert set(VARIANTS) == set(IMAGENET + CIFAR)
+
+
+@pytest.mark.parametrize("name", IMAGENET + CIFAR)
+def test_variant_data_is_complete(name: str) -> None:
+    v = get_variant(name)
+    labels = v.labels()
+    assert len(labels) == v.num_classes == len(set(labels))
+    assert v.weights is not None
+    assert re.fullmatch(r"[0-9a-f]{8}", v.weights.sha256_prefix)
+    assert v.weights.filename.split("-")[-1].startswith(v.weights.sha256_prefix)
+    pre = v.preprocess
+    assert pre.crop <= pre.resize
+    assert len(pre.mean) == len(pre.std) == 3
+    assert pre.interpolation == "bilinear"
+
+
+def test_imagenet_labels_and_weights() -> None:
+    v = get_variant("resnet50")
+    assert v.labels()[207] == "golden retriever"
+    assert v.labels()[0] == "tench"
+    # torchvision's recommended weights for resnet50 are IMAGENET1K_V2 with resize 232.
+    assert v.weights.url == "https://download.pytorch.org/models/resnet50-11ad3fa6.pth"
+    assert (v.preprocess.resize, v.preprocess.crop) == (232, 224)
+    assert get_variant("resnet18").preprocess.resize == 256
+
+
+def test_cifar_variant() -> None:
+    v = get_variant("resnet20_cifar10")
+    assert v.labels() == [
+        "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
+    ]  # fmt: skip
+    assert v.weights.url == (
+        "https://github.com/akamaster/pytorch_resnet_cifar10/raw/master/"
+        "pretrained_models/resnet20-12fca82f.th"
+    )
+    assert (v.preprocess.resize, v.preprocess.crop) == (32, 32)
+
+
+def test_unknown_variant_names_the_known_ones() -> None:
+    with pytest.raises(UnknownVariantError, match="resnet18"):
+        get_variant("resnet19")
