@@ -1,0 +1,129 @@
+"""``create_app(settings)``: the FastAPI application, its lifespan and error handling."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.errors import ServeError
+from service.metrics import Metrics
+from service.routes import FastJSONResponse, router
+from service.runtime import Runtime
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None):  # type: ignore[no-untyped-def]
+    body = {"error": {"code": code, "message": message}}
+    return FastJSONResponse(body, status_code=status, headers=headers)
+
+
+class RequestMiddleware:
+    """Request IDs and the per-request metrics, for every endpoint that names itself
+    (``request.state.endpoint``), whatever the outcome. Plain ASGI: no per-request task."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        request_id = ""
+        for key, value in scope.get("headers", ()):
+            if key == b"x-request-id":
+                request_id = value.decode("latin-1")[:128]
+                break
+        request_id = request_id or uuid.uuid4().hex
+        status = 500
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                headers = list(message.get("headers", []))
+                headers.append((b"x-request-id", request_id.encode("latin-1")))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        scope.setdefault("state", {})["request_id"] = request_id
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            state = scope.get("state", {})
+            endpoint = state.get("endpoint")
+            if endpoint:
+                model = state.get("model", "")
+                self.metrics.requests.labels(endpoint, model, str(status)).inc()
+                self.metrics.request_duration.labels(endpoint, model).observe(
+                    time.perf_counter() - start
+                )
+
+
+def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
+    """The service. With ``runtime`` given (already loaded, as the CLI does to fail fast),
+    the lifespan only starts and stops it; otherwise it loads it from ``settings``."""
+    metrics = runtime.metrics if runtime is not None else Metrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        rt = runtime or await asyncio.to_thread(Runtime.load, settings, metrics)
+        app.state.runtime = rt
+        await rt.start()
+        try:
+            yield
+        finally:
+            await rt.stop()
+
+    app = FastAPI(
+        title="resnet-serve",
+        version="0.1.0",
+        description="Classification and backbone features (embeddings) for the ResNet family, "
+        "with dynamic batching on ONNX Runtime.",
+        lifespan=lifespan,
+        default_response_class=FastJSONResponse,
+    )
+    app.state.settings = settings
+    app.state.metrics = metrics
+    app.include_router(router)
+    app.add_middleware(RequestMiddleware, metrics=metrics)
+
+    @app.exception_handler(ServeError)
+    async def serve_error(request: Request, exc: ServeError) -> Any:
+        return error_response(exc.status, exc.code, exc.message, exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> Any:
+        detail = "; ".join(
+            f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg', '')}"
+            for e in exc.errors()
+        )
+        return error_response(422, "invalid_parameter", detail or "invalid request")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Any:
+        codes = {404: "not_found", 405: "method_not_allowed"}
+        return error_response(
+            exc.status_code, codes.get(exc.status_code, "http_error"), str(exc.detail),
+            getattr(exc, "headers", None),
+        )  # fmt: skip
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> Any:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return error_response(500, "internal", "internal error")
+
+    return app

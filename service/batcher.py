@@ -1,0 +1,192 @@
+"""Dynamic batching, one batcher per model.
+
+One asyncio task owns the queue. Each image of a request is an item with its own
+future. The task waits for an idle session, then closes a batch at ``max_batch_size``
+images or ``max_batch_delay_ms`` after its first image, whichever comes first; while
+all sessions are busy the queue grows, so batches grow with load. Items whose request
+is gone (future cancelled: client disconnected or timed out) are dropped unrun.
+Admission is explicit: past ``max_queue_images`` a request is refused at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+
+from service.errors import InferenceFailedError, NotReadyError, OverloadedError
+from service.metrics import Metrics
+from service.sessions import SessionPool, Worker
+
+log = logging.getLogger(__name__)
+
+Result = tuple[np.ndarray, np.ndarray]  # (logits row, embedding row)
+
+
+@dataclass(eq=False, slots=True)
+class _Item:
+    image: np.ndarray
+    future: asyncio.Future[Result]
+    enqueued: float
+
+
+class Batcher:
+    def __init__(
+        self,
+        model: str,
+        pool: SessionPool,
+        *,
+        image_shape: tuple[int, int, int],
+        buckets: list[int],
+        max_batch_delay_ms: float,
+        max_queue_images: int,
+        metrics: Metrics,
+    ) -> None:
+        self.model = model
+        self.pool = pool
+        self.image_shape = image_shape
+        self.buckets = sorted(buckets)
+        self.max_batch_size = self.buckets[-1]
+        self.delay_s = max_batch_delay_ms / 1000.0
+        self.max_queue_images = max_queue_images
+        self.metrics = metrics
+        self._queue: deque[_Item] = deque()
+        self._arrival = asyncio.Event()
+        self._closing = False
+        self._task: asyncio.Task[None] | None = None
+        self._running: set[asyncio.Task[None]] = set()
+        self._depth = metrics.queue_depth.labels(model)
+        self._batch_size = metrics.batch_size.labels(model)
+        self._queue_wait = metrics.queue_wait.labels(model)
+        self._inference = metrics.inference_duration.labels(model)
+        self._padding = metrics.batch_padding.labels(model)
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    def start(self) -> None:
+        self.pool.start()
+        self._task = asyncio.create_task(self._loop(), name=f"batcher-{self.model}")
+
+    def check_capacity(self, n: int) -> None:
+        """Refuse ``n`` more images now if they would not fit; cheap, before decoding."""
+        if self._closing:
+            raise NotReadyError("the service is shutting down")
+        if len(self._queue) + n > self.max_queue_images:
+            self.metrics.rejected.labels(self.model, "queue_full").inc(n)
+            raise OverloadedError(
+                f"model {self.model} is overloaded ({len(self._queue)} images queued, "
+                f"limit {self.max_queue_images}); retry later"
+            )
+
+    def submit(self, images: list[np.ndarray]) -> list[asyncio.Future[Result]]:
+        self.check_capacity(len(images))
+        loop = asyncio.get_running_loop()
+        now = time.perf_counter()
+        futures: list[asyncio.Future[Result]] = []
+        for image in images:
+            fut: asyncio.Future[Result] = loop.create_future()
+            self._queue.append(_Item(image, fut, now))
+            futures.append(fut)
+        self._depth.set(len(self._queue))
+        self._arrival.set()
+        return futures
+
+    async def _loop(self) -> None:
+        while True:
+            worker = await self.pool.acquire()
+            items = await self._collect()
+            if items is None:
+                self.pool.release(worker)
+                return
+            if not items:
+                self.pool.release(worker)
+                continue
+            task = asyncio.create_task(self._execute(worker, items))
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+
+    async def _wait_arrival(self, timeout: float | None) -> bool:
+        self._arrival.clear()
+        try:
+            await asyncio.wait_for(self._arrival.wait(), timeout)
+            return True
+        except TimeoutError:
+            return False
+
+    async def _collect(self) -> list[_Item] | None:
+        """The next batch; ``None`` once closing with nothing left."""
+        while not self._queue:
+            if self._closing:
+                return None
+            await self._wait_arrival(None)
+        # The batch's clock starts at its first image's arrival, not at this call: an image
+        # that already waited for a busy session is not made to wait again.
+        deadline = self._queue[0].enqueued + self.delay_s
+        while len(self._queue) < self.max_batch_size and not self._closing:
+            remaining = deadline - time.perf_counter()
+            if remaining <= 0 or not await self._wait_arrival(remaining):
+                break
+        items: list[_Item] = []
+        while self._queue and len(items) < self.max_batch_size:
+            item = self._queue.popleft()
+            if item.future.done():  # cancelled: the client left or timed out
+                self.metrics.rejected.labels(self.model, "cancelled").inc()
+                continue
+            items.append(item)
+        self._depth.set(len(self._queue))
+        return items
+
+    async def _execute(self, worker: Worker, items: list[_Item]) -> None:
+        try:
+            start = time.perf_counter()
+            for item in items:
+                self._queue_wait.observe(start - item.enqueued)
+            n = len(items)
+            bucket = self.buckets[bisect.bisect_left(self.buckets, n)]
+            batch = np.zeros((bucket, *self.image_shape), dtype=np.uint8)
+            for i, item in enumerate(items):
+                batch[i] = item.image
+            loop = asyncio.get_running_loop()
+            try:
+                logits, embedding = await loop.run_in_executor(worker.executor, worker.run, batch)
+            except Exception as exc:
+                self.metrics.inference_failures.labels(self.model).inc()
+                log.exception("inference failed on a batch of %d for %s", n, self.model)
+                error = InferenceFailedError(f"inference failed for model {self.model}: {exc}")
+                for item in items:
+                    if not item.future.done():
+                        item.future.set_exception(error)
+                return
+            self._inference.observe(time.perf_counter() - start)
+            self._batch_size.observe(n)
+            self._padding.inc(bucket - n)
+            for i, item in enumerate(items):
+                if not item.future.done():
+                    item.future.set_result((logits[i], embedding[i]))
+        finally:
+            self.pool.release(worker)
+
+    async def close(self, timeout_s: float) -> None:
+        """Stop taking work, finish what was accepted (up to ``timeout_s``), stop."""
+        self._closing = True
+        self._arrival.set()
+        if self._task is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(self._task), timeout_s)
+            except TimeoutError:
+                log.warning("%s: drain timed out with %d images queued", self.model, self.queued)
+                self._task.cancel()
+            if self._running:
+                await asyncio.wait(set(self._running), timeout=max(timeout_s, 0.1))
+        for item in self._queue:
+            if not item.future.done():
+                item.future.set_exception(NotReadyError("the service shut down"))
+        self._queue.clear()
+        self.pool.close()

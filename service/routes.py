@@ -1,0 +1,295 @@
+"""HTTP endpoints: classification, embeddings, model metadata, health, metrics."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, Literal
+
+import numpy as np
+import orjson
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from service.batcher import Result
+from service.errors import InvalidParameterError, RequestTimeoutError
+from service.inputs import read_payload
+from service.postprocess import encode_embeddings, l2_normalize, top_k
+from service.runtime import Runtime, ServedModel
+
+
+class FastJSONResponse(JSONResponse):
+    """orjson, which writes numpy arrays natively: embeddings cost a copy, not a loop."""
+
+    def render(self, content: Any) -> bytes:
+        return orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+# --- schemas: documentation of the answers, and validation of body parameters ---
+
+
+class Prediction(BaseModel):
+    index: int
+    label: str
+    score: float = Field(description="softmax probability")
+
+
+class ClassifyResult(BaseModel):
+    predictions: list[Prediction]
+
+
+class ClassifyResponse(BaseModel):
+    model: str
+    results: list[ClassifyResult] = Field(description="one per image, in request order")
+
+
+class EmbedResponse(BaseModel):
+    model: str
+    dim: int
+    encoding: Literal["float", "base64"] = "float"
+    embeddings: list[list[float]] | list[str] = Field(
+        description="one per image, in request order; base64 of little-endian float32 "
+        "when encoding=base64"
+    )
+
+
+class ErrorBody(BaseModel):
+    code: str
+    message: str
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+class ClassifyParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    top_k: int = Field(5, ge=1)
+
+
+class EmbedParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    normalize: bool = True
+    encoding: Literal["float", "base64"] = "float"
+
+
+def _params(cls: type[BaseModel], query: dict[str, Any], body: dict[str, Any]) -> Any:
+    # A parameter in the body (JSON field or multipart form field) wins over the query.
+    try:
+        return cls.model_validate({**query, **body})
+    except ValidationError as exc:
+        detail = "; ".join(
+            f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in exc.errors()
+        )
+        raise InvalidParameterError(detail) from None
+
+
+_IMAGE_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {
+                        "file": {"type": "array", "items": {"type": "string", "format": "binary"}}
+                    },
+                    "required": ["file"],
+                }
+            },
+            "image/*": {"schema": {"type": "string", "format": "binary"}},
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "properties": {
+                        "images": {"type": "array", "items": {"type": "string", "format": "byte"}}
+                    },
+                    "required": ["images"],
+                    "additionalProperties": True,
+                }
+            },
+        },
+    }
+}
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse, "description": text}
+    for code, text in {
+        400: "an image could not be decoded (the message names which)",
+        404: "unknown model",
+        413: "body, image count or image size over the limit",
+        415: "unsupported content type or image format",
+        422: "invalid parameters",
+        503: "overloaded (Retry-After) or not ready",
+        504: "timed out",
+    }.items()
+}
+
+
+def _runtime(request: Request) -> Runtime:
+    return request.app.state.runtime
+
+
+async def _until_disconnect(request: Request) -> None:
+    # With the body consumed, the next ASGI message can only be the disconnect.
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def _run_guarded(request: Request, model: ServedModel, blobs: list[bytes]) -> list[Result]:
+    """Inference bounded by the request timeout and by the client staying connected;
+    either way out cancels the queued work so that it is never computed."""
+    runtime = _runtime(request)
+    work = asyncio.ensure_future(runtime.infer(model, blobs))
+    watcher = asyncio.ensure_future(_until_disconnect(request))
+    timeout = runtime.settings.request_timeout_ms / 1000.0
+    try:
+        done, _ = await asyncio.wait(
+            {work, watcher}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+        )
+    finally:
+        watcher.cancel()
+    if work in done:
+        return work.result()
+    work.cancel()
+    if watcher in done:
+        runtime.metrics.rejected.labels(model.name, "client_gone").inc(len(blobs))
+        # Nobody is listening; the status is for the logs and metrics only.
+        raise RequestTimeoutError("client disconnected")
+    raise RequestTimeoutError(f"request timed out after {timeout:g}s")
+
+
+async def _images(request: Request, model_name: str | None, endpoint: str):  # type: ignore[no-untyped-def]
+    runtime = _runtime(request)
+    request.state.endpoint = endpoint
+    model = runtime.get(model_name)
+    request.state.model = model.name
+    s = runtime.settings
+    payload = await read_payload(
+        request, max_body_bytes=s.max_body_bytes, max_images=s.max_images_per_request
+    )
+    runtime.metrics.images.labels(endpoint, model.name).inc(len(payload.images))
+    return model, payload
+
+
+router = APIRouter()
+
+
+async def _classify(request: Request, model_name: str | None, top_k_q: int) -> Response:
+    model, payload = await _images(request, model_name, "classify")
+    params = _params(ClassifyParams, {"top_k": top_k_q}, payload.params)
+    results = await _run_guarded(request, model, payload.images)
+    labels = model.spec.labels
+    body = {
+        "model": model.name,
+        "results": [{"predictions": top_k(logits, params.top_k, labels)} for logits, _ in results],
+    }
+    return FastJSONResponse(body)
+
+
+async def _embed(
+    request: Request, model_name: str | None, normalize: bool, encoding: str
+) -> Response:
+    model, payload = await _images(request, model_name, "embed")
+    params = _params(EmbedParams, {"normalize": normalize, "encoding": encoding}, payload.params)
+    results = await _run_guarded(request, model, payload.images)
+    vectors = np.stack([emb for _, emb in results])
+    if params.normalize:
+        vectors = l2_normalize(vectors)
+    body = {
+        "model": model.name,
+        "dim": int(vectors.shape[1]),
+        "encoding": params.encoding,
+        "embeddings": encode_embeddings(vectors, params.encoding),
+    }
+    return FastJSONResponse(body)
+
+
+TopK = Query(5, ge=1, description="how many classes per image")
+Normalize = Query(True, description="L2-normalise each embedding")
+Encoding = Query("float", description="float: JSON numbers; base64: little-endian float32")
+
+
+@router.post(
+    "/v1/classify", response_model=ClassifyResponse, responses=_ERRORS, openapi_extra=_IMAGE_BODY,
+    tags=["inference"], summary="Classify images with the default model",
+)  # fmt: skip
+async def classify_default(request: Request, top_k: int = TopK) -> Response:
+    return await _classify(request, None, top_k)
+
+
+@router.post(
+    "/v1/models/{model}/classify", response_model=ClassifyResponse, responses=_ERRORS,
+    openapi_extra=_IMAGE_BODY, tags=["inference"], summary="Classify images",
+)  # fmt: skip
+async def classify(request: Request, model: str, top_k: int = TopK) -> Response:
+    return await _classify(request, model, top_k)
+
+
+@router.post(
+    "/v1/embed", response_model=EmbedResponse, responses=_ERRORS, openapi_extra=_IMAGE_BODY,
+    tags=["inference"], summary="Backbone features (pooled embedding) with the default model",
+)  # fmt: skip
+async def embed_default(
+    request: Request, normalize: bool = Normalize, encoding: Literal["float", "base64"] = Encoding
+) -> Response:
+    return await _embed(request, None, normalize, encoding)
+
+
+@router.post(
+    "/v1/models/{model}/embed", response_model=EmbedResponse, responses=_ERRORS,
+    openapi_extra=_IMAGE_BODY, tags=["inference"], summary="Backbone features (pooled embedding)",
+)  # fmt: skip
+async def embed(
+    request: Request,
+    model: str,
+    normalize: bool = Normalize,
+    encoding: Literal["float", "base64"] = Encoding,
+) -> Response:
+    return await _embed(request, model, normalize, encoding)
+
+
+@router.get("/v1/models", tags=["models"], summary="The served models (labels omitted)")
+async def list_models(request: Request) -> Response:
+    runtime = _runtime(request)
+    request.state.endpoint = "models"
+    models = [
+        {**m.spec.summary(), "ready": m.ready, "default": name == runtime.default_model}
+        for name, m in runtime.models.items()
+    ]
+    return FastJSONResponse({"models": models})
+
+
+@router.get(
+    "/v1/models/{model}", tags=["models"], summary="One model's metadata", responses=_ERRORS
+)
+async def get_model(request: Request, model: str) -> Response:
+    runtime = _runtime(request)
+    request.state.endpoint = "model"
+    served = runtime.get(model)
+    request.state.model = served.name
+    return FastJSONResponse({**served.spec.metadata, "ready": served.ready})
+
+
+@router.get("/healthz", tags=["health"], summary="The process is alive")
+async def healthz() -> Response:
+    return FastJSONResponse({"status": "ok"})
+
+
+@router.get("/readyz", tags=["health"], summary="200 once every model is loaded and warmed up")
+async def readyz(request: Request) -> Response:
+    runtime = _runtime(request)
+    body = {
+        "ready": runtime.ready,
+        "draining": runtime.draining,
+        "models": {name: m.ready for name, m in runtime.models.items()},
+    }
+    return FastJSONResponse(body, status_code=200 if runtime.ready else 503)
+
+
+@router.get("/metrics", tags=["health"], summary="Prometheus metrics")
+async def metrics(request: Request) -> Response:
+    registry = _runtime(request).metrics.registry
+    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)

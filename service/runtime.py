@@ -1,0 +1,138 @@
+"""The served models and the work of one inference request: decode in a thread pool,
+queue on the model's batcher, wait for the results."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from service.batcher import Batcher, Result
+from service.errors import ModelNotFoundError, NotReadyError
+from service.metrics import Metrics
+from service.preprocess import DecodeOptions, preprocess
+from service.repository import ModelSpec, discover
+from service.sessions import SessionPool
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class ServedModel:
+    spec: ModelSpec
+    pool: SessionPool
+    batcher: Batcher | None = None
+    ready: bool = False
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+
+@dataclass(eq=False)
+class Runtime:
+    settings: Settings
+    metrics: Metrics
+    models: dict[str, ServedModel]
+    decode_options: DecodeOptions
+    decode_pool: ThreadPoolExecutor = field(init=False)
+    draining: bool = False
+    _warmup: asyncio.Task[None] | None = None
+
+    def __post_init__(self) -> None:
+        self.decode_pool = ThreadPoolExecutor(
+            max_workers=self.settings.decode_threads, thread_name_prefix="decode"
+        )
+
+    @classmethod
+    def load(cls, settings: Settings, metrics: Metrics) -> Runtime:
+        """Read the repository and create every session (blocking; fails fast)."""
+        specs = discover(settings.repository, settings.models or None)
+        total = len(specs) * settings.sessions_per_device
+        models = {s.name: ServedModel(s, SessionPool.load(s, settings, total)) for s in specs}
+        options = DecodeOptions(
+            max_pixels=settings.max_image_pixels, jpeg_draft=settings.jpeg_draft
+        )
+        return cls(settings, metrics, models, options)
+
+    @property
+    def default_model(self) -> str:
+        return next(iter(self.models))
+
+    @property
+    def ready(self) -> bool:
+        return not self.draining and all(m.ready for m in self.models.values())
+
+    def get(self, name: str | None) -> ServedModel:
+        try:
+            return self.models[name or self.default_model]
+        except KeyError:
+            raise ModelNotFoundError(str(name), list(self.models)) from None
+
+    async def start(self) -> None:
+        s = self.settings
+        for m in self.models.values():
+            m.batcher = Batcher(
+                m.name,
+                m.pool,
+                image_shape=m.spec.input_shape,
+                buckets=s.batch_buckets,
+                max_batch_delay_ms=s.max_batch_delay_ms,
+                max_queue_images=s.max_queue_images,
+                metrics=self.metrics,
+            )
+            m.batcher.start()
+            self.metrics.model_ready.labels(m.name).set(0)
+        # Warm up in the background: /healthz and /readyz answer meanwhile.
+        self._warmup = asyncio.create_task(self._warm_all(), name="warmup")
+
+    async def _warm_all(self) -> None:
+        for m in self.models.values():
+            t = time.perf_counter()
+            await asyncio.to_thread(m.pool.warmup, self.settings.batch_buckets, m.spec.input_shape)
+            m.ready = True
+            self.metrics.model_ready.labels(m.name).set(1)
+            log.info(
+                "%s: warmed up batch sizes %s in %.2fs",
+                m.name, self.settings.batch_buckets, time.perf_counter() - t,
+            )  # fmt: skip
+        log.info("ready: %s", ", ".join(self.models))
+
+    async def wait_ready(self) -> None:
+        if self._warmup is not None:
+            await self._warmup
+
+    async def stop(self) -> None:
+        self.draining = True
+        if self._warmup is not None and not self._warmup.done():
+            self._warmup.cancel()
+        for m in self.models.values():
+            if m.batcher is not None:
+                await m.batcher.close(self.settings.drain_timeout_s)
+        self.decode_pool.shutdown(wait=False, cancel_futures=True)
+
+    def _preprocess_one(self, data: bytes, index: int, model: ServedModel) -> np.ndarray:
+        t = time.perf_counter()
+        out = preprocess(data, index, model.spec.preprocess, self.decode_options)
+        self.metrics.preprocess_duration.labels(model.name).observe(time.perf_counter() - t)
+        return out
+
+    async def infer(self, model: ServedModel, blobs: list[bytes]) -> list[Result]:
+        """Results for every image, in request order. Cancelling this cancels the
+        queued work, which the batcher then drops."""
+        if not model.ready or model.batcher is None or self.draining:
+            raise NotReadyError(f"model {model.name} is not ready")
+        model.batcher.check_capacity(len(blobs))
+        loop = asyncio.get_running_loop()
+        arrays = await asyncio.gather(
+            *(
+                loop.run_in_executor(self.decode_pool, self._preprocess_one, blob, i, model)
+                for i, blob in enumerate(blobs)
+            )
+        )
+        return list(await asyncio.gather(*model.batcher.submit(list(arrays))))

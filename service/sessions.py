@@ -1,0 +1,151 @@
+"""onnxruntime sessions per model and device, each driven by its own worker thread.
+
+A session is only ever run from its worker's single thread, so one slow batch never
+blocks the event loop and two batches never contend for the same session.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnxruntime as ort
+
+from service.repository import ModelSpec
+from service.settings import Settings, cpu_count
+
+log = logging.getLogger(__name__)
+OUTPUTS = ["logits", "embedding"]
+
+
+@dataclass(frozen=True)
+class Device:
+    kind: str  # "cpu" | "cuda"
+    index: int = 0
+
+    def __str__(self) -> str:
+        return "cpu" if self.kind == "cpu" else f"cuda:{self.index}"
+
+
+def parse_devices(spec: str) -> list[Device]:
+    """``cpu`` | ``cuda`` | ``cuda:0,1``."""
+    spec = spec.strip().lower()
+    if spec == "cpu":
+        return [Device("cpu")]
+    if spec == "cuda":
+        return [Device("cuda", 0)]
+    if spec.startswith("cuda:"):
+        try:
+            indices = [int(i) for i in spec[5:].split(",") if i.strip()]
+        except ValueError:
+            indices = []
+        if indices and all(i >= 0 for i in indices):
+            return [Device("cuda", i) for i in dict.fromkeys(indices)]
+    raise ValueError(f"device must be cpu, cuda or cuda:0,1,..., got {spec!r}")
+
+
+def resolve_devices(spec: str, available: list[str] | None = None) -> list[Device]:
+    """The devices to use; CUDA asked for but not present falls back to the CPU, logged."""
+    devices = parse_devices(spec)
+    if devices[0].kind == "cuda":
+        available = available if available is not None else ort.get_available_providers()
+        if "CUDAExecutionProvider" not in available:
+            log.warning(
+                "device %s requested but onnxruntime has no CUDAExecutionProvider "
+                "(providers: %s; install the `gpu` extra on a machine with CUDA): using the CPU",
+                spec, ", ".join(available),
+            )  # fmt: skip
+            return [Device("cpu")]
+    return devices
+
+
+def _providers(device: Device) -> list[str | tuple[str, dict[str, str]]]:
+    if device.kind == "cpu":
+        return ["CPUExecutionProvider"]
+    cuda = {
+        "device_id": str(device.index),
+        # Every batch shape is a warmed-up bucket, so the exhaustive search is paid once
+        # per shape at startup and never on a request.
+        "cudnn_conv_algo_search": "EXHAUSTIVE",
+        "arena_extend_strategy": "kSameAsRequested",
+        "do_copy_in_default_stream": "1",
+    }
+    return [("CUDAExecutionProvider", cuda), "CPUExecutionProvider"]
+
+
+@dataclass(eq=False)
+class Worker:
+    """One session and the one thread that runs it."""
+
+    session: ort.InferenceSession
+    device: Device
+    name: str
+    executor: ThreadPoolExecutor = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=self.name)
+
+    def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        logits, embedding = self.session.run(OUTPUTS, {"images": images})
+        return logits, embedding
+
+
+class SessionPool:
+    """The workers of one model; ``acquire`` hands out an idle one."""
+
+    def __init__(self, workers: list[Worker]) -> None:
+        self.workers = workers
+        self._idle: asyncio.Queue[Worker] | None = None
+
+    @classmethod
+    def load(cls, spec: ModelSpec, settings: Settings, sessions_total: int) -> SessionPool:
+        devices = resolve_devices(settings.device)
+        threads = settings.intra_op_threads or max(1, cpu_count() // max(1, sessions_total))
+        workers = []
+        for device in devices:
+            for i in range(settings.sessions_per_device):
+                opts = ort.SessionOptions()
+                opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+                opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+                opts.intra_op_num_threads = threads
+                opts.inter_op_num_threads = 1
+                spin = "1" if settings.cpu_spinning else "0"
+                opts.add_session_config_entry("session.intra_op.allow_spinning", spin)
+                opts.add_session_config_entry("session.inter_op.allow_spinning", spin)
+                session = ort.InferenceSession(
+                    str(spec.onnx_path), sess_options=opts, providers=_providers(device)
+                )
+                workers.append(Worker(session, device, f"ort-{spec.name}-{device}-{i}"))
+        log.info(
+            "%s: %d session(s) on %s, %d intra-op thread(s) each, providers %s",
+            spec.name, len(workers), ", ".join(map(str, devices)), threads,
+            workers[0].session.get_providers(),
+        )  # fmt: skip
+        return cls(workers)
+
+    def warmup(self, buckets: list[int], shape: tuple[int, int, int]) -> None:
+        """Run every bucket size once on every session (blocking), so that no request
+        pays for a first shape (allocations, kernel selection, cuDNN search)."""
+        for worker in self.workers:
+            for b in buckets:
+                worker.run(np.zeros((b, *shape), dtype=np.uint8))
+
+    def start(self) -> None:
+        self._idle = asyncio.Queue()
+        for w in self.workers:
+            self._idle.put_nowait(w)
+
+    async def acquire(self) -> Worker:
+        assert self._idle is not None, "start() the pool inside the event loop first"
+        return await self._idle.get()
+
+    def release(self, worker: Worker) -> None:
+        assert self._idle is not None
+        self._idle.put_nowait(worker)
+
+    def close(self) -> None:
+        for w in self.workers:
+            w.executor.shutdown(wait=True)

@@ -1,0 +1,95 @@
+"""All runtime options: one class, environment prefix ``RESNET_SERVE_``, units in names.
+
+``resnet-serve --help`` is generated from these fields, so the CLI, the environment and
+the README table cannot disagree.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+def _split_csv(value: object) -> object:
+    if isinstance(value, str):
+        return [v.strip() for v in value.split(",") if v.strip()]
+    return value
+
+
+def cpu_count() -> int:
+    # Respect CPU affinity (containers, taskset) rather than the host's core count.
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="RESNET_SERVE_", extra="ignore")
+
+    repository: Path = Field(
+        Path("model_repository"), description="model repository: <dir>/<name>/model.onnx + json"
+    )
+    models: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="comma-separated models to serve (default: all); the first is the default",
+    )
+    host: str = Field("127.0.0.1", description="address to bind")
+    port: int = Field(8000, ge=0, le=65535, description="port to bind")
+    device: str = Field("cpu", description="cpu | cuda | cuda:0,1 (falls back to cpu, logged)")
+    sessions_per_device: int = Field(1, ge=1, description="onnxruntime sessions per model/device")
+    intra_op_threads: int = Field(
+        0, ge=0, description="threads per CPU session (0: cores / sessions, no oversubscription)"
+    )
+    cpu_spinning: bool = Field(
+        False, description="let onnxruntime's idle threads spin (burns cores decoding needs)"
+    )
+    max_batch_size: int = Field(32, ge=1, le=4096, description="images per batch, at most")
+    max_batch_delay_ms: float = Field(
+        2.0, ge=0, description="a batch closes this long after its first image at the latest"
+    )
+    batch_buckets: Annotated[list[int], NoDecode] = Field(
+        default_factory=list,
+        description="batch sizes batches are padded to, all warmed up (default: powers of two)",
+    )
+    max_queue_images: int = Field(
+        512, ge=1, description="images waiting for inference, at most; beyond it 503"
+    )
+    request_timeout_ms: float = Field(30_000, gt=0, description="per request; beyond it 504")
+    decode_workers: int = Field(0, ge=0, description="image decoding threads (0: one per core)")
+    jpeg_draft: bool = Field(True, description="JPEG DCT-domain downscale before resizing")
+    max_body_bytes: int = Field(32 * 1024 * 1024, ge=1, description="request body, at most")
+    max_images_per_request: int = Field(64, ge=1, description="images in one request, at most")
+    max_image_pixels: int = Field(40_000_000, ge=1, description="width x height, at most")
+    drain_timeout_s: float = Field(
+        30.0, ge=0, description="on SIGTERM, time for accepted requests to finish"
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
+
+    @field_validator("models", "batch_buckets", mode="before")
+    @classmethod
+    def _csv(cls, value: object) -> object:
+        return _split_csv(value)
+
+    @model_validator(mode="after")
+    def _buckets(self) -> Settings:
+        if not self.batch_buckets:
+            b, buckets = 1, []
+            while b < self.max_batch_size:
+                buckets.append(b)
+                b *= 2
+            self.batch_buckets = [*buckets, self.max_batch_size]
+        self.batch_buckets = sorted(set(self.batch_buckets))
+        if self.batch_buckets[0] < 1:
+            raise ValueError("batch_buckets must be positive")
+        if self.batch_buckets[-1] != self.max_batch_size:
+            raise ValueError("the largest of batch_buckets must equal max_batch_size")
+        return self
+
+    @property
+    def decode_threads(self) -> int:
+        return self.decode_workers or cpu_count()
