@@ -6,6 +6,11 @@ images or ``max_batch_delay_ms`` after its first image, whichever comes first; w
 all sessions are busy the queue grows, so batches grow with load. Items whose request
 is gone (future cancelled: client disconnected or timed out) are dropped unrun.
 Admission is explicit: past ``max_queue_images`` a request is refused at once.
+
+Waiting for more images only pays when more are coming: a request announces itself
+(``expect``) as soon as it arrives, before its body is read and decoded, and a batch
+waits for its delay only while announced requests have not submitted yet. A lone
+client's image runs at once; under concurrency batches fill up.
 """
 
 from __future__ import annotations
@@ -35,6 +40,21 @@ class _Item:
     enqueued: float
 
 
+class Expectation:
+    """A request announced to the batcher; ``done`` (idempotent) once it submitted or
+    failed, so that batches stop waiting for it."""
+
+    __slots__ = ("_batcher",)
+
+    def __init__(self, batcher: Batcher) -> None:
+        self._batcher: Batcher | None = batcher
+
+    def done(self) -> None:
+        if self._batcher is not None:
+            self._batcher._arrived()
+            self._batcher = None
+
+
 class Batcher:
     def __init__(
         self,
@@ -56,6 +76,8 @@ class Batcher:
         self.max_queue_images = max_queue_images
         self.metrics = metrics
         self._queue: deque[_Item] = deque()
+        self._incoming = 0
+        self._expected = 0
         self._arrival = asyncio.Event()
         self._closing = False
         self._task: asyncio.Task[None] | None = None
@@ -70,23 +92,43 @@ class Batcher:
     def queued(self) -> int:
         return len(self._queue)
 
+    @property
+    def pending(self) -> int:
+        """Images admitted: queued, or reserved and still being decoded."""
+        return len(self._queue) + self._incoming
+
     def start(self) -> None:
         self.pool.start()
         self._task = asyncio.create_task(self._loop(), name=f"batcher-{self.model}")
 
-    def check_capacity(self, n: int) -> None:
-        """Refuse ``n`` more images now if they would not fit; cheap, before decoding."""
+    def expect(self) -> Expectation:
+        """Announce a request whose images are on their way."""
+        self._expected += 1
+        return Expectation(self)
+
+    def _arrived(self) -> None:
+        self._expected -= 1
+        self._arrival.set()  # a waiting batch may be waiting for this request
+
+    def reserve(self, n: int) -> None:
+        """Admit ``n`` images that are about to be decoded, or refuse them now (503)."""
         if self._closing:
             raise NotReadyError("the service is shutting down")
-        if len(self._queue) + n > self.max_queue_images:
+        if self.pending + n > self.max_queue_images:
             self.metrics.rejected.labels(self.model, "queue_full").inc(n)
             raise OverloadedError(
-                f"model {self.model} is overloaded ({len(self._queue)} images queued, "
+                f"model {self.model} is overloaded ({self.pending} images pending, "
                 f"limit {self.max_queue_images}); retry later"
             )
+        self._incoming += n
+
+    def unreserve(self, n: int) -> None:
+        """Reserved images that will not come (decoding failed, client gone)."""
+        self._incoming -= n
 
     def submit(self, images: list[np.ndarray]) -> list[asyncio.Future[Result]]:
-        self.check_capacity(len(images))
+        """Queue reserved images; one future each, in order."""
+        self._incoming -= len(images)
         loop = asyncio.get_running_loop()
         now = time.perf_counter()
         futures: list[asyncio.Future[Result]] = []
@@ -129,7 +171,7 @@ class Batcher:
         # The batch's clock starts at its first image's arrival, not at this call: an image
         # that already waited for a busy session is not made to wait again.
         deadline = self._queue[0].enqueued + self.delay_s
-        while len(self._queue) < self.max_batch_size and not self._closing:
+        while len(self._queue) < self.max_batch_size and self._expected > 0 and not self._closing:
             remaining = deadline - time.perf_counter()
             if remaining <= 0 or not await self._wait_arrival(remaining):
                 break

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from types import FrameType
 
@@ -57,6 +58,10 @@ class DrainingServer(uvicorn.Server):
         if self.runtime is not None:
             self.runtime.draining = True
         super().handle_exit(sig, frame)
+        if sig == signal.SIGTERM:
+            # uvicorn re-raises captured signals after shutdown, so the process would die
+            # "by SIGTERM"; a completed drain is a clean exit (0) for orchestrators.
+            self._captured_signals.remove(sig)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from service.batcher import Result
+from service.batcher import Expectation, Result
 from service.errors import InvalidParameterError, RequestTimeoutError
 from service.inputs import read_payload
 from service.postprocess import encode_embeddings, l2_normalize, top_k
@@ -138,11 +138,13 @@ async def _until_disconnect(request: Request) -> None:
             return
 
 
-async def _run_guarded(request: Request, model: ServedModel, blobs: list[bytes]) -> list[Result]:
+async def _run_guarded(
+    request: Request, model: ServedModel, blobs: list[bytes], expectation: Expectation
+) -> list[Result]:
     """Inference bounded by the request timeout and by the client staying connected;
     either way out cancels the queued work so that it is never computed."""
     runtime = _runtime(request)
-    work = asyncio.ensure_future(runtime.infer(model, blobs))
+    work = asyncio.ensure_future(runtime.infer(model, blobs, expectation))
     watcher = asyncio.ensure_future(_until_disconnect(request))
     timeout = runtime.settings.request_timeout_ms / 1000.0
     try:
@@ -161,26 +163,40 @@ async def _run_guarded(request: Request, model: ServedModel, blobs: list[bytes])
     raise RequestTimeoutError(f"request timed out after {timeout:g}s")
 
 
-async def _images(request: Request, model_name: str | None, endpoint: str):  # type: ignore[no-untyped-def]
+async def _infer_request(
+    request: Request,
+    model_name: str | None,
+    endpoint: str,
+    params_cls: type[BaseModel],
+    query: dict[str, Any],
+) -> tuple[ServedModel, Any, list[Result]]:
+    """The common path of the inference endpoints: model, body, parameters, results."""
     runtime = _runtime(request)
     request.state.endpoint = endpoint
     model = runtime.get(model_name)
     request.state.model = model.name
-    s = runtime.settings
-    payload = await read_payload(
-        request, max_body_bytes=s.max_body_bytes, max_images=s.max_images_per_request
-    )
-    runtime.metrics.images.labels(endpoint, model.name).inc(len(payload.images))
-    return model, payload
+    # Announced before the body is read, so that batches forming now wait for it.
+    expectation = runtime.batcher(model).expect()
+    try:
+        s = runtime.settings
+        payload = await read_payload(
+            request, max_body_bytes=s.max_body_bytes, max_images=s.max_images_per_request
+        )
+        runtime.metrics.images.labels(endpoint, model.name).inc(len(payload.images))
+        params = _params(params_cls, query, payload.params)
+        results = await _run_guarded(request, model, payload.images, expectation)
+    finally:
+        expectation.done()
+    return model, params, results
 
 
 router = APIRouter()
 
 
 async def _classify(request: Request, model_name: str | None, top_k_q: int) -> Response:
-    model, payload = await _images(request, model_name, "classify")
-    params = _params(ClassifyParams, {"top_k": top_k_q}, payload.params)
-    results = await _run_guarded(request, model, payload.images)
+    model, params, results = await _infer_request(
+        request, model_name, "classify", ClassifyParams, {"top_k": top_k_q}
+    )
     labels = model.spec.labels
     body = {
         "model": model.name,
@@ -192,9 +208,9 @@ async def _classify(request: Request, model_name: str | None, top_k_q: int) -> R
 async def _embed(
     request: Request, model_name: str | None, normalize: bool, encoding: str
 ) -> Response:
-    model, payload = await _images(request, model_name, "embed")
-    params = _params(EmbedParams, {"normalize": normalize, "encoding": encoding}, payload.params)
-    results = await _run_guarded(request, model, payload.images)
+    model, params, results = await _infer_request(
+        request, model_name, "embed", EmbedParams, {"normalize": normalize, "encoding": encoding}
+    )
     vectors = np.stack([emb for _, emb in results])
     if params.normalize:
         vectors = l2_normalize(vectors)

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from service.batcher import Batcher, Result
+from service.batcher import Batcher, Expectation, Result
 from service.errors import ModelNotFoundError, NotReadyError
 from service.metrics import Metrics
 from service.preprocess import DecodeOptions, preprocess
@@ -122,17 +122,31 @@ class Runtime:
         self.metrics.preprocess_duration.labels(model.name).observe(time.perf_counter() - t)
         return out
 
-    async def infer(self, model: ServedModel, blobs: list[bytes]) -> list[Result]:
-        """Results for every image, in request order. Cancelling this cancels the
-        queued work, which the batcher then drops."""
+    def batcher(self, model: ServedModel) -> Batcher:
         if not model.ready or model.batcher is None or self.draining:
             raise NotReadyError(f"model {model.name} is not ready")
-        model.batcher.check_capacity(len(blobs))
+        return model.batcher
+
+    async def infer(
+        self, model: ServedModel, blobs: list[bytes], expectation: Expectation | None = None
+    ) -> list[Result]:
+        """Results for every image, in request order. Cancelling this cancels the
+        queued work, which the batcher then drops."""
+        batcher = self.batcher(model)
+        batcher.reserve(len(blobs))
         loop = asyncio.get_running_loop()
-        arrays = await asyncio.gather(
-            *(
-                loop.run_in_executor(self.decode_pool, self._preprocess_one, blob, i, model)
-                for i, blob in enumerate(blobs)
+        try:
+            arrays = await asyncio.gather(
+                *(
+                    loop.run_in_executor(self.decode_pool, self._preprocess_one, blob, i, model)
+                    for i, blob in enumerate(blobs)
+                )
             )
-        )
-        return list(await asyncio.gather(*model.batcher.submit(list(arrays))))
+        except BaseException:
+            batcher.unreserve(len(blobs))
+            raise
+        finally:
+            if expectation is not None:
+                expectation.done()
+        futures = batcher.submit(list(arrays))
+        return list(await asyncio.gather(*futures))

@@ -1,0 +1,30 @@
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.service.servers import ProcessServer, png
+
+
+@pytest.fixture(scope="session")
+def cifar_pngs(cifar_test: dict[str, np.ndarray]) -> list[bytes]:
+    return [png(img) for img in cifar_test["images"]]
+
+
+@pytest.fixture(scope="session")
+def r20_repository(cifar_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A repository holding only resnet20_cifar10 (links to the exported files)."""
+    repo = tmp_path_factory.mktemp("r20")
+    (repo / "resnet20_cifar10").symlink_to(cifar_repository / "resnet20_cifar10")
+    return repo
+
+
+@pytest.fixture(scope="module")
+def server(cifar_repository: Path) -> Iterator[ProcessServer]:
+    """`resnet-serve` on both CIFAR models; resnet20_cifar10 is the default (listed first)."""
+    srv = ProcessServer(cifar_repository, models="resnet20_cifar10,resnet56_cifar10").start()
+    yield srv
+    assert srv.stop() == 0

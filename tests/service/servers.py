@@ -1,0 +1,148 @@
+"""Real servers for the tests: uvicorn on a free port, in a thread (when the test must
+reach inside, e.g. to slow a session down) or as the `resnet-serve` process itself."""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import numpy as np
+import uvicorn
+from PIL import Image
+
+from service.app import create_app
+from service.metrics import Metrics
+from service.runtime import Runtime
+from service.settings import Settings
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(predicate, timeout: float = 60.0, interval: float = 0.05) -> None:  # type: ignore[no-untyped-def]
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            if predicate():
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(interval)
+    raise TimeoutError("condition not met in time")
+
+
+def png(image: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def encode(image: np.ndarray, fmt: str, **kwargs) -> bytes:  # type: ignore[no-untyped-def]
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, fmt, **kwargs)
+    return buf.getvalue()
+
+
+def metric_value(text: str, name: str, **labels: str) -> float:
+    """Sum of a metric's samples whose labels include ``labels``."""
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith("#"):
+            continue
+        m = re.match(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})? (\S+)$", line)
+        if not m or m.group(1) != name:
+            continue
+        found = dict(re.findall(r'(\w+)="([^"]*)"', m.group(2) or ""))
+        if all(found.get(k) == v for k, v in labels.items()):
+            total += float(m.group(3))
+    return total
+
+
+class ThreadServer:
+    def __init__(self, settings: Settings, runtime: Runtime | None = None) -> None:
+        self.settings = settings
+        self.runtime = runtime or Runtime.load(settings, Metrics())
+        self.app = create_app(settings, self.runtime)
+        self.port = free_port()
+        config = uvicorn.Config(
+            self.app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on"
+        )
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def start(self, wait_ready: bool = True) -> ThreadServer:
+        self.thread.start()
+        wait_until(lambda: self.server.started, timeout=30)
+        if wait_ready:
+            wait_until(lambda: httpx.get(self.url + "/readyz").status_code == 200)
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+@contextmanager
+def thread_server(repository: Path, wait_ready: bool = True, **options) -> Iterator[ThreadServer]:  # type: ignore[no-untyped-def]
+    server = ThreadServer(Settings(repository=repository, **options))
+    server.start(wait_ready=wait_ready)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+class ProcessServer:
+    """`resnet-serve` as users run it, configured through the environment."""
+
+    def __init__(self, repository: Path, **env: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = {
+            **os.environ,
+            "RESNET_SERVE_REPOSITORY": str(repository),
+            "RESNET_SERVE_PORT": str(self.port),
+            "RESNET_SERVE_LOG_LEVEL": "warning",
+            **{f"RESNET_SERVE_{k.upper()}": v for k, v in env.items()},
+        }
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> ProcessServer:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "service.cli"], env=self.env,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+
+        def ready() -> bool:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited: {self.proc.stdout.read().decode()}")  # type: ignore[union-attr]
+            return httpx.get(self.url + "/readyz").status_code == 200
+
+        wait_until(ready, timeout=90)
+        return self
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()

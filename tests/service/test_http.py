@@ -1,0 +1,283 @@
+"""End-to-end over real HTTP against the `resnet-serve` process."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+
+import aiohttp
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.service.servers import ProcessServer, encode, metric_value, png
+
+R20 = "resnet20_cifar10"
+PNG = {"content-type": "image/png"}
+
+
+def test_846_png_images_from_32_concurrent_clients(server: ProcessServer, cifar_pngs, cifar_test):
+    before = httpx.get(server.url + "/metrics").text
+
+    # aiohttp rather than httpx here: httpx's per-request cost would make the client, not
+    # the server, the bottleneck, and the server would never see concurrent requests.
+    async def run() -> list[int]:
+        todo = list(range(len(cifar_pngs)))
+        preds = [-1] * len(cifar_pngs)
+        connector = aiohttp.TCPConnector(limit=32)
+        async with aiohttp.ClientSession(server.url, connector=connector) as client:
+
+            async def worker() -> None:
+                while todo:
+                    i = todo.pop()
+                    async with client.post(
+                        "/v1/classify?top_k=1", data=cifar_pngs[i], headers=PNG
+                    ) as r:
+                        assert r.status == 200, await r.text()
+                        body = await r.json()
+                    preds[i] = body["results"][0]["predictions"][0]["index"]
+
+            await asyncio.gather(*(worker() for _ in range(32)))
+        return preds
+
+    preds = np.array(asyncio.run(run()))
+    accuracy = float((preds == cifar_test["labels"]).mean())
+    assert accuracy >= 0.91, accuracy
+    after = httpx.get(server.url + "/metrics").text
+    count = metric_value(after, "resnet_serve_batch_size_count", model=R20) - metric_value(
+        before, "resnet_serve_batch_size_count", model=R20
+    )
+    total = metric_value(after, "resnet_serve_batch_size_sum", model=R20) - metric_value(
+        before, "resnet_serve_batch_size_sum", model=R20
+    )
+    assert total == len(cifar_pngs)
+    assert total / count > 1.5, f"mean executed batch {total / count:.2f}"
+
+
+def _classify(server: ProcessServer, path: str = "/v1/classify", **kwargs) -> httpx.Response:  # type: ignore[no-untyped-def]
+    return httpx.post(server.url + path, timeout=30, **kwargs)
+
+
+def _raw(server: ProcessServer, data: bytes, ctype: str = "image/png", path: str = "/v1/classify"):  # type: ignore[no-untyped-def]
+    return httpx.post(server.url + path, content=data, headers={"content-type": ctype}, timeout=30)
+
+
+def _top1(response: httpx.Response) -> list[int]:
+    assert response.status_code == 200, response.text
+    return [r["predictions"][0]["index"] for r in response.json()["results"]]
+
+
+def test_input_forms_agree(server: ProcessServer, cifar_pngs, cifar_test) -> None:
+    img = cifar_pngs[0]
+    raw = _classify(server, content=img, headers=PNG)
+    multipart = _classify(server, files={"file": ("a.png", img, "image/png")})
+    as_json = _classify(server, json={"images": [base64.b64encode(img).decode()]})
+    octet = _classify(server, content=img, headers={"content-type": "application/octet-stream"})
+    bodies = [r.json() for r in (raw, multipart, as_json, octet)]
+    assert all(b == bodies[0] for b in bodies)
+    body = bodies[0]
+    assert body["model"] == R20
+    (result,) = body["results"]
+    preds = result["predictions"]
+    assert len(preds) == 5  # default top_k
+    assert [p["score"] for p in preds] == sorted((p["score"] for p in preds), reverse=True)
+    assert preds[0]["index"] == int(cifar_test["labels"][0])
+    assert preds[0]["label"] == str(cifar_test["classes"][preds[0]["index"]])
+    assert 0 < sum(p["score"] for p in preds) <= 1.0 + 1e-6
+
+
+def test_top_k_query_and_body(server: ProcessServer, cifar_pngs) -> None:
+    img = cifar_pngs[1]
+    r = _classify(server, content=img, headers=PNG, params={"top_k": 2})
+    assert len(r.json()["results"][0]["predictions"]) == 2
+    r = _classify(server, json={"images": [base64.b64encode(img).decode()], "top_k": 3})
+    assert len(r.json()["results"][0]["predictions"]) == 3
+    r = _classify(server, files={"file": ("a.png", img)}, data={"top_k": "4"})
+    assert len(r.json()["results"][0]["predictions"]) == 4
+    r = _classify(server, json={"images": [base64.b64encode(img).decode()], "top_k": 1000})
+    probs = [p["score"] for p in r.json()["results"][0]["predictions"]]
+    assert len(probs) == 10 and sum(probs) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_many_images_keep_request_order(server: ProcessServer, cifar_pngs) -> None:
+    order = [5, 0, 17, 3, 3, 42, 8, 1, 99, 23, 64, 7]
+    singles = {i: _top1(_raw(server, cifar_pngs[i]))[0] for i in set(order)}
+    files = [("file", (f"{i}.png", cifar_pngs[i], "image/png")) for i in order]
+    assert _top1(_classify(server, files=files)) == [singles[i] for i in order]
+    images = [base64.b64encode(cifar_pngs[i]).decode() for i in order]
+    full = _classify(server, json={"images": images, "top_k": 10}).json()["results"]
+    assert [r["predictions"][0]["index"] for r in full] == [singles[i] for i in order]
+
+
+def test_named_model_and_default(server: ProcessServer, cifar_pngs) -> None:
+    r = _classify(
+        server, "/v1/models/resnet56_cifar10/classify", files={"file": ("a", cifar_pngs[2])}
+    )
+    assert r.status_code == 200 and r.json()["model"] == "resnet56_cifar10"
+    r = _classify(server, f"/v1/models/{R20}/classify", files={"file": ("a", cifar_pngs[2])})
+    assert r.json()["model"] == R20
+
+
+def test_embeddings(server: ProcessServer, cifar_pngs) -> None:
+    files = [("file", (f"{i}.png", cifar_pngs[i])) for i in range(3)]
+    r = httpx.post(server.url + "/v1/embed", files=files, timeout=30)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["model"] == R20 and body["dim"] == 64
+    emb = np.array(body["embeddings"], dtype=np.float64)
+    assert emb.shape == (3, 64)
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
+    raw = httpx.post(
+        server.url + f"/v1/models/{R20}/embed", files=files, params={"normalize": "false"}
+    ).json()
+    raw_emb = np.array(raw["embeddings"])
+    assert not np.allclose(np.linalg.norm(raw_emb, axis=1), 1.0)
+    np.testing.assert_allclose(
+        raw_emb / np.linalg.norm(raw_emb, axis=1, keepdims=True), emb, atol=1e-5
+    )
+    b64 = httpx.post(server.url + "/v1/embed", files=files, params={"encoding": "base64"}).json()
+    assert b64["encoding"] == "base64"
+    decoded = np.stack([np.frombuffer(base64.b64decode(s), dtype="<f4") for s in b64["embeddings"]])
+    np.testing.assert_array_equal(decoded, emb.astype(np.float32))
+
+
+def test_listing_and_metadata(server: ProcessServer) -> None:
+    listing = httpx.get(server.url + "/v1/models").json()["models"]
+    assert [m["name"] for m in listing] == [R20, "resnet56_cifar10"]
+    assert listing[0]["default"] is True and listing[1]["default"] is False
+    assert all("labels" not in m and m["ready"] for m in listing)
+    assert listing[0]["embedding_dim"] == 64 and listing[0]["preprocess"]["crop"] == 32
+    meta = httpx.get(server.url + f"/v1/models/{R20}").json()
+    assert len(meta["labels"]) == 10 and meta["labels"][3] == "cat"
+
+
+def test_health_and_metrics(server: ProcessServer) -> None:
+    assert httpx.get(server.url + "/healthz").json() == {"status": "ok"}
+    ready = httpx.get(server.url + "/readyz")
+    assert ready.status_code == 200 and ready.json()["ready"] is True
+    text = httpx.get(server.url + "/metrics").text
+    for name in (
+        "resnet_serve_requests_total",
+        "resnet_serve_request_duration_seconds_bucket",
+        "resnet_serve_queue_wait_seconds_bucket",
+        "resnet_serve_preprocess_duration_seconds_bucket",
+        "resnet_serve_inference_duration_seconds_bucket",
+        "resnet_serve_batch_size_bucket",
+        "resnet_serve_queue_depth",
+        "resnet_serve_images_total",
+    ):
+        assert f"\n{name}" in text, name
+    assert 'le="16.0"' in text and 'le="32.0"' in text  # power-of-two batch buckets
+    docs = httpx.get(server.url + "/docs")
+    assert docs.status_code == 200
+    spec = httpx.get(server.url + "/openapi.json").json()
+    assert "/v1/models/{model}/classify" in spec["paths"]
+
+
+def test_request_id(server: ProcessServer, cifar_pngs) -> None:
+    r = httpx.get(server.url + "/healthz", headers={"x-request-id": "abc-123"})
+    assert r.headers["x-request-id"] == "abc-123"
+    assert len(httpx.get(server.url + "/healthz").headers["x-request-id"]) == 32
+
+
+# --- errors: the JSON shape, the status, the message ---
+
+
+def _error(r: httpx.Response, status: int, code: str) -> str:
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert set(body) == {"error"} and body["error"]["code"] == code
+    return body["error"]["message"]
+
+
+def test_400_names_the_bad_image(server: ProcessServer, cifar_pngs) -> None:
+    files = [("file", ("ok.png", cifar_pngs[0])), ("file", ("bad.png", b"definitely not an image"))]
+    msg = _error(_classify(server, files=files), 400, "invalid_image")
+    assert "image 1" in msg
+    truncated = cifar_pngs[0][: len(cifar_pngs[0]) // 2]
+    assert "image 0" in _error(_raw(server, truncated), 400, "invalid_image")
+    _error(_classify(server, json={"images": ["%%%not base64"]}), 400, "invalid_image")
+    _error(_raw(server, b"{not json", "application/json"), 400, "bad_request")
+    _error(_raw(server, b""), 400, "invalid_image")
+
+
+def test_404_unknown_model(server: ProcessServer, cifar_pngs) -> None:
+    msg = _error(
+        _classify(server, "/v1/models/nope/classify", files={"file": ("a", cifar_pngs[0])}),
+        404,
+        "model_not_found",
+    )
+    assert R20 in msg
+    _error(httpx.get(server.url + "/v1/models/nope"), 404, "model_not_found")
+    _error(httpx.get(server.url + "/no/such/path"), 404, "not_found")
+
+
+def test_413_limits(r20_repository, cifar_pngs) -> None:
+    srv = ProcessServer(
+        r20_repository, max_body_bytes="20000", max_images_per_request="3", max_image_pixels="4096"
+    ).start()
+    try:
+        big = encode(np.zeros((100, 100, 3), np.uint8), "PNG")
+        _error(_raw(srv, b"x" * 25000), 413, "payload_too_large")
+        files = [("file", (f"{i}.png", cifar_pngs[i])) for i in range(4)]
+        assert "limit is 3" in _error(
+            httpx.post(srv.url + "/v1/classify", files=files), 413, "payload_too_large"
+        )
+        assert "image 0" in _error(_raw(srv, big), 413, "payload_too_large")
+    finally:
+        assert srv.stop() == 0
+
+
+def test_415_unsupported(server: ProcessServer) -> None:
+    _error(_raw(server, b"hello", "text/plain"), 415, "unsupported_media_type")
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 32)).save(buf, "ICO")
+    msg = _error(_raw(server, buf.getvalue(), "image/x-icon"), 415, "unsupported_media_type")
+    assert "ICO" in msg
+
+
+@pytest.mark.parametrize(
+    ("params", "json_extra"),
+    [({"top_k": 0}, {}), ({"top_k": "abc"}, {}), ({}, {"top_k": -1}), ({}, {"unknown": 1})],
+)
+def test_422_invalid_parameters(server: ProcessServer, cifar_pngs, params, json_extra) -> None:
+    body = {"images": [base64.b64encode(cifar_pngs[0]).decode()], **json_extra}
+    _error(_classify(server, params=params, json=body), 422, "invalid_parameter")
+
+
+def test_422_bad_embed_encoding_and_empty_request(server: ProcessServer, cifar_pngs) -> None:
+    r = httpx.post(
+        server.url + "/v1/embed", params={"encoding": "hex"}, files={"file": ("a", cifar_pngs[0])}
+    )
+    _error(r, 422, "invalid_parameter")
+    _error(_classify(server, json={"images": []}), 422, "invalid_parameter")
+    _error(_classify(server, json={"pictures": []}), 422, "invalid_parameter")
+
+
+def test_503_when_the_queue_cannot_take_the_request(r20_repository, cifar_pngs) -> None:
+    srv = ProcessServer(r20_repository, max_queue_images="2").start()
+    try:
+        files = [("file", (f"{i}.png", cifar_pngs[i])) for i in range(3)]
+        r = httpx.post(srv.url + "/v1/classify", files=files)
+        _error(r, 503, "overloaded")
+        assert int(r.headers["retry-after"]) >= 1
+        assert httpx.post(srv.url + "/v1/classify", files=files[:2]).status_code == 200
+    finally:
+        assert srv.stop() == 0
+
+
+def test_other_formats_and_modes(server: ProcessServer, cifar_test) -> None:
+    img = cifar_test["images"][0]
+    expected = _top1(_raw(server, png(img)))
+    for fmt in ("BMP", "TIFF", "WEBP"):
+        kwargs = {"lossless": True} if fmt == "WEBP" else {}
+        got = _top1(_raw(server, encode(img, fmt, **kwargs), "image/*"))
+        assert got == expected, fmt
+    jpeg = _raw(server, encode(img, "JPEG", quality=95), "image/jpeg")
+    assert jpeg.status_code == 200
+    rgba = np.dstack([img, np.full(img.shape[:2], 255, np.uint8)])
+    buf = io.BytesIO()
+    Image.fromarray(rgba).save(buf, "PNG")
+    assert _top1(_raw(server, buf.getvalue())) == expected
