@@ -1,0 +1,196 @@
+"""The batcher alone, with a fake session pool: closing rules, padding, order,
+cancellation and admission."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from service.batcher import Batcher
+from service.errors import InferenceFailedError, OverloadedError
+from service.metrics import Metrics
+from service.sessions import SessionPool
+
+SHAPE = (2, 2, 3)
+
+
+class FakeWorker:
+    """Echoes each image's first pixel as its 'logits'; records batch shapes."""
+
+    def __init__(self, delay_s: float = 0.0, fail: bool = False) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.executor = ThreadPoolExecutor(max_workers=1)
+        self.delay_s = delay_s
+        self.fail = fail
+        self.batches: list[int] = []
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        self.gate.wait(10)
+        self.batches.append(images.shape[0])
+        time.sleep(self.delay_s)
+        if self.fail:
+            raise RuntimeError("device on fire")
+        first = images[:, 0, 0, 0].astype(np.float32)
+        return first[:, None], np.repeat(first[:, None], 4, axis=1)
+
+
+def make(worker: FakeWorker, **kw) -> tuple[Batcher, Metrics]:  # type: ignore[no-untyped-def]
+    metrics = Metrics()
+    opts = {"buckets": [1, 2, 4, 8], "max_batch_delay_ms": 50.0, "max_queue_images": 64} | kw
+    return Batcher("m", SessionPool([worker]), image_shape=SHAPE, metrics=metrics, **opts), metrics  # type: ignore[list-item]
+
+
+def img(v: int) -> np.ndarray:
+    return np.full(SHAPE, v, dtype=np.uint8)
+
+
+async def submit(b: Batcher, values: list[int]) -> list[float]:
+    b.reserve(len(values))
+    futures = b.submit([img(v) for v in values])
+    return [float(r[0][0]) for r in await asyncio.gather(*futures)]
+
+
+def test_results_in_order_and_padding_to_buckets() -> None:
+    async def main() -> None:
+        worker = FakeWorker()
+        b, metrics = make(worker)
+        b.start()
+        assert await submit(b, [3, 1, 4]) == [3.0, 1.0, 4.0]
+        await b.close(1)
+        assert worker.batches == [4]  # 3 images padded to the bucket of 4
+        reg = metrics.registry
+        assert reg.get_sample_value("resnet_serve_batch_size_sum", {"model": "m"}) == 3
+        assert reg.get_sample_value("resnet_serve_batch_padding_images_total", {"model": "m"}) == 1
+
+    asyncio.run(main())
+
+
+def test_batch_closes_at_max_size() -> None:
+    async def main() -> None:
+        worker = FakeWorker()
+        b, _ = make(worker, max_batch_delay_ms=10_000)
+        b.start()
+        e = b.expect()  # another request is on its way: the batcher would wait for it
+        t = time.perf_counter()
+        assert await submit(b, list(range(8))) == [float(v) for v in range(8)]
+        assert time.perf_counter() - t < 5  # closed by size, not by the 10 s delay
+        e.done()
+        await b.close(1)
+        assert worker.batches == [8]
+
+    asyncio.run(main())
+
+
+def test_batch_waits_for_announced_requests_up_to_the_delay() -> None:
+    async def main() -> None:
+        worker = FakeWorker()
+        b, _ = make(worker, max_batch_delay_ms=200)
+        b.start()
+        e = b.expect()
+        first = asyncio.ensure_future(submit(b, [1]))
+        await asyncio.sleep(0.05)  # within the delay, the second request arrives
+        e.done()
+        second = await submit(b, [2])
+        assert await first == [1.0] and second == [2.0]
+        assert worker.batches == [2]  # one batch for both
+        # Announced but never arriving: the batch still closes after the delay.
+        e2 = b.expect()
+        t = time.perf_counter()
+        assert await submit(b, [5]) == [5.0]
+        assert 0.15 < time.perf_counter() - t < 5
+        e2.done()
+        await b.close(1)
+
+    asyncio.run(main())
+
+
+def test_lone_request_does_not_wait_for_the_delay() -> None:
+    async def main() -> None:
+        b, _ = make(FakeWorker(), max_batch_delay_ms=5_000)
+        b.start()
+        t = time.perf_counter()
+        assert await submit(b, [7]) == [7.0]
+        assert time.perf_counter() - t < 2
+        await b.close(1)
+
+    asyncio.run(main())
+
+
+def test_cancelled_work_is_not_computed() -> None:
+    async def main() -> None:
+        worker = FakeWorker()
+        b, metrics = make(worker)
+        b.start()
+        worker.gate.clear()  # the session is busy
+        busy = asyncio.ensure_future(submit(b, [1]))
+        await asyncio.sleep(0.05)
+        b.reserve(2)
+        gone = b.submit([img(9), img(9)])
+        for f in gone:
+            f.cancel()  # the client left while queued
+        worker.gate.set()
+        assert await busy == [1.0]
+        assert await submit(b, [2]) == [2.0]
+        await b.close(1)
+        assert worker.batches == [1, 1]  # the cancelled images never ran
+        assert (
+            metrics.registry.get_sample_value(
+                "resnet_serve_rejected_images_total", {"model": "m", "reason": "cancelled"}
+            )
+            == 2
+        )
+
+    asyncio.run(main())
+
+
+def test_admission_is_bounded() -> None:
+    async def main() -> None:
+        b, _ = make(FakeWorker(), max_queue_images=4)
+        b.reserve(3)
+        with pytest.raises(OverloadedError) as exc:
+            b.reserve(2)
+        assert exc.value.headers["Retry-After"] == "1"
+        b.unreserve(3)
+        b.reserve(4)
+
+    asyncio.run(main())
+
+
+def test_inference_failure_fails_only_that_batch() -> None:
+    async def main() -> None:
+        worker = FakeWorker(fail=True)
+        b, metrics = make(worker)
+        b.start()
+        with pytest.raises(InferenceFailedError):
+            await submit(b, [1, 2])
+        worker.fail = False
+        assert await submit(b, [3]) == [3.0]
+        await b.close(1)
+        assert (
+            metrics.registry.get_sample_value(
+                "resnet_serve_inference_failures_total", {"model": "m"}
+            )
+            == 1
+        )
+
+    asyncio.run(main())
+
+
+def test_close_finishes_accepted_work() -> None:
+    async def main() -> None:
+        worker = FakeWorker(delay_s=0.05)
+        b, _ = make(worker)
+        b.start()
+        pending = [asyncio.ensure_future(submit(b, [i])) for i in range(10)]
+        await asyncio.sleep(0)
+        await b.close(5)
+        assert [await p for p in pending] == [[float(i)] for i in range(10)]
+
+    asyncio.run(main())

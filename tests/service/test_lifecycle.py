@@ -1,0 +1,158 @@
+"""Readiness, timeouts, disconnects and shutdown, over real HTTP against uvicorn.
+
+These servers run in a thread of the test process so that a test can hold a session
+(make warmup or inference slow) and observe what the service does meanwhile."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import threading
+import time
+
+import httpx
+import numpy as np
+
+from service.metrics import Metrics
+from service.runtime import Runtime
+from service.settings import Settings
+from tests.service.servers import ProcessServer, ThreadServer, metric_value, png, wait_until
+
+PNG = {"content-type": "image/png"}
+
+
+def _hold_sessions(runtime: Runtime, gate: threading.Event, what: str) -> None:
+    """Make every session's ``what`` wait for ``gate``."""
+    for model in runtime.models.values():
+        if what == "warmup":
+            real_warmup = model.pool.warmup
+
+            def warmup(*args, _real=real_warmup):  # type: ignore[no-untyped-def]
+                gate.wait(30)
+                _real(*args)
+
+            model.pool.warmup = warmup  # type: ignore[method-assign]
+        else:
+            for worker in model.pool.workers:
+                real_run = worker.run
+
+                def run(images, _real=real_run):  # type: ignore[no-untyped-def]
+                    gate.wait(30)
+                    return _real(images)
+
+                worker.run = run  # type: ignore[method-assign]
+
+
+def test_readiness_before_and_after_warmup(r20_repository, cifar_pngs) -> None:
+    settings = Settings(repository=r20_repository)
+    runtime = Runtime.load(settings, Metrics())
+    gate = threading.Event()
+    _hold_sessions(runtime, gate, "warmup")
+    srv = ThreadServer(settings, runtime).start(wait_ready=False)
+    try:
+        assert httpx.get(srv.url + "/healthz").status_code == 200
+        r = httpx.get(srv.url + "/readyz")
+        assert r.status_code == 503 and r.json()["models"] == {"resnet20_cifar10": False}
+        r = httpx.post(srv.url + "/v1/classify", content=cifar_pngs[0], headers=PNG)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "not_ready"
+        assert "retry-after" in r.headers
+        gate.set()
+        wait_until(lambda: httpx.get(srv.url + "/readyz").status_code == 200, timeout=30)
+        r = httpx.post(srv.url + "/v1/classify", content=cifar_pngs[0], headers=PNG)
+        assert r.status_code == 200
+    finally:
+        gate.set()
+        srv.stop()
+
+
+def test_504_and_timed_out_work_is_dropped(r20_repository, cifar_pngs) -> None:
+    settings = Settings(repository=r20_repository, request_timeout_ms=300)
+    runtime = Runtime.load(settings, Metrics())
+    srv = ThreadServer(settings, runtime).start()
+    gate = threading.Event()
+    _hold_sessions(runtime, gate, "run")
+    try:
+        results: list[httpx.Response] = []
+        first = threading.Thread(
+            target=lambda: results.append(
+                httpx.post(srv.url + "/v1/classify", content=cifar_pngs[0], headers=PNG, timeout=30)
+            )
+        )
+        first.start()  # occupies the only session, which is held
+        time.sleep(0.1)
+        r = httpx.post(srv.url + "/v1/classify", content=cifar_pngs[1], headers=PNG, timeout=30)
+        assert r.status_code == 504 and r.json()["error"]["code"] == "timeout"
+        gate.set()
+        first.join(30)
+        assert results[0].status_code == 504
+        # The second request's image was still queued when it timed out: never computed.
+        text = httpx.get(srv.url + "/metrics").text
+        assert metric_value(text, "resnet_serve_rejected_images_total", reason="cancelled") >= 1
+        assert metric_value(text, "resnet_serve_batch_size_sum") == 1
+        assert metric_value(text, "resnet_serve_requests_total", status="504") == 2
+    finally:
+        gate.set()
+        srv.stop()
+
+
+def test_work_of_a_disconnected_client_is_dropped(r20_repository, cifar_pngs) -> None:
+    settings = Settings(repository=r20_repository)
+    runtime = Runtime.load(settings, Metrics())
+    srv = ThreadServer(settings, runtime).start()
+    gate = threading.Event()
+    _hold_sessions(runtime, gate, "run")
+    try:
+        holder = threading.Thread(
+            target=lambda: httpx.post(
+                srv.url + "/v1/classify", content=cifar_pngs[0], headers=PNG, timeout=30
+            )
+        )
+        holder.start()
+        time.sleep(0.1)
+        body = cifar_pngs[1]
+        with socket.create_connection(("127.0.0.1", srv.port)) as sock:
+            sock.sendall(
+                b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+                + f"Content-Length: {len(body)}\r\n\r\n".encode()
+                + body
+            )
+            time.sleep(0.2)  # decoded and queued behind the held session
+        wait_until(
+            lambda: metric_value(
+                httpx.get(srv.url + "/metrics").text,
+                "resnet_serve_rejected_images_total", reason="client_gone",
+            ) == 1,
+            timeout=10,
+        )  # fmt: skip
+        gate.set()
+        holder.join(30)
+        text = httpx.get(srv.url + "/metrics").text
+        assert metric_value(text, "resnet_serve_batch_size_sum") == 1  # only the holder's
+    finally:
+        gate.set()
+        srv.stop()
+
+
+def test_sigterm_finishes_accepted_requests_and_exits_0(r20_repository, cifar_test) -> None:
+    srv = ProcessServer(r20_repository).start()
+    images = [png(np.ascontiguousarray(im)) for im in cifar_test["images"][:64]]
+    results: list[int] = []
+
+    def client(i: int) -> None:
+        files = [("file", (f"{j}.png", images[j])) for j in range(64)]
+        try:
+            r = httpx.post(srv.url + "/v1/classify", files=files, timeout=60)
+            results.append(r.status_code)
+        except httpx.TransportError:
+            results.append(-1)  # refused: never accepted
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    time.sleep(0.3)
+    assert srv.stop(signal.SIGTERM) == 0
+    for t in threads:
+        t.join(60)
+    assert len(results) == 8
+    assert all(code in (200, -1) for code in results), results
+    assert 200 in results

@@ -1,0 +1,57 @@
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from service.cli import build_parser, settings_from_args
+from service.sessions import Device, parse_devices, resolve_devices
+from service.settings import Settings
+
+
+def test_defaults_and_power_of_two_buckets() -> None:
+    s = Settings()
+    assert s.max_batch_size == 32 and s.batch_buckets == [1, 2, 4, 8, 16, 32]
+    assert Settings(max_batch_size=24).batch_buckets == [1, 2, 4, 8, 16, 24]
+
+
+def test_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RESNET_SERVE_MODELS", "b, a")
+    monkeypatch.setenv("RESNET_SERVE_BATCH_BUCKETS", "1,4,16")
+    monkeypatch.setenv("RESNET_SERVE_MAX_BATCH_SIZE", "16")
+    monkeypatch.setenv("RESNET_SERVE_JPEG_DRAFT", "false")
+    monkeypatch.setenv("RESNET_SERVE_MAX_BATCH_DELAY_MS", "3.5")
+    s = Settings()
+    assert s.models == ["b", "a"] and s.batch_buckets == [1, 4, 16]
+    assert s.jpeg_draft is False and s.max_batch_delay_ms == 3.5
+
+
+def test_cli_flags_override_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RESNET_SERVE_PORT", "9000")
+    assert settings_from_args([]).port == 9000
+    s = settings_from_args(["--port", "9100", "--no-jpeg-draft", "--models", "x,y"])
+    assert s.port == 9100 and s.jpeg_draft is False and s.models == ["x", "y"]
+
+
+def test_every_setting_is_a_flag() -> None:
+    flags = {a.dest for a in build_parser()._actions}
+    assert set(Settings.model_fields) <= flags
+
+
+def test_invalid_values() -> None:
+    with pytest.raises(ValidationError):
+        Settings(max_batch_size=0)
+    with pytest.raises(ValidationError):
+        Settings(max_batch_size=16, batch_buckets=[1, 8])  # largest bucket must be the max
+
+
+def test_devices() -> None:
+    assert parse_devices("cpu") == [Device("cpu")]
+    assert parse_devices("cuda") == [Device("cuda", 0)]
+    assert parse_devices("cuda:0,1") == [Device("cuda", 0), Device("cuda", 1)]
+    for bad in ("gpu", "cuda:", "cuda:a", "cuda:-1"):
+        with pytest.raises(ValueError):
+            parse_devices(bad)
+    assert resolve_devices("cuda:0,1", ["CPUExecutionProvider"]) == [Device("cpu")]
+    assert resolve_devices("cuda:1", ["CUDAExecutionProvider", "CPUExecutionProvider"]) == [
+        Device("cuda", 1)
+    ]
