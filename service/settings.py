@@ -40,7 +40,7 @@ class Settings(BaseSettings):
     )
     host: str = Field("127.0.0.1", description="address to bind")
     port: int = Field(8000, ge=0, le=65535, description="port to bind")
-    device: str = Field("cpu", description="cpu | cuda | cuda:0,1 (falls back to cpu, logged)")
+    device: str = Field("cpu", description="cpu, cuda or cuda:0,1 (no CUDA provider: cpu, logged)")
     sessions_per_device: int = Field(1, ge=1, description="onnxruntime sessions per model/device")
     intra_op_threads: int = Field(
         0, ge=0, description="threads per CPU session (0: cores / sessions, no oversubscription)"
@@ -57,7 +57,7 @@ class Settings(BaseSettings):
         description="batch sizes batches are padded to, all warmed up (default: powers of two)",
     )
     max_queue_images: int = Field(
-        512, ge=1, description="images waiting for inference, at most; beyond it 503"
+        512, ge=1, description="images admitted (decoding or queued), at most; beyond it 503"
     )
     request_timeout_ms: float = Field(30_000, gt=0, description="per request; beyond it 504")
     decode_workers: int = Field(0, ge=0, description="image decoding threads (0: one per core)")

@@ -1,0 +1,23 @@
+"""The README stays true: its options table is the one generated from Settings, and its
+test command is the one .ci/run runs."""
+
+from __future__ import annotations
+
+from tests.conftest import ROOT
+from tools.options_table import options_table
+
+README = (ROOT / "README.md").read_text()
+
+
+def test_options_table_is_current() -> None:
+    start = README.index("<!-- options-table -->\n") + len("<!-- options-table -->\n")
+    end = README.index("<!-- /options-table -->")
+    assert README[start:end].strip() == options_table().strip(), (
+        "README options table is stale: regenerate with python tools/options_table.py"
+    )
+
+
+def test_ci_runs_the_readme_test_command() -> None:
+    command = 'python -m pytest -m "not slow and not gpu"'
+    assert command in README
+    assert command in (ROOT / ".ci" / "run").read_text()
