@@ -13,20 +13,18 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import ServeError
+from service.auth import AuthMiddleware
+from service.errors import InvalidParameterError, ServeError
 from service.metrics import Metrics
-from service.routes import FastJSONResponse, router
+from service.responses import FastJSONResponse, error_response
+from service.routes import router
 from service.runtime import Runtime
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
-
-
-def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None):  # type: ignore[no-untyped-def]
-    body = {"error": {"code": code, "message": message}}
-    return FastJSONResponse(body, status_code=status, headers=headers)
 
 
 class RequestMiddleware:
@@ -99,11 +97,27 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.metrics = metrics
     app.include_router(router)
+    # Starlette runs the last added outermost: request IDs and metrics see everything,
+    # including 401s and CORS preflights.
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
+            expose_headers=["X-Request-ID", "Retry-After"],
+        )
+    if settings.api_keys:
+        app.add_middleware(
+            AuthMiddleware,
+            keys=settings.api_keys,
+            metrics_require_key=settings.metrics_require_key,
+        )
     app.add_middleware(RequestMiddleware, metrics=metrics)
 
     @app.exception_handler(ServeError)
     async def serve_error(request: Request, exc: ServeError) -> Any:
-        return error_response(exc.status, exc.code, exc.message, exc.headers)
+        return error_response(request.url.path, exc)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> Any:
@@ -111,19 +125,20 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
             f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg', '')}"
             for e in exc.errors()
         )
-        return error_response(422, "invalid_parameter", detail or "invalid request")
+        return error_response(request.url.path, InvalidParameterError(detail or "invalid request"))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> Any:
-        codes = {404: "not_found", 405: "method_not_allowed"}
-        return error_response(
-            exc.status_code, codes.get(exc.status_code, "http_error"), str(exc.detail),
-            getattr(exc, "headers", None),
-        )  # fmt: skip
+        error = ServeError(str(exc.detail), headers=getattr(exc, "headers", None))
+        error.status = exc.status_code
+        error.code = {404: "not_found", 405: "method_not_allowed"}.get(
+            exc.status_code, "http_error"
+        )
+        return error_response(request.url.path, error)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> Any:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return error_response(500, "internal", "internal error")
+        return error_response(request.url.path, ServeError("internal error"))
 
     return app

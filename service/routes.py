@@ -6,9 +6,8 @@ import asyncio
 from typing import Any, Literal
 
 import numpy as np
-import orjson
 from fastapi import APIRouter, Query, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -16,15 +15,8 @@ from service.batcher import Expectation, Result
 from service.errors import InvalidParameterError, RequestTimeoutError
 from service.inputs import read_payload
 from service.postprocess import encode_embeddings, l2_normalize, top_k
+from service.responses import FastJSONResponse
 from service.runtime import Runtime, ServedModel
-
-
-class FastJSONResponse(JSONResponse):
-    """orjson, which writes numpy arrays natively: embeddings cost a copy, not a loop."""
-
-    def render(self, content: Any) -> bytes:
-        return orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY)
-
 
 # --- schemas: documentation of the answers, and validation of body parameters ---
 

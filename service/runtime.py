@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from service.batcher import Batcher, Expectation, Result
-from service.errors import ModelNotFoundError, NotReadyError
+from service.errors import InvalidParameterError, ModelNotFoundError, NotReadyError
 from service.metrics import Metrics
 from service.preprocess import DecodeOptions, preprocess
 from service.repository import ModelSpec, discover
@@ -130,8 +130,8 @@ class Runtime:
     async def infer(
         self, model: ServedModel, blobs: list[bytes], expectation: Expectation | None = None
     ) -> list[Result]:
-        """Results for every image, in request order. Cancelling this cancels the
-        queued work, which the batcher then drops."""
+        """Results for every encoded image, in request order. Cancelling this cancels
+        the queued work, which the batcher then drops."""
         batcher = self.batcher(model)
         batcher.reserve(len(blobs))
         loop = asyncio.get_running_loop()
@@ -149,4 +149,21 @@ class Runtime:
             if expectation is not None:
                 expectation.done()
         futures = batcher.submit(list(arrays))
+        return list(await asyncio.gather(*futures))
+
+    async def infer_arrays(
+        self, model: ServedModel, images: np.ndarray, expectation: Expectation | None = None
+    ) -> list[Result]:
+        """Results for already preprocessed uint8 ``[N, crop, crop, 3]`` images."""
+        batcher = self.batcher(model)
+        expected = (model.spec.input_shape, np.dtype(np.uint8))
+        if images.ndim != 4 or (images.shape[1:], images.dtype) != expected:
+            raise InvalidParameterError(
+                f"expected uint8 images of shape [N, {', '.join(map(str, expected[0]))}], "
+                f"got {images.dtype} {list(images.shape)}"
+            )
+        batcher.reserve(len(images))
+        if expectation is not None:
+            expectation.done()
+        futures = batcher.submit(list(images))
         return list(await asyncio.gather(*futures))

@@ -68,9 +68,17 @@ class Settings(BaseSettings):
     drain_timeout_s: float = Field(
         30.0, ge=0, description="on SIGTERM, time for accepted requests to finish"
     )
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="comma-separated bearer tokens for /v1 and /v2 (default: no auth)",
+    )
+    metrics_require_key: bool = Field(False, description="also require a key for /metrics")
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="comma-separated CORS origins (default: CORS off)"
+    )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
 
-    @field_validator("models", "batch_buckets", mode="before")
+    @field_validator("models", "batch_buckets", "api_keys", "cors_origins", mode="before")
     @classmethod
     def _csv(cls, value: object) -> object:
         return _split_csv(value)

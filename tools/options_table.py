@@ -13,7 +13,7 @@ def options_table() -> str:
     for name, field in Settings.model_fields.items():
         default = field.get_default(call_default_factory=True)
         if isinstance(default, list):
-            default = {"models": "(all)", "batch_buckets": "(powers of two)"}[name]
+            default = {"models": "(all)", "batch_buckets": "(powers of two)"}.get(name, "(none)")
         rows.append(
             f"| `--{name.replace('_', '-')}` | `RESNET_SERVE_{name.upper()}` | `{default}` "
             f"| {field.description} |"

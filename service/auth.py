@@ -1,0 +1,48 @@
+"""Optional API keys: ``Authorization: Bearer <key>`` on the model and inference
+endpoints; health (and, by default, metrics) stay open for probes and scrapers."""
+
+from __future__ import annotations
+
+import hmac
+
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from service.errors import UnauthorizedError
+from service.responses import error_response
+
+OPEN_PATHS = frozenset(
+    {"/healthz", "/readyz", "/v2/health/live", "/v2/health/ready", "/docs", "/openapi.json"}
+)
+
+
+def key_matches(presented: bytes, keys: list[bytes]) -> bool:
+    """Constant time in the presented key: every configured key is compared, always."""
+    match = False
+    for key in keys:
+        match |= hmac.compare_digest(presented, key)
+    return match
+
+
+class AuthMiddleware:
+    def __init__(self, app: ASGIApp, keys: list[str], metrics_require_key: bool) -> None:
+        self.app = app
+        self.keys = [k.encode() for k in keys]
+        self.open = OPEN_PATHS if metrics_require_key else OPEN_PATHS | {"/metrics"}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in self.open:
+            await self.app(scope, receive, send)
+            return
+        presented = b""
+        for name, value in scope.get("headers", ()):
+            if name == b"authorization":
+                scheme, _, token = value.partition(b" ")
+                if scheme.lower() == b"bearer":
+                    presented = token.strip()
+                break
+        if presented and key_matches(presented, self.keys):
+            await self.app(scope, receive, send)
+            return
+        scope.setdefault("state", {})["endpoint"] = "auth"
+        response = error_response(scope["path"], UnauthorizedError())
+        await response(scope, receive, send)
