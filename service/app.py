@@ -16,6 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service import logs
 from service.auth import AuthMiddleware
 from service.errors import InvalidParameterError, ServeError
 from service.metrics import Metrics
@@ -28,12 +29,14 @@ log = logging.getLogger(__name__)
 
 
 class RequestMiddleware:
-    """Request IDs and the per-request metrics, for every endpoint that names itself
-    (``request.state.endpoint``), whatever the outcome. Plain ASGI: no per-request task."""
+    """Request IDs, the per-request metrics and the access log, for every endpoint that
+    names itself (``request.state.endpoint``), whatever the outcome. Plain ASGI: no
+    per-request task."""
 
-    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+    def __init__(self, app: ASGIApp, metrics: Metrics, access_log: bool) -> None:
         self.app = app
         self.metrics = metrics
+        self.access_log = access_log
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -57,18 +60,26 @@ class RequestMiddleware:
                 message = {**message, "headers": headers}
             await send(message)
 
-        scope.setdefault("state", {})["request_id"] = request_id
+        state = scope.setdefault("state", {})
+        state["request_id"] = request_id
+        state["start"] = start
+        token = logs.request_id.set(request_id)
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
-            state = scope.get("state", {})
             endpoint = state.get("endpoint")
             if endpoint:
                 model = state.get("model", "")
+                duration = time.perf_counter() - start
                 self.metrics.requests.labels(endpoint, model, str(status)).inc()
-                self.metrics.request_duration.labels(endpoint, model).observe(
-                    time.perf_counter() - start
-                )
+                self.metrics.request_duration.labels(endpoint, model).observe(duration)
+                if self.access_log:
+                    logs.access.info(
+                        "%s %s %d", scope["method"], scope["path"], status,
+                        extra={"status": status, "endpoint": endpoint, "model": model,
+                               "duration_ms": round(duration * 1000, 3)},
+                    )  # fmt: skip
+            logs.request_id.reset(token)
 
 
 def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
@@ -113,7 +124,7 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
             keys=settings.api_keys,
             metrics_require_key=settings.metrics_require_key,
         )
-    app.add_middleware(RequestMiddleware, metrics=metrics)
+    app.add_middleware(RequestMiddleware, metrics=metrics, access_log=settings.access_log)
 
     @app.exception_handler(ServeError)
     async def serve_error(request: Request, exc: ServeError) -> Any:

@@ -205,6 +205,7 @@ class Batcher:
                 for item in items:
                     if not item.future.done():
                         item.future.set_exception(error)
+                await self.pool.recover(worker)
                 return
             self._inference.observe(time.perf_counter() - start)
             self._batch_size.observe(n)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import signal
 import sys
 from types import FrameType
@@ -11,13 +10,12 @@ from types import FrameType
 import uvicorn
 from pydantic import ValidationError
 
+from service import logs
 from service.app import create_app
 from service.metrics import Metrics
 from service.repository import RepositoryError
 from service.runtime import Runtime
 from service.settings import Settings
-
-log = logging.getLogger("service")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,10 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValidationError as exc:
         print(f"resnet-serve: invalid option: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    logs.configure(settings.log_level, settings.log_format)
     try:
         # Loaded before the server starts, so a bad repository fails fast with a message.
         runtime = Runtime.load(settings, Metrics())
@@ -89,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
-        access_log=False,
+        access_log=False,  # ours (service.access) carries request IDs and models
+        log_config=None,
         timeout_graceful_shutdown=int(settings.drain_timeout_s) or None,
         lifespan="on",
     )

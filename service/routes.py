@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any, Literal
 
 import numpy as np
@@ -130,6 +131,23 @@ async def _until_disconnect(request: Request) -> None:
             return
 
 
+def _timeout_s(request: Request, default_ms: float) -> float:
+    """What is left of the request's time: the server's limit or the client's shorter
+    ``X-Request-Timeout-Ms``, counted from the request's arrival."""
+    limit_ms = default_ms
+    header = request.headers.get("x-request-timeout-ms")
+    if header is not None:
+        try:
+            client_ms = float(header)
+        except ValueError:
+            client_ms = -1.0
+        if not 0 < client_ms < float("inf"):
+            raise InvalidParameterError("X-Request-Timeout-Ms must be a positive number")
+        limit_ms = min(limit_ms, client_ms)
+    elapsed = time.perf_counter() - request.scope.get("state", {}).get("start", time.perf_counter())
+    return max(0.0, limit_ms / 1000.0 - elapsed)
+
+
 async def _run_guarded(
     request: Request, model: ServedModel, blobs: list[bytes], expectation: Expectation
 ) -> list[Result]:
@@ -138,7 +156,7 @@ async def _run_guarded(
     runtime = _runtime(request)
     work = asyncio.ensure_future(runtime.infer(model, blobs, expectation))
     watcher = asyncio.ensure_future(_until_disconnect(request))
-    timeout = runtime.settings.request_timeout_ms / 1000.0
+    timeout = _timeout_s(request, runtime.settings.request_timeout_ms)
     try:
         done, _ = await asyncio.wait(
             {work, watcher}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
@@ -264,7 +282,7 @@ async def list_models(request: Request) -> Response:
     runtime = _runtime(request)
     request.state.endpoint = "models"
     models = [
-        {**m.spec.summary(), "ready": m.ready, "default": name == runtime.default_model}
+        {**m.spec.summary(), "ready": m.serving, "default": name == runtime.default_model}
         for name, m in runtime.models.items()
     ]
     return FastJSONResponse({"models": models})
@@ -278,7 +296,7 @@ async def get_model(request: Request, model: str) -> Response:
     request.state.endpoint = "model"
     served = runtime.get(model)
     request.state.model = served.name
-    return FastJSONResponse({**served.spec.metadata, "ready": served.ready})
+    return FastJSONResponse({**served.spec.metadata, "ready": served.serving})
 
 
 @router.get("/healthz", tags=["health"], summary="The process is alive")
@@ -292,7 +310,7 @@ async def readyz(request: Request) -> Response:
     body = {
         "ready": runtime.ready,
         "draining": runtime.draining,
-        "models": {name: m.ready for name, m in runtime.models.items()},
+        "models": {name: m.serving for name, m in runtime.models.items()},
     }
     return FastJSONResponse(body, status_code=200 if runtime.ready else 503)
 

@@ -12,7 +12,12 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from service.batcher import Batcher, Expectation, Result
-from service.errors import InvalidParameterError, ModelNotFoundError, NotReadyError
+from service.errors import (
+    InvalidImageError,
+    InvalidParameterError,
+    ModelNotFoundError,
+    NotReadyError,
+)
 from service.metrics import Metrics
 from service.preprocess import DecodeOptions, preprocess
 from service.repository import ModelSpec, discover
@@ -32,6 +37,11 @@ class ServedModel:
     @property
     def name(self) -> str:
         return self.spec.name
+
+    @property
+    def serving(self) -> bool:
+        """Warmed up, and at least one session still able to run."""
+        return self.ready and not self.pool.broken
 
 
 @dataclass(eq=False)
@@ -56,7 +66,9 @@ class Runtime:
         total = len(specs) * settings.sessions_per_device
         models = {s.name: ServedModel(s, SessionPool.load(s, settings, total)) for s in specs}
         options = DecodeOptions(
-            max_pixels=settings.max_image_pixels, jpeg_draft=settings.jpeg_draft
+            max_pixels=settings.max_image_pixels,
+            formats=tuple(f.upper() for f in settings.image_formats),
+            jpeg_draft=settings.jpeg_draft,
         )
         return cls(settings, metrics, models, options)
 
@@ -66,7 +78,7 @@ class Runtime:
 
     @property
     def ready(self) -> bool:
-        return not self.draining and all(m.ready for m in self.models.values())
+        return not self.draining and all(m.serving for m in self.models.values())
 
     def get(self, name: str | None) -> ServedModel:
         try:
@@ -123,9 +135,22 @@ class Runtime:
         return out
 
     def batcher(self, model: ServedModel) -> Batcher:
-        if not model.ready or model.batcher is None or self.draining:
+        # Not refused while draining: a request whose headers arrived before SIGTERM was
+        # accepted and gets its answer; uvicorn stops new ones from arriving.
+        if not model.serving or model.batcher is None:
             raise NotReadyError(f"model {model.name} is not ready")
         return model.batcher
+
+    async def _decode(self, blob: bytes, index: int, model: ServedModel) -> np.ndarray:
+        loop = asyncio.get_running_loop()
+        work = loop.run_in_executor(self.decode_pool, self._preprocess_one, blob, index, model)
+        limit_s = self.settings.decode_timeout_ms / 1000.0
+        try:
+            return await asyncio.wait_for(work, limit_s)
+        except TimeoutError:
+            # Pillow cannot be interrupted; the thread finishes on its own, bounded by the
+            # pixel limit, but the request does not wait for it.
+            raise InvalidImageError(index, f"decoding took longer than {limit_s:g}s") from None
 
     async def infer(
         self, model: ServedModel, blobs: list[bytes], expectation: Expectation | None = None
@@ -134,13 +159,9 @@ class Runtime:
         the queued work, which the batcher then drops."""
         batcher = self.batcher(model)
         batcher.reserve(len(blobs))
-        loop = asyncio.get_running_loop()
         try:
             arrays = await asyncio.gather(
-                *(
-                    loop.run_in_executor(self.decode_pool, self._preprocess_one, blob, i, model)
-                    for i, blob in enumerate(blobs)
-                )
+                *(self._decode(blob, i, model) for i, blob in enumerate(blobs))
             )
         except BaseException:
             batcher.unreserve(len(blobs))

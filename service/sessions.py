@@ -80,17 +80,30 @@ def _providers(device: Device) -> list[str | tuple[str, dict[str, str]]]:
 class Worker:
     """One session and the one thread that runs it."""
 
-    session: ort.InferenceSession
+    path: str
+    options: ort.SessionOptions
     device: Device
     name: str
+    session: ort.InferenceSession = field(init=False)
     executor: ThreadPoolExecutor = field(init=False)
 
     def __post_init__(self) -> None:
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=self.name)
+        self.session = self._create()
+
+    def _create(self) -> ort.InferenceSession:
+        return ort.InferenceSession(
+            self.path, sess_options=self.options, providers=_providers(self.device)
+        )
 
     def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         logits, embedding = self.session.run(OUTPUTS, {"images": images})
         return logits, embedding
+
+    def recreate(self) -> None:
+        """A fresh session after a failed run: whatever state the failure left (a CUDA
+        error poisons the context's stream, an arena may stay fragmented) goes with it."""
+        self.session = self._create()
 
 
 class SessionPool:
@@ -99,6 +112,25 @@ class SessionPool:
     def __init__(self, workers: list[Worker]) -> None:
         self.workers = workers
         self._idle: asyncio.Queue[Worker] | None = None
+        self._retired: set[Worker] = set()
+
+    @property
+    def broken(self) -> bool:
+        """No worker left that can run: the model cannot serve."""
+        return len(self._retired) == len(self.workers)
+
+    async def recover(self, worker: Worker) -> bool:
+        """Recreate a worker's session after a failure, on its own thread. A worker
+        whose session cannot be recreated is retired (never handed out again)."""
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(worker.executor, worker.recreate)
+            log.warning("%s: session recreated after a failure", worker.name)
+            return True
+        except Exception:
+            log.exception("%s: session could not be recreated; retired", worker.name)
+            self._retired.add(worker)
+            return False
 
     @classmethod
     def load(cls, spec: ModelSpec, settings: Settings, sessions_total: int) -> SessionPool:
@@ -115,10 +147,8 @@ class SessionPool:
                 spin = "1" if settings.cpu_spinning else "0"
                 opts.add_session_config_entry("session.intra_op.allow_spinning", spin)
                 opts.add_session_config_entry("session.inter_op.allow_spinning", spin)
-                session = ort.InferenceSession(
-                    str(spec.onnx_path), sess_options=opts, providers=_providers(device)
-                )
-                workers.append(Worker(session, device, f"ort-{spec.name}-{device}-{i}"))
+                name = f"ort-{spec.name}-{device}-{i}"
+                workers.append(Worker(str(spec.onnx_path), opts, device, name))
         log.info(
             "%s: %d session(s) on %s, %d intra-op thread(s) each, providers %s",
             spec.name, len(workers), ", ".join(map(str, devices)), threads,
@@ -144,7 +174,8 @@ class SessionPool:
 
     def release(self, worker: Worker) -> None:
         assert self._idle is not None
-        self._idle.put_nowait(worker)
+        if worker not in self._retired:
+            self._idle.put_nowait(worker)
 
     def close(self) -> None:
         for w in self.workers:

@@ -65,6 +65,13 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(32 * 1024 * 1024, ge=1, description="request body, at most")
     max_images_per_request: int = Field(64, ge=1, description="images in one request, at most")
     max_image_pixels: int = Field(40_000_000, ge=1, description="width x height, at most")
+    decode_timeout_ms: float = Field(
+        10_000, gt=0, description="decoding one image, at most; beyond it 400"
+    )
+    image_formats: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF"],
+        description="accepted image formats (Pillow names); others 415",
+    )
     drain_timeout_s: float = Field(
         30.0, ge=0, description="on SIGTERM, time for accepted requests to finish"
     )
@@ -77,8 +84,14 @@ class Settings(BaseSettings):
         default_factory=list, description="comma-separated CORS origins (default: CORS off)"
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
+    log_format: Literal["json", "text"] = Field(
+        "json", description="json: one object per line, with request IDs"
+    )
+    access_log: bool = Field(True, description="log one line per inference/model request")
 
-    @field_validator("models", "batch_buckets", "api_keys", "cors_origins", mode="before")
+    @field_validator(
+        "models", "batch_buckets", "api_keys", "cors_origins", "image_formats", mode="before"
+    )
     @classmethod
     def _csv(cls, value: object) -> object:
         return _split_csv(value)

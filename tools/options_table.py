@@ -5,6 +5,9 @@ python tools/options_table.py
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 from service.settings import Settings
 
 
@@ -21,5 +24,17 @@ def options_table() -> str:
     return "\n".join(rows)
 
 
+START, END = "<!-- options-table -->\n", "<!-- /options-table -->"
+
+
+def replace_in(text: str) -> str:
+    a = text.index(START) + len(START)
+    return text[:a] + options_table() + "\n" + text[text.index(END) :]
+
+
 if __name__ == "__main__":
-    print(options_table())
+    if sys.argv[1:] == ["--write"]:
+        readme = Path(__file__).resolve().parents[1] / "README.md"
+        readme.write_text(replace_in(readme.read_text()))
+    else:
+        print(options_table())
