@@ -1,0 +1,132 @@
+# syntax=docker/dockerfile:1.7
+#
+# resnet-serve images (BuildKit; docs/deployment.md has the walk-through).
+#
+#   export       Python + CPU-only torch: `resnet-export` writes the model repository /models.
+#   runtime-gpu  CUDA 13 + cuDNN 9 runtime, onnxruntime-gpu (the `gpu` extra), /models. No torch.
+#   runtime-cpu  Python slim, onnxruntime (the `cpu` extra), /models. No torch. (default target)
+#
+#   docker build --target runtime-gpu -t resnet-serve:gpu .
+#   docker build --target runtime-cpu -t resnet-serve:cpu --build-arg MODELS="resnet50 resnet18" .
+#
+# Weights: by default the export stage downloads each model's published weights (torch.hub)
+# into a BuildKit cache mount, so a rebuild does not download them again. To build offline
+# or with your own weights, hand a directory in as the `weights` build context; it is seen
+# at /weights during the export and merged into the torch hub cache (TORCH_HOME):
+#   --build-context weights=DIR            DIR/hub/checkpoints/<file> = a torch.hub cache
+#   --build-arg WEIGHTS=/weights/ft.pth    a (fine-tuned) checkpoint inside DIR
+#   --build-arg MODEL_NAME=NAME --build-arg LABELS=/weights/labels.txt
+#
+# tests/deploy/test_cpu_image.py runs this file's runtime-cpu recipe (the venv install, the
+# export command, ENV, ENTRYPOINT, HEALTHCHECK, STOPSIGNAL) outside Docker on every CI run.
+
+# Python of the CPU stages; the GPU stages use Ubuntu 24.04's, also 3.12.
+ARG PYTHON_IMAGE=python:3.12.8-slim-bookworm
+# CUDA major and cuDNN major must be those onnxruntime-gpu==ORT_GPU_VERSION is built for:
+# 1.31.1 needs CUDA 13.x and cuDNN 9.x (checked by tests/deploy/test_dockerfile.py).
+ARG CUDA_IMAGE=nvidia/cuda:13.0.1-cudnn-runtime-ubuntu24.04
+
+# Empty unless replaced with `--build-context weights=DIR`.
+FROM scratch AS weights
+
+# ---------------------------------------------------------------------------------------
+FROM ${PYTHON_IMAGE} AS export
+ARG TORCH_VERSION=2.13.0
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1
+# torch first, from the CPU wheel index: the `export` extra's torch>=2.5 is then satisfied
+# and pip does not pull the CUDA build (gigabytes) from PyPI.
+RUN pip install --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"
+COPY pyproject.toml README.md /src/
+COPY models /src/models
+RUN pip install "/src[export]"
+
+# What to build: catalog names (`resnet-export --list`), and where their weights come from.
+ARG MODELS=resnet50
+ARG WEIGHTS=default
+ARG MODEL_NAME=
+ARG LABELS=
+RUN --mount=type=bind,from=weights,target=/weights \
+    --mount=type=cache,id=resnet-serve-torch-hub,target=/cache/torch \
+    cp -a /weights/. /cache/torch/ \
+    && TORCH_HOME=/cache/torch resnet-export ${MODELS} --repository /models --weights "${WEIGHTS}" \
+       ${MODEL_NAME:+--name "${MODEL_NAME}"} ${LABELS:+--labels "${LABELS}"}
+
+# ---------------------------------------------------------------------------------------
+FROM ${PYTHON_IMAGE} AS venv-cpu
+ARG ORT_VERSION=1.32.0
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    VIRTUAL_ENV=/opt/resnet-serve
+COPY pyproject.toml README.md /src/
+COPY service /src/service
+# Only service/ is copied: the runtime package has no build step and no torch.
+RUN python -m venv "${VIRTUAL_ENV}" \
+    && "${VIRTUAL_ENV}/bin/pip" install "/src[cpu]" "onnxruntime==${ORT_VERSION}"
+
+# ---------------------------------------------------------------------------------------
+FROM ${CUDA_IMAGE} AS python-gpu
+ARG DEBIAN_FRONTEND=noninteractive
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends python3 python3-venv \
+    && rm -rf /var/lib/apt/lists/* \
+    && groupadd --system --gid 10001 resnet \
+    && useradd --system --uid 10001 --gid 10001 --no-create-home --shell /usr/sbin/nologin resnet
+
+FROM python-gpu AS venv-gpu
+ARG ORT_GPU_VERSION=1.31.1
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    VIRTUAL_ENV=/opt/resnet-serve
+COPY pyproject.toml README.md /src/
+COPY service /src/service
+RUN python3 -m venv "${VIRTUAL_ENV}" \
+    && "${VIRTUAL_ENV}/bin/pip" install "/src[gpu]" "onnxruntime-gpu==${ORT_GPU_VERSION}"
+
+# ---------------------------------------------------------------------------------------
+FROM python-gpu AS runtime-gpu
+COPY --from=venv-gpu /opt/resnet-serve /opt/resnet-serve
+COPY --from=export /models /models
+ENV PATH=/opt/resnet-serve/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    RESNET_SERVE_REPOSITORY=/models \
+    RESNET_SERVE_HOST=0.0.0.0 \
+    RESNET_SERVE_PORT=8000 \
+    RESNET_SERVE_DRAIN_TIMEOUT_S=25 \
+    RESNET_SERVE_DEVICE=cuda
+USER 10001:10001
+EXPOSE 8000
+# Liveness only; readiness (models warmed up) is GET /readyz, for orchestrators.
+HEALTHCHECK --interval=10s --timeout=3s --start-period=120s --retries=3 \
+    CMD ["python", "-c", "import os, urllib.request as u; u.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('RESNET_SERVE_PORT', '8000'), timeout=2)"]
+# SIGTERM: /readyz turns 503, accepted requests finish (RESNET_SERVE_DRAIN_TIMEOUT_S), exit 0.
+# Give the container longer than twice the drain timeout to stop (docker stop -t 60,
+# compose stop_grace_period, Kubernetes terminationGracePeriodSeconds).
+STOPSIGNAL SIGTERM
+ENTRYPOINT ["resnet-serve"]
+CMD []
+
+# ---------------------------------------------------------------------------------------
+FROM ${PYTHON_IMAGE} AS runtime-cpu
+RUN groupadd --system --gid 10001 resnet \
+    && useradd --system --uid 10001 --gid 10001 --no-create-home --shell /usr/sbin/nologin resnet
+COPY --from=venv-cpu /opt/resnet-serve /opt/resnet-serve
+COPY --from=export /models /models
+ENV PATH=/opt/resnet-serve/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    RESNET_SERVE_REPOSITORY=/models \
+    RESNET_SERVE_HOST=0.0.0.0 \
+    RESNET_SERVE_PORT=8000 \
+    RESNET_SERVE_DRAIN_TIMEOUT_S=25 \
+    RESNET_SERVE_DEVICE=cpu
+USER 10001:10001
+EXPOSE 8000
+HEALTHCHECK --interval=10s --timeout=3s --start-period=120s --retries=3 \
+    CMD ["python", "-c", "import os, urllib.request as u; u.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('RESNET_SERVE_PORT', '8000'), timeout=2)"]
+STOPSIGNAL SIGTERM
+ENTRYPOINT ["resnet-serve"]
+CMD []
