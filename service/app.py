@@ -8,6 +8,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -28,15 +29,24 @@ from service.settings import Settings
 log = logging.getLogger(__name__)
 
 
+@dataclass
+class Traffic:
+    """API requests (/v1, /v2) the application started (accepted) and finished (answered)."""
+
+    accepted: int = 0
+    answered: int = 0
+
+
 class RequestMiddleware:
     """Request IDs, the per-request metrics and the access log, for every endpoint that
     names itself (``request.state.endpoint``), whatever the outcome. Plain ASGI: no
     per-request task."""
 
-    def __init__(self, app: ASGIApp, metrics: Metrics, access_log: bool) -> None:
+    def __init__(self, app: ASGIApp, metrics: Metrics, access_log: bool, traffic: Traffic) -> None:
         self.app = app
         self.metrics = metrics
         self.access_log = access_log
+        self.traffic = traffic
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -64,9 +74,16 @@ class RequestMiddleware:
         state["request_id"] = request_id
         state["start"] = start
         token = logs.request_id.set(request_id)
+        api = scope["path"].startswith(("/v1/", "/v2/"))  # not probes and scrapes
+        if api:
+            self.traffic.accepted += 1
+        self.metrics.in_flight.inc()
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
+            if api:
+                self.traffic.answered += 1
+            self.metrics.in_flight.dec()
             endpoint = state.get("endpoint")
             if endpoint:
                 model = state.get("model", "")
@@ -86,6 +103,7 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
     """The service. With ``runtime`` given (already loaded, as the CLI does to fail fast),
     the lifespan only starts and stops it; otherwise it loads it from ``settings``."""
     metrics = runtime.metrics if runtime is not None else Metrics()
+    traffic = Traffic()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -96,6 +114,11 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
             yield
         finally:
             await rt.stop()
+            # uvicorn has waited for in-flight requests by now: the two counts must match.
+            log.info(
+                "drained",
+                extra={"accepted": traffic.accepted, "answered": traffic.answered},
+            )
 
     app = FastAPI(
         title="resnet-serve",
@@ -124,7 +147,9 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
             keys=settings.api_keys,
             metrics_require_key=settings.metrics_require_key,
         )
-    app.add_middleware(RequestMiddleware, metrics=metrics, access_log=settings.access_log)
+    app.add_middleware(
+        RequestMiddleware, metrics=metrics, access_log=settings.access_log, traffic=traffic
+    )
 
     @app.exception_handler(ServeError)
     async def serve_error(request: Request, exc: ServeError) -> Any:

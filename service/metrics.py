@@ -53,6 +53,7 @@ class Metrics:
             p + "batch_padding_images_total", "Padding images added to reach a bucket size",
             ["model"], registry=r,
         )  # fmt: skip
+        self.in_flight = Gauge(p + "requests_in_flight", "HTTP requests being handled", registry=r)
         self.queue_depth = Gauge(
             p + "queue_depth", "Images waiting for inference", ["model"], registry=r
         )

@@ -154,9 +154,9 @@ async def _run_guarded(
     """Inference bounded by the request timeout and by the client staying connected;
     either way out cancels the queued work so that it is never computed."""
     runtime = _runtime(request)
+    timeout = _timeout_s(request, runtime.settings.request_timeout_ms)
     work = asyncio.ensure_future(runtime.infer(model, blobs, expectation))
     watcher = asyncio.ensure_future(_until_disconnect(request))
-    timeout = _timeout_s(request, runtime.settings.request_timeout_ms)
     try:
         done, _ = await asyncio.wait(
             {work, watcher}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED

@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -121,17 +122,23 @@ class ProcessServer:
             **{f"RESNET_SERVE_{k.upper()}": v for k, v in env.items()},
         }
         self.proc: subprocess.Popen[bytes] | None = None
+        # A file, not a pipe: nobody reads a pipe while the server runs, and a full one
+        # would block the server's logging.
+        self.log = tempfile.NamedTemporaryFile(prefix="resnet-serve-", suffix=".log")  # noqa: SIM115
+
+    def output(self) -> str:
+        return Path(self.log.name).read_text(errors="replace")
 
     def start(self) -> ProcessServer:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "service.cli"], env=self.env,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            stdout=self.log, stderr=subprocess.STDOUT,
         )  # fmt: skip
 
         def ready() -> bool:
             assert self.proc is not None
             if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited: {self.proc.stdout.read().decode()}")  # type: ignore[union-attr]
+                raise RuntimeError(f"server exited: {self.output()}")
             return httpx.get(self.url + "/readyz").status_code == 200
 
         wait_until(ready, timeout=90)
