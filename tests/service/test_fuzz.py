@@ -1,0 +1,85 @@
+"""Property tests of the preprocessing, and schemathesis against the live OpenAPI schema."""
+
+from __future__ import annotations
+
+import io
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from service.errors import ServeError
+from service.preprocess import DecodeOptions, preprocess
+from service.repository import PreprocessSpec
+from tests.service.servers import ProcessServer
+
+SPEC = PreprocessSpec(resize=40, crop=32, mean=(0.5,) * 3, std=(0.5,) * 3)
+OPTS = DecodeOptions(max_pixels=4_000_000)
+
+
+def _seeds() -> list[bytes]:
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8))
+    out = []
+    for fmt, kw in [("PNG", {}), ("JPEG", {"quality": 80}), ("GIF", {}), ("BMP", {}),
+                    ("TIFF", {}), ("WEBP", {"quality": 80})]:  # fmt: skip
+        buf = io.BytesIO()
+        img.save(buf, fmt, **kw)
+        out.append(buf.getvalue())
+    return out
+
+
+SEEDS = _seeds()
+
+
+def _check(data: bytes) -> None:
+    try:
+        out = preprocess(data, 3, SPEC, OPTS)
+    except ServeError as exc:  # typed, 4xx, naming the image
+        assert 400 <= exc.status < 500 and "image 3" in exc.message
+        return
+    assert out.shape == (32, 32, 3) and out.dtype == np.uint8
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.binary(max_size=4096))
+def test_any_bytes_give_an_image_or_a_typed_error(data: bytes) -> None:
+    _check(data)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    seed=st.sampled_from(SEEDS),
+    edits=st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), max_size=12),
+    cut=st.integers(0, 10_000) | st.none(),
+)
+def test_damaged_real_images_give_an_image_or_a_typed_error(seed, edits, cut) -> None:  # type: ignore[no-untyped-def]
+    data = bytearray(seed)
+    for pos, value in edits:
+        data[pos % len(data)] = value
+    _check(bytes(data[:cut] if cut is not None else data))
+
+
+def test_openapi_schema_fuzzed_with_schemathesis(r20_repository) -> None:
+    """Generated requests for every operation: no 5xx, answers match the schema."""
+    exe = shutil.which("schemathesis", path=str(Path(sys.executable).parent))
+    if exe is None:
+        pytest.fail("schemathesis is not installed (it is in the dev extra)")
+    srv = ProcessServer(r20_repository, log_level="error").start()
+    try:
+        proc = subprocess.run(
+            [exe, "run", srv.url + "/openapi.json", "-n", "25", "--seed", "7",
+             "-c", "not_a_server_error,response_schema_conformance,"
+                   "status_code_conformance,content_type_conformance"],
+            capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stdout[-4000:]
+        assert "No issues found" in proc.stdout
+    finally:
+        assert srv.stop() == 0
