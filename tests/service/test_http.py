@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import socket
 
 import aiohttp
 import httpx
@@ -221,6 +222,17 @@ def test_413_limits(r20_repository, cifar_pngs) -> None:
     try:
         big = encode(np.zeros((100, 100, 3), np.uint8), "PNG")
         _error(_raw(srv, b"x" * 25000), 413, "payload_too_large")
+        # Chunked, no Content-Length: the 413 comes once the limit is passed, while the
+        # client is still sending, so the server never buffers the whole body.
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as sock:
+            sock.sendall(
+                b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+                b"Transfer-Encoding: chunked\r\n\r\n"
+            )
+            for _ in range(8):  # 32 KiB of an announced-unbounded body
+                sock.sendall(b"1000\r\n" + b"x" * 4096 + b"\r\n")
+            answer = sock.recv(65536)
+        assert answer.startswith(b"HTTP/1.1 413"), answer[:100]
         files = [("file", (f"{i}.png", cifar_pngs[i])) for i in range(4)]
         assert "limit is 3" in _error(
             httpx.post(srv.url + "/v1/classify", files=files), 413, "payload_too_large"
