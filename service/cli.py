@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
         default = field.get_default(call_default_factory=True)
         shown = ",".join(map(str, default)) if isinstance(default, list) else default
         help_text = f"{field.description} [env {env}; default: {shown}]"
-        if field.annotation is bool:
+        if field.annotation in (bool, bool | None):
             p.add_argument(
                 flag, action=argparse.BooleanOptionalAction, default=None, help=help_text
             )

@@ -62,17 +62,22 @@ def resolve_devices(spec: str, available: list[str] | None = None) -> list[Devic
     return devices
 
 
-def _providers(device: Device) -> list[str | tuple[str, dict[str, str]]]:
+def providers_for(device: Device, settings: Settings) -> list[str | tuple[str, dict[str, str]]]:
     if device.kind == "cpu":
         return ["CPUExecutionProvider"]
     cuda = {
         "device_id": str(device.index),
-        # Every batch shape is a warmed-up bucket, so the exhaustive search is paid once
-        # per shape at startup and never on a request.
-        "cudnn_conv_algo_search": "EXHAUSTIVE",
+        # Every batch shape is a warmed-up bucket, so an exhaustive search is paid once per
+        # shape at startup and never on a request (HEURISTIC if shapes were unbounded).
+        "cudnn_conv_algo_search": settings.cuda_conv_algo_search,
+        "cudnn_conv_use_max_workspace": "1",
+        "prefer_nhwc": "1" if settings.cuda_prefer_nhwc else "0",
+        # Grow the arena by what is asked, not by doubling: the buckets' sizes are known.
         "arena_extend_strategy": "kSameAsRequested",
         "do_copy_in_default_stream": "1",
     }
+    if settings.gpu_mem_limit_bytes:
+        cuda["gpu_mem_limit"] = str(settings.gpu_mem_limit_bytes)
     return [("CUDAExecutionProvider", cuda), "CPUExecutionProvider"]
 
 
@@ -84,6 +89,8 @@ class Worker:
     options: ort.SessionOptions
     device: Device
     name: str
+    providers: list[str | tuple[str, dict[str, str]]]
+    io_binding: bool = False
     session: ort.InferenceSession = field(init=False)
     executor: ThreadPoolExecutor = field(init=False)
 
@@ -92,12 +99,20 @@ class Worker:
         self.session = self._create()
 
     def _create(self) -> ort.InferenceSession:
-        return ort.InferenceSession(
-            self.path, sess_options=self.options, providers=_providers(self.device)
-        )
+        return ort.InferenceSession(self.path, sess_options=self.options, providers=self.providers)
 
     def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        logits, embedding = self.session.run(OUTPUTS, {"images": images})
+        if self.io_binding:
+            # The uint8 batch goes to the device in one copy and each output comes back in
+            # one copy into host memory; nothing else crosses the bus.
+            binding = self.session.io_binding()
+            binding.bind_cpu_input("images", images)
+            for name in OUTPUTS:
+                binding.bind_output(name, "cpu")
+            self.session.run_with_iobinding(binding)
+            logits, embedding = binding.copy_outputs_to_cpu()
+        else:
+            logits, embedding = self.session.run(OUTPUTS, {"images": images})
         return logits, embedding
 
     def recreate(self) -> None:
@@ -148,7 +163,14 @@ class SessionPool:
                 opts.add_session_config_entry("session.intra_op.allow_spinning", spin)
                 opts.add_session_config_entry("session.inter_op.allow_spinning", spin)
                 name = f"ort-{spec.name}-{device}-{i}"
-                workers.append(Worker(str(spec.onnx_path), opts, device, name))
+                io_binding = (
+                    settings.io_binding if settings.io_binding is not None
+                    else device.kind == "cuda"
+                )  # fmt: skip
+                providers = providers_for(device, settings)
+                workers.append(
+                    Worker(str(spec.onnx_path), opts, device, name, providers, io_binding)
+                )
         log.info(
             "%s: %d session(s) on %s, %d intra-op thread(s) each, providers %s",
             spec.name, len(workers), ", ".join(map(str, devices)), threads,

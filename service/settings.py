@@ -48,6 +48,14 @@ class Settings(BaseSettings):
     cpu_spinning: bool = Field(
         False, description="let onnxruntime's idle threads spin (burns cores decoding needs)"
     )
+    io_binding: bool | None = Field(
+        None, description="onnxruntime IOBinding: one copy in, one out (default: on for CUDA)"
+    )
+    cuda_conv_algo_search: Literal["EXHAUSTIVE", "HEURISTIC", "DEFAULT"] = Field(
+        "EXHAUSTIVE", description="cuDNN algorithm search, paid once per warmed bucket"
+    )
+    cuda_prefer_nhwc: bool = Field(False, description="CUDA provider's NHWC convolutions")
+    gpu_mem_limit_bytes: int = Field(0, ge=0, description="CUDA arena limit (0: no limit)")
     max_batch_size: int = Field(32, ge=1, le=4096, description="images per batch, at most")
     max_batch_delay_ms: float = Field(
         2.0, ge=0, description="a batch closes this long after its first image at the latest"

@@ -1,0 +1,55 @@
+"""Session options, IOBinding, and (where a GPU is present) CUDA against CPU."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from service.repository import load_model_spec
+from service.sessions import Device, SessionPool, providers_for
+from service.settings import Settings
+
+
+def test_cuda_provider_options() -> None:
+    s = Settings(
+        cuda_conv_algo_search="HEURISTIC", cuda_prefer_nhwc=True, gpu_mem_limit_bytes=2**30
+    )
+    (name, opts), cpu = providers_for(Device("cuda", 1), s)
+    assert name == "CUDAExecutionProvider" and cpu == "CPUExecutionProvider"
+    assert opts["device_id"] == "1" and opts["cudnn_conv_algo_search"] == "HEURISTIC"
+    assert opts["prefer_nhwc"] == "1" and opts["gpu_mem_limit"] == str(2**30)
+    assert "gpu_mem_limit" not in providers_for(Device("cuda"), Settings())[0][1]
+    assert providers_for(Device("cpu"), s) == ["CPUExecutionProvider"]
+
+
+def test_io_binding_gives_the_same_outputs(cifar_repository, cifar_test) -> None:
+    spec = load_model_spec(cifar_repository / "resnet20_cifar10")
+    images = np.ascontiguousarray(cifar_test["images"][:8])
+    plain = SessionPool.load(spec, Settings(io_binding=False), 2).workers[0]
+    bound = SessionPool.load(spec, Settings(io_binding=True), 2).workers[0]
+    assert bound.io_binding and not plain.io_binding
+    for a, b in zip(plain.run(images), bound.run(images), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_threads_are_split_between_sessions(cifar_repository) -> None:
+    spec = load_model_spec(cifar_repository / "resnet20_cifar10")
+    pool = SessionPool.load(spec, Settings(sessions_per_device=2, intra_op_threads=1), 2)
+    assert len(pool.workers) == 2
+    assert all(w.options.intra_op_num_threads == 1 for w in pool.workers)
+
+
+@pytest.mark.gpu
+def test_cuda_matches_cpu(cifar_repository, cifar_test) -> None:
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("no CUDAExecutionProvider here")
+    spec = load_model_spec(cifar_repository / "resnet20_cifar10")
+    images = np.ascontiguousarray(cifar_test["images"][:64])
+    cpu = SessionPool.load(spec, Settings(device="cpu"), 1).workers[0].run(images)
+    gpu_worker = SessionPool.load(spec, Settings(device="cuda"), 1).workers[0]
+    assert gpu_worker.session.get_providers()[0] == "CUDAExecutionProvider"
+    gpu = gpu_worker.run(images)
+    for c, g in zip(cpu, gpu, strict=True):
+        assert np.abs(c - g).max() / np.abs(c).max() < 1e-3
+    assert (cpu[0].argmax(1) == gpu[0].argmax(1)).mean() == 1.0
