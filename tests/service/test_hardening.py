@@ -391,3 +391,20 @@ def test_sigterm_mid_flight_loses_no_accepted_request(r20_repository, cifar_pngs
     # exactly those answers.
     (drained,) = [json.loads(line) for line in srv.output().splitlines() if '"drained"' in line]
     assert drained["accepted"] == drained["answered"] == outcomes.count("http-200")
+
+
+def test_decode_time_and_format_limits(r20_repository, cifar_test) -> None:
+    big = Image.fromarray(cifar_test["images"][0]).resize((3000, 2000))
+    jpeg, png_bytes = _save(big, "JPEG"), _save(big, "PNG")
+    settings = Settings(repository=r20_repository, decode_timeout_ms=1, image_formats=["PNG"])
+    srv = ThreadServer(settings).start()
+    try:
+        r = httpx.post(
+            srv.url + "/v1/classify", content=jpeg, headers={"content-type": "image/jpeg"}
+        )
+        assert r.status_code == 415 and "JPEG" in r.json()["error"]["message"]
+        r = httpx.post(srv.url + "/v1/classify", content=png_bytes, headers=PNG)
+        assert r.status_code == 400
+        assert "image 0: decoding took longer" in r.json()["error"]["message"]
+    finally:
+        srv.stop()
