@@ -220,14 +220,18 @@ class Batcher:
         """Stop taking work, finish what was accepted (up to ``timeout_s``), stop."""
         self._closing = True
         self._arrival.set()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
         if self._task is not None:
-            try:
-                await asyncio.wait_for(asyncio.shield(self._task), timeout_s)
-            except TimeoutError:
-                log.warning("%s: drain timed out with %d images queued", self.model, self.queued)
-                self._task.cancel()
-            if self._running:
-                await asyncio.wait(set(self._running), timeout=max(timeout_s, 0.1))
+            # With nothing queued the loop may be parked waiting for a session (all busy or
+            # retired): there is nothing left for it to do, so it is stopped, not awaited.
+            if self._queue:
+                done, _ = await asyncio.wait({self._task}, timeout=timeout_s)
+                if not done:
+                    log.warning("%s: drain timed out with %d queued", self.model, self.queued)
+            self._task.cancel()
+        if self._running:
+            await asyncio.wait(set(self._running), timeout=max(deadline - loop.time(), 0.1))
         for item in self._queue:
             if not item.future.done():
                 item.future.set_exception(NotReadyError("the service shut down"))

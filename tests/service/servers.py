@@ -153,3 +153,24 @@ class ProcessServer:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             return self.proc.wait()
+
+
+def hold(runtime: Runtime, what: str = "run") -> threading.Event:
+    """Make every session's ``run`` (or every model's ``warmup``) wait until the returned
+    event is set, so a test can look at the service while work is stuck."""
+    gate = threading.Event()
+
+    def held(real):  # type: ignore[no-untyped-def]
+        def wrapper(*args):  # type: ignore[no-untyped-def]
+            gate.wait(30)
+            return real(*args)
+
+        return wrapper
+
+    for model in runtime.models.values():
+        if what == "warmup":
+            model.pool.warmup = held(model.pool.warmup)  # type: ignore[method-assign]
+        else:
+            for worker in model.pool.workers:
+                worker.run = held(worker.run)  # type: ignore[method-assign]
+    return gate

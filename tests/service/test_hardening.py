@@ -23,7 +23,7 @@ from service import auth
 from service.metrics import Metrics
 from service.runtime import Runtime
 from service.settings import Settings
-from tests.service.servers import ProcessServer, ThreadServer, metric_value, png, wait_until
+from tests.service.servers import ProcessServer, ThreadServer, hold, metric_value, png, wait_until
 
 PNG = {"content-type": "image/png"}
 
@@ -172,25 +172,11 @@ def test_cors_is_off_by_default_and_configurable(r20_repository) -> None:
 # --- deadlines, faults ---
 
 
-def _held(runtime: Runtime) -> threading.Event:
-    gate = threading.Event()
-    for model in runtime.models.values():
-        for worker in model.pool.workers:
-            real = worker.run
-
-            def run(images, _real=real):  # type: ignore[no-untyped-def]
-                gate.wait(30)
-                return _real(images)
-
-            worker.run = run  # type: ignore[method-assign]
-    return gate
-
-
 def test_request_deadline_header(r20_repository, cifar_pngs) -> None:
     settings = Settings(repository=r20_repository)
     runtime = Runtime.load(settings, Metrics())
     srv = ThreadServer(settings, runtime).start()
-    gate = _held(runtime)
+    gate = hold(runtime)
     try:
         holder = threading.Thread(
             target=lambda: httpx.post(

@@ -16,38 +16,22 @@ import numpy as np
 from service.metrics import Metrics
 from service.runtime import Runtime
 from service.settings import Settings
-from tests.service.servers import ProcessServer, ThreadServer, metric_value, png, wait_until
+from tests.service.servers import (
+    ProcessServer,
+    ThreadServer,
+    hold,
+    metric_value,
+    png,
+    wait_until,
+)
 
 PNG = {"content-type": "image/png"}
-
-
-def _hold_sessions(runtime: Runtime, gate: threading.Event, what: str) -> None:
-    """Make every session's ``what`` wait for ``gate``."""
-    for model in runtime.models.values():
-        if what == "warmup":
-            real_warmup = model.pool.warmup
-
-            def warmup(*args, _real=real_warmup):  # type: ignore[no-untyped-def]
-                gate.wait(30)
-                _real(*args)
-
-            model.pool.warmup = warmup  # type: ignore[method-assign]
-        else:
-            for worker in model.pool.workers:
-                real_run = worker.run
-
-                def run(images, _real=real_run):  # type: ignore[no-untyped-def]
-                    gate.wait(30)
-                    return _real(images)
-
-                worker.run = run  # type: ignore[method-assign]
 
 
 def test_readiness_before_and_after_warmup(r20_repository, cifar_pngs) -> None:
     settings = Settings(repository=r20_repository)
     runtime = Runtime.load(settings, Metrics())
-    gate = threading.Event()
-    _hold_sessions(runtime, gate, "warmup")
+    gate = hold(runtime, "warmup")
     srv = ThreadServer(settings, runtime).start(wait_ready=False)
     try:
         assert httpx.get(srv.url + "/healthz").status_code == 200
@@ -69,8 +53,7 @@ def test_504_and_timed_out_work_is_dropped(r20_repository, cifar_pngs) -> None:
     settings = Settings(repository=r20_repository, request_timeout_ms=300)
     runtime = Runtime.load(settings, Metrics())
     srv = ThreadServer(settings, runtime).start()
-    gate = threading.Event()
-    _hold_sessions(runtime, gate, "run")
+    gate = hold(runtime)
     try:
         results: list[httpx.Response] = []
         first = threading.Thread(
@@ -99,8 +82,7 @@ def test_work_of_a_disconnected_client_is_dropped(r20_repository, cifar_pngs) ->
     settings = Settings(repository=r20_repository)
     runtime = Runtime.load(settings, Metrics())
     srv = ThreadServer(settings, runtime).start()
-    gate = threading.Event()
-    _hold_sessions(runtime, gate, "run")
+    gate = hold(runtime)
     try:
         holder = threading.Thread(
             target=lambda: httpx.post(
