@@ -27,6 +27,17 @@ from service.settings import Settings
 log = logging.getLogger(__name__)
 
 
+def _ranges(sizes: list[int]) -> str:
+    """[1, 2, 3, 4, 8] -> '1-4, 8', for logs."""
+    out: list[str] = []
+    for n in sizes:
+        if out and out[-1].split("-")[-1] == str(n - 1):
+            out[-1] = f"{out[-1].split('-')[0]}-{n}"
+        else:
+            out.append(str(n))
+    return ", ".join(out)
+
+
 @dataclass(eq=False)
 class ServedModel:
     spec: ModelSpec
@@ -37,6 +48,10 @@ class ServedModel:
     @property
     def name(self) -> str:
         return self.spec.name
+
+    @property
+    def buckets(self) -> list[int]:
+        return self.pool.buckets
 
     @property
     def serving(self) -> bool:
@@ -93,7 +108,7 @@ class Runtime:
                 m.name,
                 m.pool,
                 image_shape=m.spec.input_shape,
-                buckets=s.batch_buckets,
+                buckets=m.buckets,
                 max_batch_delay_ms=s.max_batch_delay_ms,
                 max_queue_images=s.max_queue_images,
                 metrics=self.metrics,
@@ -106,12 +121,12 @@ class Runtime:
     async def _warm_all(self) -> None:
         for m in self.models.values():
             t = time.perf_counter()
-            await asyncio.to_thread(m.pool.warmup, self.settings.batch_buckets, m.spec.input_shape)
+            await asyncio.to_thread(m.pool.warmup, m.buckets, m.spec.input_shape)
             m.ready = True
             self.metrics.model_ready.labels(m.name).set(1)
             log.info(
                 "%s: warmed up batch sizes %s in %.2fs",
-                m.name, self.settings.batch_buckets, time.perf_counter() - t,
+                m.name, _ranges(m.buckets), time.perf_counter() - t,
             )  # fmt: skip
         log.info("ready: %s", ", ".join(self.models))
 

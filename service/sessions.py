@@ -124,8 +124,9 @@ class Worker:
 class SessionPool:
     """The workers of one model; ``acquire`` hands out an idle one."""
 
-    def __init__(self, workers: list[Worker]) -> None:
+    def __init__(self, workers: list[Worker], buckets: list[int]) -> None:
         self.workers = workers
+        self.buckets = buckets
         self._idle: asyncio.Queue[Worker] | None = None
         self._retired: set[Worker] = set()
 
@@ -176,7 +177,7 @@ class SessionPool:
             spec.name, len(workers), ", ".join(map(str, devices)), threads,
             workers[0].session.get_providers(),
         )  # fmt: skip
-        return cls(workers)
+        return cls(workers, settings.buckets_for(devices[0].kind))
 
     def warmup(self, buckets: list[int], shape: tuple[int, int, int]) -> None:
         """Run every bucket size once on every session (blocking), so that no request

@@ -44,7 +44,8 @@ class FakeWorker:
 def make(worker: FakeWorker, **kw) -> tuple[Batcher, Metrics]:  # type: ignore[no-untyped-def]
     metrics = Metrics()
     opts = {"buckets": [1, 2, 4, 8], "max_batch_delay_ms": 50.0, "max_queue_images": 64} | kw
-    return Batcher("m", SessionPool([worker]), image_shape=SHAPE, metrics=metrics, **opts), metrics  # type: ignore[list-item]
+    pool = SessionPool([worker], opts["buckets"])  # type: ignore[list-item]
+    return Batcher("m", pool, image_shape=SHAPE, metrics=metrics, **opts), metrics
 
 
 def img(v: int) -> np.ndarray:

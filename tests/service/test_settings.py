@@ -8,10 +8,13 @@ from service.sessions import Device, parse_devices, resolve_devices
 from service.settings import Settings
 
 
-def test_defaults_and_power_of_two_buckets() -> None:
+def test_default_buckets_per_device() -> None:
     s = Settings()
-    assert s.max_batch_size == 32 and s.batch_buckets == [1, 2, 4, 8, 16, 32]
-    assert Settings(max_batch_size=24).batch_buckets == [1, 2, 4, 8, 16, 24]
+    assert s.max_batch_size == 32 and s.batch_buckets == []
+    assert s.buckets_for("cuda") == [1, 2, 4, 8, 16, 32]
+    assert s.buckets_for("cpu") == list(range(1, 33))
+    assert Settings(max_batch_size=24).buckets_for("cuda") == [1, 2, 4, 8, 16, 24]
+    assert Settings(batch_buckets=[1, 8, 32]).buckets_for("cpu") == [1, 8, 32]
 
 
 def test_environment(monkeypatch: pytest.MonkeyPatch) -> None:
