@@ -26,6 +26,7 @@ from service.responses import FastJSONResponse, error_response
 from service.routes import router
 from service.runtime import Runtime
 from service.settings import Settings
+from service.v2 import router as v2_router
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +137,7 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.metrics = metrics
     app.include_router(router)
+    app.include_router(v2_router)
     # Starlette runs the last added outermost: request IDs and metrics see everything,
     # including 401s and CORS preflights.
     if settings.cors_origins:

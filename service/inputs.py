@@ -44,6 +44,18 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+def decode_base64_image(index: int, item: Any) -> bytes:
+    """One image sent as a base64 string (data URLs tolerated); errors name its position."""
+    if not isinstance(item, str):
+        raise InvalidImageError(index, "expected a base64 string")
+    if item.startswith("data:") and "," in item:
+        item = item.split(",", 1)[1]
+    try:
+        return base64.b64decode(item, validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidImageError(index, "invalid base64") from None
+
+
 def _from_json(body: bytes) -> Payload:
     try:
         doc = orjson.loads(body)
@@ -51,16 +63,7 @@ def _from_json(body: bytes) -> Payload:
         raise BadRequestError(f"invalid JSON: {exc}") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("images"), list):
         raise InvalidParameterError('JSON body must be an object with "images": [base64, ...]')
-    images: list[bytes] = []
-    for i, item in enumerate(doc["images"]):
-        if not isinstance(item, str):
-            raise InvalidImageError(i, "expected a base64 string")
-        if item.startswith("data:") and "," in item:  # tolerate data URLs
-            item = item.split(",", 1)[1]
-        try:
-            images.append(base64.b64decode(item, validate=True))
-        except (binascii.Error, ValueError):
-            raise InvalidImageError(i, "invalid base64") from None
+    images = [decode_base64_image(i, item) for i, item in enumerate(doc["images"])]
     params = {k: v for k, v in doc.items() if k != "images"}
     return Payload(images, params)
 

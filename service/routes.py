@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any, Literal
 
 import numpy as np
@@ -12,7 +14,7 @@ from fastapi.responses import PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from service.batcher import Expectation, Result
+from service.batcher import Result
 from service.errors import InvalidParameterError, RequestTimeoutError
 from service.inputs import read_payload
 from service.postprocess import encode_embeddings, l2_normalize, top_k
@@ -149,13 +151,14 @@ def _timeout_s(request: Request, default_ms: float) -> float:
 
 
 async def _run_guarded(
-    request: Request, model: ServedModel, blobs: list[bytes], expectation: Expectation
+    request: Request, model: ServedModel, images: int, start: Callable[[], Awaitable[list[Result]]]
 ) -> list[Result]:
-    """Inference bounded by the request timeout and by the client staying connected;
-    either way out cancels the queued work so that it is never computed."""
+    """Inference of ``images`` images (``start()``: ``Runtime.infer`` or ``infer_arrays``)
+    bounded by the request timeout and by the client staying connected; either way out
+    cancels the queued work so that it is never computed."""
     runtime = _runtime(request)
     timeout = _timeout_s(request, runtime.settings.request_timeout_ms)
-    work = asyncio.ensure_future(runtime.infer(model, blobs, expectation))
+    work = asyncio.ensure_future(start())
     watcher = asyncio.ensure_future(_until_disconnect(request))
     try:
         done, _ = await asyncio.wait(
@@ -167,7 +170,7 @@ async def _run_guarded(
         return work.result()
     work.cancel()
     if watcher in done:
-        runtime.metrics.rejected.labels(model.name, "client_gone").inc(len(blobs))
+        runtime.metrics.rejected.labels(model.name, "client_gone").inc(images)
         # Nobody is listening; the status is for the logs and metrics only.
         raise RequestTimeoutError("client disconnected")
     raise RequestTimeoutError(f"request timed out after {timeout:g}s")
@@ -194,7 +197,8 @@ async def _infer_request(
         )
         runtime.metrics.images.labels(endpoint, model.name).inc(len(payload.images))
         params = _params(params_cls, query, payload.params)
-        results = await _run_guarded(request, model, payload.images, expectation)
+        infer = functools.partial(runtime.infer, model, payload.images, expectation)
+        results = await _run_guarded(request, model, len(payload.images), infer)
     finally:
         expectation.done()
     return model, params, results
