@@ -16,6 +16,8 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import ClientDisconnect
+from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import logs
@@ -29,11 +31,11 @@ from service.settings import Settings
 from service.v2 import router as v2_router
 
 log = logging.getLogger(__name__)
-
 # Generated request IDs: a random per-process prefix and a counter, 32 hex digits, unique
 # across replicas without uuid4's cost on every request.
 _ID_PREFIX = os.urandom(8).hex()
 _ID_COUNTER = itertools.count()
+
 
 @dataclass
 class Traffic:
@@ -178,6 +180,12 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
             exc.status_code, "http_error"
         )
         return error_response(request.url.path, error)
+
+    @app.exception_handler(ClientDisconnect)
+    async def client_gone(request: Request, exc: ClientDisconnect) -> Any:
+        # The client left while sending its body: nobody to answer. 499 is nginx's code
+        # for it, and what the metrics and access log record.
+        return Response(status_code=499)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> Any:

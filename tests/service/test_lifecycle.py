@@ -98,7 +98,13 @@ def test_work_of_a_disconnected_client_is_dropped(r20_repository, cifar_pngs) ->
                 + f"Content-Length: {len(body)}\r\n\r\n".encode()
                 + body
             )
-            time.sleep(0.2)  # decoded and queued behind the held session
+            # Close only once the image is decoded and queued behind the held session.
+            wait_until(
+                lambda: metric_value(
+                    httpx.get(srv.url + "/metrics").text, "resnet_serve_queue_depth"
+                ) == 1,
+                timeout=10,
+            )  # fmt: skip
         wait_until(
             lambda: metric_value(
                 httpx.get(srv.url + "/metrics").text,
