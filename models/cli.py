@@ -11,6 +11,9 @@ from models.catalog import VARIANTS, UnknownVariantError, get_variant, read_labe
 
 EXIT_USAGE = 2
 EXIT_FAILED = 1
+# The choices of models.quantize, which imports torch; a test keeps the two equal.
+PRECISIONS = ("fp32", "int8", "fp16")
+CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -28,7 +31,11 @@ def _parser() -> argparse.ArgumentParser:
         help="'default' (the catalog's published weights via torch.hub, honours TORCH_HOME), "
         "'random' (seeded, pretrained: false) or a path to a .pth/.th/.safetensors file",
     )
-    p.add_argument("--name", help="repository name for the model (one NAME only; default: NAME)")
+    p.add_argument(
+        "--name",
+        help="repository name for the model (one NAME only; default: NAME for fp32, "
+        "NAME_int8 / NAME_fp16 otherwise)",
+    )
     p.add_argument(
         "--labels",
         type=Path,
@@ -39,9 +46,81 @@ def _parser() -> argparse.ArgumentParser:
         "--tolerance",
         type=float,
         default=None,
-        help="max ONNX-vs-PyTorch error relative to the output's largest value (default 1e-4)",
+        help="max ONNX-vs-PyTorch error relative to the output's largest value (default 1e-4); "
+        "with int8/fp16 it applies to the fp32 graph they are made from",
+    )
+    g = p.add_argument_group("precision (docs/precision.md)")
+    g.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="fp32",
+        help="fp32 (default); int8: static quantization (uint8 activations, per-channel int8 "
+        "weights, QDQ), for CPUs, needs --calibration; fp16: for the CUDA provider, it runs "
+        "on the CPU provider but slower than fp32 there. Input stays uint8 and outputs "
+        "float32, so the runtime serves every precision unchanged",
+    )
+    g.add_argument(
+        "--calibration",
+        type=Path,
+        metavar="DIR_or_NPZ",
+        help="int8 calibration images, a few hundred like those the model will serve: a "
+        "directory of image files, or an .npz with an 'images' uint8 [N, H, W, 3] array. "
+        "They go through the runtime's own resize and crop",
+    )
+    g.add_argument(
+        "--calibration-method",
+        choices=CALIBRATION_METHODS,
+        default=None,
+        help="how activation ranges are chosen from the calibration (default percentile)",
+    )
+    g.add_argument(
+        "--calibration-limit",
+        type=_positive_int,
+        metavar="N",
+        help="use only the first N calibration images (sorted file names or .npz order)",
+    )
+    g.add_argument(
+        "--min-agreement",
+        type=float,
+        default=None,
+        help="int8 must give the fp32 graph's top-1 class on at least this share of the "
+        "calibration images, or the export fails (default 0.95)",
     )
     return p
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _usage_error(args: argparse.Namespace) -> str | None:
+    """What is wrong with the arguments as a whole, before anything is loaded."""
+    if not args.names or args.repository is None:
+        return "give NAME [NAME ...] and --repository DIR (or --list)"
+    if args.name and len(args.names) != 1:
+        return "--name needs exactly one NAME"
+    int8_only = {
+        "--calibration": args.calibration,
+        "--calibration-method": args.calibration_method,
+        "--calibration-limit": args.calibration_limit,
+        "--min-agreement": args.min_agreement,
+    }
+    if args.precision != "int8":
+        given = [flag for flag, value in int8_only.items() if value is not None]
+        if given:
+            return f"{', '.join(given)}: only used with --precision int8"
+    elif args.calibration is None:
+        return (
+            "--precision int8 needs --calibration DIR_or_NPZ: a directory of image files or "
+            "an .npz with an 'images' uint8 [N, H, W, 3] array (a few hundred images like "
+            "those the model will serve)"
+        )
+    elif not args.calibration.exists():
+        return f"--calibration {args.calibration}: no such file or directory"
+    return None
 
 
 def _list() -> None:
@@ -60,13 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.list:
         _list()
         return 0
-    if not args.names or args.repository is None:
-        print(
-            "resnet-export: give NAME [NAME ...] and --repository DIR (or --list)", file=sys.stderr
-        )
-        return EXIT_USAGE
-    if args.name and len(args.names) != 1:
-        print("resnet-export: --name needs exactly one NAME", file=sys.stderr)
+    problem = _usage_error(args)
+    if problem:
+        print(f"resnet-export: {problem}", file=sys.stderr)
         return EXIT_USAGE
     try:
         variants = [get_variant(n) for n in args.names]
@@ -97,6 +172,11 @@ def main(argv: list[str] | None = None) -> int:
                 labels=labels,
                 opset=args.opset or DEFAULT_OPSET,
                 tolerance=args.tolerance or DEFAULT_TOLERANCE,
+                precision=args.precision,
+                calibration=args.calibration,
+                calibration_limit=args.calibration_limit,
+                calibration_method=args.calibration_method,
+                min_agreement=args.min_agreement,
             )
         except (WeightsError, ExportError) as exc:
             failures += 1

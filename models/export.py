@@ -54,6 +54,12 @@ class ServingGraph(nn.Module):
         return self.model.forward_head(embedding), embedding
 
 
+def relative_error(expected: np.ndarray, got: np.ndarray) -> float:
+    """Max absolute error relative to the largest |value| of ``expected``."""
+    err = float(np.max(np.abs(got.astype(np.float64) - expected)))
+    return err / max(float(np.max(np.abs(expected))), 1e-12)
+
+
 @dataclass(frozen=True)
 class Parity:
     max_abs_err: float
@@ -104,9 +110,8 @@ def check_parity(
     for name, e, g in zip(("logits", "embedding"), expected, got, strict=True):
         if g.shape != e.shape:
             raise ExportError(f"{name}: ONNX shape {g.shape} != PyTorch shape {e.shape}")
-        err = float(np.max(np.abs(g.astype(np.float64) - e)))
-        abs_err = max(abs_err, err)
-        rel[name] = err / max(float(np.max(np.abs(e))), 1e-12)
+        abs_err = max(abs_err, float(np.max(np.abs(g.astype(np.float64) - e))))
+        rel[name] = relative_error(e, g)
     worst = max(rel.values())
     if not np.isfinite(worst) or worst > tolerance:
         raise ExportError(
@@ -128,8 +133,17 @@ def model_json(
     parity: Parity,
     tolerance: float,
     onnx_sha256: str,
+    precision: str = "fp32",
+    lowered: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
+    """``lowered``: what an int8/fp16 conversion adds (see models.quantize); ``parity_*``
+    always describe the fp32 graph against PyTorch, before any conversion."""
     crop = variant.preprocess.crop
+    exporter = {"torch": torch.__version__, "onnx": onnx.__version__}
+    if lowered:
+        import onnxruntime
+
+        exporter["onnxruntime"] = onnxruntime.__version__
     return {
         "format_version": FORMAT_VERSION,
         "name": name,
@@ -139,7 +153,7 @@ def model_json(
         "num_classes": len(labels),
         "labels": labels,
         "embedding_dim": embedding_dim,
-        "precision": "fp32",
+        "precision": precision,
         "input": {
             "name": "images",
             "dtype": "uint8",
@@ -156,9 +170,10 @@ def model_json(
         "parity_max_abs_err": parity.max_abs_err,
         "parity_max_rel_err": parity.max_rel_err,
         "parity_tolerance": tolerance,
+        **(lowered or {}),
         "onnx_sha256": onnx_sha256,
         "exported_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "exporter": {"torch": torch.__version__, "onnx": onnx.__version__},
+        "exporter": exporter,
     }
 
 
@@ -171,10 +186,30 @@ def export_variant(
     labels: list[str] | None = None,
     opset: int = DEFAULT_OPSET,
     tolerance: float = DEFAULT_TOLERANCE,
+    precision: str = "fp32",
+    calibration: Path | None = None,
+    calibration_limit: int | None = None,
+    calibration_method: str | None = None,
+    min_agreement: float | None = None,
 ) -> Path:
-    """Build, export, verify and publish one model; returns its directory."""
-    name = name or variant.name
+    """Build, export, verify and publish one model; returns its directory.
+
+    ``precision`` int8 or fp16 converts the verified fp32 graph (models.quantize) and
+    names the model ``<variant>_<precision>`` unless ``name`` is given; int8 is
+    calibrated on the images of ``calibration`` (a directory or an .npz).
+    """
+    # A suffix keeps an int8/fp16 export from replacing the fp32 model of the same variant.
+    name = name or (variant.name if precision == "fp32" else f"{variant.name}_{precision}")
     labels = labels or variant.labels()
+    calib = None
+    if precision != "fp32":
+        # Imported only here: the fp32 path needs neither the quantizer nor the runtime code.
+        from models import quantize
+
+        # Read before the export, so that a bad image fails in seconds, not minutes.
+        calib = quantize.prepare(
+            precision, calibration, variant.preprocess, calibration_limit, calibration_method
+        )
     model = build_model(variant, weights, num_classes=len(labels))
     graph = ServingGraph(model, variant.preprocess).eval()
     crop = variant.preprocess.crop
@@ -184,8 +219,21 @@ def export_variant(
     staging = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=repository))
     try:
         onnx_path = staging / "model.onnx"
-        export_onnx(graph, crop, onnx_path, opset)
-        parity = check_parity(graph, onnx_path, crop, tolerance)
+        fp32_path = onnx_path if precision == "fp32" else staging / "fp32.onnx"
+        export_onnx(graph, crop, fp32_path, opset)
+        parity = check_parity(graph, fp32_path, crop, tolerance)
+        lowered = None
+        if precision != "fp32":
+            lowered = quantize.lower_precision(
+                fp32_path,
+                onnx_path,
+                precision,
+                variant.preprocess,
+                calibration=calib,
+                method=calibration_method,
+                min_agreement=min_agreement,
+            )
+            fp32_path.unlink()
         meta = model_json(
             name=name,
             variant=variant,
@@ -196,6 +244,8 @@ def export_variant(
             parity=parity,
             tolerance=tolerance,
             onnx_sha256=sha256_file(onnx_path),
+            precision=precision,
+            lowered=lowered,
         )
         (staging / "model.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
         os.chmod(staging, 0o755)
