@@ -30,7 +30,10 @@ from service.sessions import SessionPool, Worker
 
 log = logging.getLogger(__name__)
 
-Result = tuple[np.ndarray, np.ndarray]  # (logits row, embedding row)
+# One image's outputs by name (rows of the batch's arrays): logits, embedding, and any
+# feature map its request asked for.
+Result = dict[str, np.ndarray]
+DEFAULT_OUTPUTS: tuple[str, ...] = ("logits", "embedding")
 
 
 @dataclass(eq=False, slots=True)
@@ -38,6 +41,7 @@ class _Item:
     image: np.ndarray
     future: asyncio.Future[Result]
     enqueued: float
+    outputs: tuple[str, ...]
 
 
 class Expectation:
@@ -126,15 +130,17 @@ class Batcher:
         """Reserved images that will not come (decoding failed, client gone)."""
         self._incoming -= n
 
-    def submit(self, images: list[np.ndarray]) -> list[asyncio.Future[Result]]:
-        """Queue reserved images; one future each, in order."""
+    def submit(
+        self, images: list[np.ndarray], outputs: tuple[str, ...] = DEFAULT_OUTPUTS
+    ) -> list[asyncio.Future[Result]]:
+        """Queue reserved images; one future each, in order, for the named outputs."""
         self._incoming -= len(images)
         loop = asyncio.get_running_loop()
         now = time.perf_counter()
         futures: list[asyncio.Future[Result]] = []
         for image in images:
             fut: asyncio.Future[Result] = loop.create_future()
-            self._queue.append(_Item(image, fut, now))
+            self._queue.append(_Item(image, fut, now, outputs))
             futures.append(fut)
         self._depth.set(len(self._queue))
         self._arrival.set()
@@ -195,9 +201,11 @@ class Batcher:
             batch = np.zeros((bucket, *self.image_shape), dtype=np.uint8)
             for i, item in enumerate(items):
                 batch[i] = item.image
+            # The batch fetches what any of its images asked for, each name once.
+            names = tuple(dict.fromkeys(name for item in items for name in item.outputs))
             loop = asyncio.get_running_loop()
             try:
-                logits, embedding = await loop.run_in_executor(worker.executor, worker.run, batch)
+                arrays = await loop.run_in_executor(worker.executor, worker.run, batch, names)
             except Exception as exc:
                 self.metrics.inference_failures.labels(self.model).inc()
                 log.exception("inference failed on a batch of %d for %s", n, self.model)
@@ -210,9 +218,10 @@ class Batcher:
             self._inference.observe(time.perf_counter() - start)
             self._batch_size.observe(n)
             self._padding.inc(bucket - n)
+            by_name = dict(zip(names, arrays, strict=True))
             for i, item in enumerate(items):
                 if not item.future.done():
-                    item.future.set_result((logits[i], embedding[i]))
+                    item.future.set_result({name: by_name[name][i] for name in item.outputs})
         finally:
             self.pool.release(worker)
 

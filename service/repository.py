@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from service.errors import InvalidParameterError
+
 SUPPORTED_FORMAT_VERSIONS = {1}
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos")
 
@@ -43,6 +45,20 @@ class PreprocessSpec:
 
 
 @dataclass(frozen=True)
+class FeatureSpec:
+    """A backbone stage exported as an extra output: ``[N, channels, H, W]`` float32."""
+
+    name: str
+    channels: int
+    stride: int
+    shape: tuple[int, ...]
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> FeatureSpec:
+        return cls(str(d["name"]), int(d["channels"]), int(d["stride"]), tuple(d["shape"]))
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     name: str
     path: Path
@@ -51,6 +67,7 @@ class ModelSpec:
     embedding_dim: int
     preprocess: PreprocessSpec
     metadata: dict[str, Any] = field(repr=False, compare=False)
+    features: dict[str, FeatureSpec] = field(default_factory=dict)
 
     @property
     def onnx_path(self) -> Path:
@@ -59,6 +76,18 @@ class ModelSpec:
     @property
     def input_shape(self) -> tuple[int, int, int]:
         return (self.preprocess.crop, self.preprocess.crop, 3)
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        return ("logits", "embedding", *self.features)
+
+    def check_outputs(self, names: tuple[str, ...]) -> None:
+        unknown = [n for n in names if n not in self.output_names]
+        if unknown:
+            raise InvalidParameterError(
+                f"model {self.name} has no output {', '.join(unknown)} "
+                f"(outputs: {', '.join(self.output_names)})"
+            )
 
     def summary(self) -> dict[str, Any]:
         """The metadata without the label list, for listings."""
@@ -90,6 +119,7 @@ def load_model_spec(model_dir: Path) -> ModelSpec:
             embedding_dim=int(meta["embedding_dim"]),
             preprocess=PreprocessSpec.from_json(meta["preprocess"]),
             metadata=meta,
+            features={f["name"]: FeatureSpec.from_json(f) for f in meta.get("features", [])},
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise RepositoryError(f"{meta_path}: invalid model.json ({exc!r})") from None

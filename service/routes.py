@@ -6,18 +6,18 @@ import asyncio
 import functools
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from service.batcher import Result
 from service.errors import InvalidParameterError, RequestTimeoutError
 from service.inputs import read_payload
-from service.postprocess import encode_embeddings, l2_normalize, top_k
+from service.postprocess import encode_embeddings, l2_normalize, pool_maps, to_npy, top_k
 from service.responses import FastJSONResponse
 from service.runtime import Runtime, ServedModel
 
@@ -43,9 +43,12 @@ class EmbedResponse(BaseModel):
     model: str
     dim: int
     encoding: Literal["float", "base64"] = "float"
+    layer: str | None = None
+    pool: str | None = None
+    shape: list[int] | None = Field(None, description="[C, H, W] of each map when pool=none")
     embeddings: list[list[float]] | list[str] = Field(
         description="one per image, in request order; base64 of little-endian float32 "
-        "when encoding=base64"
+        "when encoding=base64; feature maps flattened in C, H, W order"
     )
 
 
@@ -67,6 +70,18 @@ class EmbedParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
     normalize: bool = True
     encoding: Literal["float", "base64"] = "float"
+    layer: str | None = None
+    pool: Literal["avg", "max", "gem", "none"] = "avg"
+    p: float = Field(3.0, gt=0, le=100)
+
+    @field_validator("layer")
+    @classmethod
+    def _default_layer(cls, value: str | None) -> str | None:
+        # "embedding" (or nothing) is the default pooled vector, not a stage.
+        return None if value in (None, "", "embedding") else value
+
+    def output(self) -> str:
+        return self.layer or "embedding"
 
 
 def _params(cls: type[BaseModel], query: dict[str, Any], body: dict[str, Any]) -> Any:
@@ -107,6 +122,11 @@ _IMAGE_BODY = {
         },
     }
 }
+NPY = "application/x-npy"
+_NPY: dict[int | str, dict[str, Any]] = {
+    200: {"content": {NPY: {}}, "description": "with Accept: application/x-npy, or maps too "
+          "large for JSON (see --json-max-floats): a .npy array, numpy.load reads it"}
+}  # fmt: skip
 _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse, "description": text}
     for code, text in {
@@ -182,8 +202,10 @@ async def _infer_request(
     endpoint: str,
     params_cls: type[BaseModel],
     query: dict[str, Any],
+    outputs: Callable[[Any], tuple[str, ...]],
 ) -> tuple[ServedModel, Any, list[Result]]:
-    """The common path of the inference endpoints: model, body, parameters, results."""
+    """The common path of the inference endpoints: model, body, parameters, results
+    (``outputs(params)``: the graph outputs the answer needs)."""
     runtime = _runtime(request)
     request.state.endpoint = endpoint
     model = runtime.get(model_name)
@@ -197,11 +219,17 @@ async def _infer_request(
         )
         runtime.metrics.images.labels(endpoint, model.name).inc(len(payload.images))
         params = _params(params_cls, query, payload.params)
-        infer = functools.partial(runtime.infer, model, payload.images, expectation)
+        infer = functools.partial(
+            runtime.infer, model, payload.images, expectation, outputs(params)
+        )
         results = await _run_guarded(request, model, len(payload.images), infer)
     finally:
         expectation.done()
     return model, params, results
+
+
+def _wants_npy(request: Request) -> bool:
+    return NPY in request.headers.get("accept", "")
 
 
 router = APIRouter()
@@ -209,37 +237,56 @@ router = APIRouter()
 
 async def _classify(request: Request, model_name: str | None, top_k_q: int) -> Response:
     model, params, results = await _infer_request(
-        request, model_name, "classify", ClassifyParams, {"top_k": top_k_q}
-    )
+        request, model_name, "classify", ClassifyParams, {"top_k": top_k_q},
+        lambda _: ("logits",),
+    )  # fmt: skip
     labels = model.spec.labels
+    if _wants_npy(request):
+        return Response(to_npy(np.stack([r["logits"] for r in results])), media_type=NPY)
     body = {
         "model": model.name,
-        "results": [{"predictions": top_k(logits, params.top_k, labels)} for logits, _ in results],
+        "results": [{"predictions": top_k(r["logits"], params.top_k, labels)} for r in results],
     }
     return FastJSONResponse(body)
 
 
-async def _embed(
-    request: Request, model_name: str | None, normalize: bool, encoding: str
-) -> Response:
+async def _embed(request: Request, model_name: str | None, query: dict[str, Any]) -> Response:
+    def outputs(params: EmbedParams) -> tuple[str, ...]:
+        if params.layer is None and params.pool != "avg":
+            raise InvalidParameterError(
+                "pool applies to a stage (layer=...); the default embedding is already "
+                "average-pooled"
+            )
+        return (params.output(),)
+
     model, params, results = await _infer_request(
-        request, model_name, "embed", EmbedParams, {"normalize": normalize, "encoding": encoding}
+        request, model_name, "embed", EmbedParams, query, outputs
     )
-    vectors = np.stack([emb for _, emb in results])
-    if params.normalize:
-        vectors = l2_normalize(vectors)
+    array = np.stack([r[params.output()] for r in results])
+    if params.layer is not None and params.pool != "none":
+        array = pool_maps(array, params.pool, params.p)
+    if array.ndim == 2 and params.normalize:
+        array = l2_normalize(array)
+    s = _runtime(request).settings
+    # Feature maps get large fast (ResNet-50's layer1: 800k floats an image); past the
+    # limit they come as .npy, as they do for any answer with Accept: application/x-npy.
+    if _wants_npy(request) or array.size > s.json_max_floats:
+        return Response(to_npy(array), media_type=NPY, headers={"X-Model": model.name})
+    rows = array.reshape(len(array), -1) if array.ndim > 2 else array
     body = {
         "model": model.name,
-        "dim": int(vectors.shape[1]),
+        "dim": int(array.shape[1]),
         "encoding": params.encoding,
-        "embeddings": encode_embeddings(vectors, params.encoding),
+        "embeddings": encode_embeddings(rows, params.encoding),
     }
+    if array.ndim > 2:
+        body |= {"layer": params.layer, "shape": list(array.shape[1:])}
+    elif params.layer is not None:
+        body |= {"layer": params.layer, "pool": params.pool}
     return FastJSONResponse(body)
 
 
 TopK = Query(5, ge=1, description="how many classes per image")
-Normalize = Query(True, description="L2-normalise each embedding")
-Encoding = Query("float", description="float: JSON numbers; base64: little-endian float32")
 
 
 @router.post(
@@ -258,27 +305,41 @@ async def classify(request: Request, model: str, top_k: int = TopK) -> Response:
     return await _classify(request, model, top_k)
 
 
-@router.post(
-    "/v1/embed", response_model=EmbedResponse, responses=_ERRORS, openapi_extra=_IMAGE_BODY,
-    tags=["inference"], summary="Backbone features (pooled embedding) with the default model",
-)  # fmt: skip
-async def embed_default(
-    request: Request, normalize: bool = Normalize, encoding: Literal["float", "base64"] = Encoding
-) -> Response:
-    return await _embed(request, None, normalize, encoding)
+def _embed_query(
+    normalize: bool = Query(True, description="L2-normalise each vector (not feature maps)"),
+    encoding: Literal["float", "base64"] = Query(
+        "float", description="float: JSON numbers; base64: little-endian float32"
+    ),
+    layer: str | None = Query(
+        None, description="a backbone stage exported with --features (default: the embedding)"
+    ),
+    pool: Literal["avg", "max", "gem", "none"] = Query(
+        "avg", description="pooling of the stage's map; none: the map itself [C, H, W]"
+    ),
+    p: float = Query(3.0, gt=0, le=100, description="GeM exponent"),
+) -> dict[str, Any]:
+    return {"normalize": normalize, "encoding": encoding, "layer": layer, "pool": pool, "p": p}
+
+
+EmbedQuery = Annotated[dict[str, Any], Depends(_embed_query)]
 
 
 @router.post(
-    "/v1/models/{model}/embed", response_model=EmbedResponse, responses=_ERRORS,
-    openapi_extra=_IMAGE_BODY, tags=["inference"], summary="Backbone features (pooled embedding)",
+    "/v1/embed", response_model=EmbedResponse, responses=_ERRORS | _NPY,
+    openapi_extra=_IMAGE_BODY, tags=["inference"],
+    summary="Backbone features (pooled embedding or a stage) with the default model",
 )  # fmt: skip
-async def embed(
-    request: Request,
-    model: str,
-    normalize: bool = Normalize,
-    encoding: Literal["float", "base64"] = Encoding,
-) -> Response:
-    return await _embed(request, model, normalize, encoding)
+async def embed_default(request: Request, query: EmbedQuery) -> Response:
+    return await _embed(request, None, query)
+
+
+@router.post(
+    "/v1/models/{model}/embed", response_model=EmbedResponse, responses=_ERRORS | _NPY,
+    openapi_extra=_IMAGE_BODY, tags=["inference"],
+    summary="Backbone features (pooled embedding or a stage)",
+)  # fmt: skip
+async def embed(request: Request, model: str, query: EmbedQuery) -> Response:
+    return await _embed(request, model, query)
 
 
 @router.get("/v1/models", tags=["models"], summary="The served models (labels omitted)")

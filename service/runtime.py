@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from service.batcher import Batcher, Expectation, Result
+from service.batcher import DEFAULT_OUTPUTS, Batcher, Expectation, Result
 from service.errors import (
     InvalidImageError,
     InvalidParameterError,
@@ -168,11 +168,16 @@ class Runtime:
             raise InvalidImageError(index, f"decoding took longer than {limit_s:g}s") from None
 
     async def infer(
-        self, model: ServedModel, blobs: list[bytes], expectation: Expectation | None = None
+        self,
+        model: ServedModel,
+        blobs: list[bytes],
+        expectation: Expectation | None = None,
+        outputs: tuple[str, ...] = DEFAULT_OUTPUTS,
     ) -> list[Result]:
         """Results for every encoded image, in request order. Cancelling this cancels
         the queued work, which the batcher then drops."""
         batcher = self.batcher(model)
+        model.spec.check_outputs(outputs)
         batcher.reserve(len(blobs))
         try:
             arrays = await asyncio.gather(
@@ -184,14 +189,19 @@ class Runtime:
         finally:
             if expectation is not None:
                 expectation.done()
-        futures = batcher.submit(list(arrays))
+        futures = batcher.submit(list(arrays), outputs)
         return list(await asyncio.gather(*futures))
 
     async def infer_arrays(
-        self, model: ServedModel, images: np.ndarray, expectation: Expectation | None = None
+        self,
+        model: ServedModel,
+        images: np.ndarray,
+        expectation: Expectation | None = None,
+        outputs: tuple[str, ...] = DEFAULT_OUTPUTS,
     ) -> list[Result]:
         """Results for already preprocessed uint8 ``[N, crop, crop, 3]`` images."""
         batcher = self.batcher(model)
+        model.spec.check_outputs(outputs)
         expected = (model.spec.input_shape, np.dtype(np.uint8))
         if images.ndim != 4 or (images.shape[1:], images.dtype) != expected:
             raise InvalidParameterError(
@@ -201,5 +211,5 @@ class Runtime:
         batcher.reserve(len(images))
         if expectation is not None:
             expectation.done()
-        futures = batcher.submit(list(images))
+        futures = batcher.submit(list(images), outputs)
         return list(await asyncio.gather(*futures))

@@ -18,7 +18,7 @@ from service.repository import ModelSpec
 from service.settings import Settings, cpu_count
 
 log = logging.getLogger(__name__)
-OUTPUTS = ["logits", "embedding"]
+OUTPUTS = ("logits", "embedding")
 
 
 @dataclass(frozen=True)
@@ -101,19 +101,19 @@ class Worker:
     def _create(self) -> ort.InferenceSession:
         return ort.InferenceSession(self.path, sess_options=self.options, providers=self.providers)
 
-    def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def run(self, images: np.ndarray, names: tuple[str, ...] = OUTPUTS) -> list[np.ndarray]:
+        """The named outputs for a batch (only those: a feature map nobody asked for is
+        never copied out)."""
         if self.io_binding:
             # The uint8 batch goes to the device in one copy and each output comes back in
             # one copy into host memory; nothing else crosses the bus.
             binding = self.session.io_binding()
             binding.bind_cpu_input("images", images)
-            for name in OUTPUTS:
+            for name in names:
                 binding.bind_output(name, "cpu")
             self.session.run_with_iobinding(binding)
-            logits, embedding = binding.copy_outputs_to_cpu()
-        else:
-            logits, embedding = self.session.run(OUTPUTS, {"images": images})
-        return logits, embedding
+            return list(binding.copy_outputs_to_cpu())
+        return list(self.session.run(list(names), {"images": images}))
 
     def recreate(self) -> None:
         """A fresh session after a failed run: whatever state the failure left (a CUDA

@@ -81,6 +81,9 @@ class Settings(BaseSettings):
         default_factory=lambda: ["JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF"],
         description="accepted image formats (Pillow names); others 415",
     )
+    json_max_floats: int = Field(
+        1_000_000, ge=1, description="larger answers (feature maps) are sent as .npy"
+    )
     drain_timeout_s: float = Field(
         30.0, ge=0, description="on SIGTERM, time for accepted requests to finish"
     )

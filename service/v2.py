@@ -264,8 +264,14 @@ def _images(
     return _encoded_images(inp.get("data"), raw, count)
 
 
+def _output_names(spec: ModelSpec) -> tuple[str, ...]:
+    """The protocol's outputs: ours, ``probabilities``, and any exported stage maps."""
+    return (*OUTPUTS, *spec.features)
+
+
 def _outputs(requested: Any, binary_default: bool, spec: ModelSpec) -> list[RequestedOutput]:
-    if not requested:  # absent or empty: every output (Triton does the same)
+    names = _output_names(spec)
+    if not requested:  # absent or empty: every output but stage maps (large, opt-in)
         return [RequestedOutput(name, binary_default) for name in OUTPUTS]
     if not isinstance(requested, list):
         raise BadRequestError("'outputs' must be a list")
@@ -274,10 +280,10 @@ def _outputs(requested: Any, binary_default: bool, spec: ModelSpec) -> list[Requ
         if not isinstance(item, dict) or not isinstance(item.get("name"), str):
             raise BadRequestError("each of 'outputs' must be an object with a string 'name'")
         name = item["name"]
-        if name not in OUTPUTS:
+        if name not in names:
             raise BadRequestError(
                 f"unexpected inference output {name!r} for model {spec.name!r}; "
-                f"its outputs are {', '.join(OUTPUTS)}"
+                f"its outputs are {', '.join(names)}"
             )
         if any(o.name == name for o in out):
             raise BadRequestError(f"output {name!r} requested twice")
@@ -339,11 +345,16 @@ def classify(values: np.ndarray, k: int, labels: tuple[str, ...] | None) -> list
     return out
 
 
+def model_outputs(request: InferenceRequest) -> tuple[str, ...]:
+    """What the graph must produce for the requested protocol outputs."""
+    names = ["logits" if o.name == "probabilities" else o.name for o in request.outputs]
+    return tuple(dict.fromkeys(names))
+
+
 def _tensor(name: str, results: list[Result]) -> np.ndarray:
-    if name == "embedding":
-        return np.stack([emb for _, emb in results]).astype(np.float32, copy=False)
-    logits = np.stack([logits for logits, _ in results]).astype(np.float32, copy=False)
-    return logits if name == "logits" else softmax(logits).astype(np.float32)
+    source = "logits" if name == "probabilities" else name
+    tensor = np.stack([r[source] for r in results]).astype(np.float32, copy=False)
+    return softmax(tensor).astype(np.float32) if name == "probabilities" else tensor
 
 
 def encode_response(spec: ModelSpec, request: InferenceRequest, results: list[Result]) -> Response:
@@ -401,6 +412,10 @@ def model_metadata(spec: ModelSpec) -> dict[str, Any]:
             {"name": "logits", "datatype": "FP32", "shape": classes},
             {"name": "probabilities", "datatype": "FP32", "shape": classes},
             {"name": "embedding", "datatype": "FP32", "shape": [-1, spec.embedding_dim]},
+            *(
+                {"name": f.name, "datatype": "FP32", "shape": [-1, *f.shape[1:]]}
+                for f in spec.features.values()
+            ),
         ],
     }
 
@@ -538,10 +553,8 @@ async def infer(request: Request, model: str) -> Response:
         parsed = await asyncio.to_thread(parse) if len(body) > INLINE_PARSE_BYTES else parse()
         images = parsed.images
         runtime.metrics.images.labels(ENDPOINT, served.name).inc(len(images))
-        if isinstance(images, np.ndarray):
-            work = functools.partial(runtime.infer_arrays, served, images, expectation)
-        else:
-            work = functools.partial(runtime.infer, served, images, expectation)
+        infer = runtime.infer_arrays if isinstance(images, np.ndarray) else runtime.infer
+        work = functools.partial(infer, served, images, expectation, model_outputs(parsed))
         results = await _run_guarded(request, served, len(images), work)
     except InvalidParameterError as exc:
         # /v1's 422 (an invalid X-Request-Timeout-Ms) is the protocol's 400.

@@ -28,17 +28,27 @@ class FakeWorker:
         self.delay_s = delay_s
         self.fail = fail
         self.batches: list[int] = []
+        self.names: list[tuple[str, ...]] = []
+        self.recreated = 0
         self.gate = threading.Event()
         self.gate.set()
 
-    def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    name = "fake"
+
+    def run(self, images: np.ndarray, names: tuple[str, ...]) -> list[np.ndarray]:
         self.gate.wait(10)
         self.batches.append(images.shape[0])
+        self.names.append(names)
         time.sleep(self.delay_s)
         if self.fail:
             raise RuntimeError("device on fire")
         first = images[:, 0, 0, 0].astype(np.float32)
-        return first[:, None], np.repeat(first[:, None], 4, axis=1)
+        outputs = {"logits": first[:, None], "embedding": np.repeat(first[:, None], 4, axis=1),
+                   "layer1": np.repeat(first[:, None], 6, axis=1)}  # fmt: skip
+        return [outputs[n] for n in names]
+
+    def recreate(self) -> None:
+        self.recreated += 1
 
 
 def make(worker: FakeWorker, **kw) -> tuple[Batcher, Metrics]:  # type: ignore[no-untyped-def]
@@ -55,7 +65,7 @@ def img(v: int) -> np.ndarray:
 async def submit(b: Batcher, values: list[int]) -> list[float]:
     b.reserve(len(values))
     futures = b.submit([img(v) for v in values])
-    return [float(r[0][0]) for r in await asyncio.gather(*futures)]
+    return [float(r["logits"][0]) for r in await asyncio.gather(*futures)]
 
 
 def test_results_in_order_and_padding_to_buckets() -> None:
@@ -173,6 +183,7 @@ def test_inference_failure_fails_only_that_batch() -> None:
             await submit(b, [1, 2])
         worker.fail = False
         assert await submit(b, [3]) == [3.0]
+        assert worker.recreated == 1
         await b.close(1)
         assert (
             metrics.registry.get_sample_value(
@@ -193,5 +204,25 @@ def test_close_finishes_accepted_work() -> None:
         await asyncio.sleep(0)
         await b.close(5)
         assert [await p for p in pending] == [[float(i)] for i in range(10)]
+
+    asyncio.run(main())
+
+
+def test_a_batch_fetches_the_union_of_requested_outputs() -> None:
+    async def main() -> None:
+        worker = FakeWorker()
+        b, _ = make(worker, max_batch_delay_ms=200)
+        b.start()
+        e = b.expect()
+        b.reserve(1)
+        (plain,) = b.submit([img(1)], ("logits",))
+        e.done()
+        b.reserve(1)
+        (feats,) = b.submit([img(2)], ("layer1", "embedding"))
+        r1, r2 = await plain, await feats
+        await b.close(1)
+        assert worker.names == [("logits", "layer1", "embedding")]  # one batch, each name once
+        assert set(r1) == {"logits"} and set(r2) == {"layer1", "embedding"}
+        assert r2["layer1"].shape == (6,) and float(r2["layer1"][0]) == 2.0
 
     asyncio.run(main())

@@ -213,10 +213,10 @@ def test_inference_failure_fails_only_its_batch_and_the_session_is_recreated(
     real_run = worker.run
     failures = iter([True])
 
-    def flaky(images):  # type: ignore[no-untyped-def]
+    def flaky(images, *names):  # type: ignore[no-untyped-def]
         if next(failures, False):
             raise RuntimeError("CUDA error: out of memory (simulated)")
-        return real_run(images)
+        return real_run(images, *names)
 
     worker.run = flaky  # type: ignore[method-assign]
     try:
