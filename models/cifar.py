@@ -71,11 +71,21 @@ class CifarResNet(nn.Module):
             self.in_planes = planes
         return nn.Sequential(*layers)
 
+    stages: tuple[str, ...] = ("layer1", "layer2", "layer3")
+
+    def forward_stages(self, x: Tensor, keep: tuple[str, ...] = ()) -> tuple[Tensor, list[Tensor]]:
+        """Pooled features ``[N, 64]`` and the maps of the stages in ``keep``."""
+        x = F.relu(self.bn1(self.conv1(x)))
+        maps = []
+        for name in self.stages:
+            x = getattr(self, name)(x)
+            if name in keep:
+                maps.append(x)
+        return torch.flatten(F.adaptive_avg_pool2d(x, 1), 1), maps
+
     def forward_features(self, x: Tensor) -> Tensor:
         """Globally pooled backbone features, ``[N, 64]``."""
-        x = F.relu(self.bn1(self.conv1(x)))
-        x = self.layer3(self.layer2(self.layer1(x)))
-        return torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
+        return self.forward_stages(x)[0]
 
     def forward_head(self, features: Tensor) -> Tensor:
         return self.linear(features)

@@ -41,6 +41,15 @@ def _parser() -> argparse.ArgumentParser:
         type=Path,
         help="class names, one per line, for a fine-tuned checkpoint (sets num_classes)",
     )
+    p.add_argument(
+        "--features",
+        type=lambda text: tuple(f.strip() for f in text.split(",") if f.strip()),
+        default=(),
+        metavar="LAYERS",
+        help="also output these backbone stages' feature maps (float32 NCHW), e.g. "
+        "layer1,layer2,layer3,layer4 (CIFAR nets: layer1..layer3); model.json lists them "
+        "with their channels and strides",
+    )
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default 18)")
     p.add_argument(
         "--tolerance",
@@ -177,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
                 calibration_limit=args.calibration_limit,
                 calibration_method=args.calibration_method,
                 min_agreement=args.min_agreement,
+                features=args.features,
             )
         except (WeightsError, ExportError) as exc:
             failures += 1

@@ -2,7 +2,8 @@
 to the model repository (``<repository>/<name>/model.onnx`` + ``model.json``).
 
 The graph takes ``images``: uint8 ``[N, H, W, 3]`` RGB, already resized and cropped, and
-returns ``logits`` ``[N, num_classes]`` and ``embedding`` ``[N, D]`` (float32).
+returns ``logits`` ``[N, num_classes]`` and ``embedding`` ``[N, D]`` (float32), plus, with
+``features``, the maps of those backbone stages, ``[N, C, H, W]``.
 """
 
 from __future__ import annotations
@@ -37,21 +38,45 @@ class ExportError(Exception):
 
 
 class ServingGraph(nn.Module):
-    """uint8 NHWC in; (logits, embedding) out. Normalisation is folded into one affine."""
+    """uint8 NHWC in; (logits, embedding, *stage maps) out. Normalisation is folded into
+    one affine."""
 
-    def __init__(self, model: nn.Module, preprocess: Preprocess) -> None:
+    def __init__(
+        self, model: nn.Module, preprocess: Preprocess, features: tuple[str, ...] = ()
+    ) -> None:
         super().__init__()
         self.model = model
+        unknown = [f for f in features if f not in model.stages]
+        if unknown:
+            raise ExportError(
+                f"no stage {', '.join(unknown)}; this model has {', '.join(model.stages)}"
+            )
+        # In the backbone's order, whatever order they were asked in.
+        self.features = tuple(f for f in model.stages if f in features)
         mean = torch.tensor(preprocess.mean, dtype=torch.float32)
         std = torch.tensor(preprocess.std, dtype=torch.float32)
         # (x / 255 - mean) / std == x * scale + shift, one Mul and one Add in the graph.
         self.register_buffer("scale", (1.0 / (255.0 * std)).view(1, 3, 1, 1))
         self.register_buffer("shift", (-mean / std).view(1, 3, 1, 1))
 
-    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
+    @property
+    def output_names(self) -> list[str]:
+        return ["logits", "embedding", *self.features]
+
+    def forward(self, images: Tensor) -> tuple[Tensor, ...]:
         x = images.permute(0, 3, 1, 2).to(torch.float32) * self.scale + self.shift
-        embedding = self.model.forward_features(x)
-        return self.model.forward_head(embedding), embedding
+        embedding, maps = self.model.forward_stages(x, self.features)
+        return (self.model.forward_head(embedding), embedding, *maps)
+
+    def feature_specs(self, crop: int) -> list[dict[str, Any]]:
+        """Channels, stride and shape of each exported stage, measured, not assumed."""
+        with torch.no_grad():
+            outs = self(torch.zeros(1, crop, crop, 3, dtype=torch.uint8))[2:]
+        return [
+            {"name": name, "channels": int(t.shape[1]), "stride": crop // int(t.shape[2]),
+             "shape": [-1, *map(int, t.shape[1:])]}
+            for name, t in zip(self.features, outs, strict=True)
+        ]  # fmt: skip
 
 
 def relative_error(expected: np.ndarray, got: np.ndarray) -> float:
@@ -75,7 +100,7 @@ def export_onnx(graph: ServingGraph, crop: int, path: Path, opset: int = DEFAULT
             graph,
             (dummy,),
             input_names=["images"],
-            output_names=["logits", "embedding"],
+            output_names=graph.output_names,
             dynamic_shapes={"images": {0: batch}},
             opset_version=opset,
             dynamo=True,
@@ -104,10 +129,10 @@ def check_parity(
     with torch.no_grad():
         expected = [t.numpy() for t in graph(torch.from_numpy(images))]
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    got = session.run(["logits", "embedding"], {"images": images})
+    got = session.run(graph.output_names, {"images": images})
     abs_err = 0.0
     rel: dict[str, float] = {}
-    for name, e, g in zip(("logits", "embedding"), expected, got, strict=True):
+    for name, e, g in zip(graph.output_names, expected, got, strict=True):
         if g.shape != e.shape:
             raise ExportError(f"{name}: ONNX shape {g.shape} != PyTorch shape {e.shape}")
         abs_err = max(abs_err, float(np.max(np.abs(g.astype(np.float64) - e))))
@@ -135,6 +160,7 @@ def model_json(
     onnx_sha256: str,
     precision: str = "fp32",
     lowered: dict[str, Any] | None = None,
+    features: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """``lowered``: what an int8/fp16 conversion adds (see models.quantize); ``parity_*``
     always describe the fp32 graph against PyTorch, before any conversion."""
@@ -163,7 +189,9 @@ def model_json(
         "outputs": {
             "logits": {"dtype": "float32", "shape": [-1, len(labels)]},
             "embedding": {"dtype": "float32", "shape": [-1, embedding_dim]},
+            **{f["name"]: {"dtype": "float32", "shape": f["shape"]} for f in features or []},
         },
+        "features": features or [],
         "preprocess": variant.preprocess.to_json(),
         "weights": weights.to_json(),
         "opset": opset,
@@ -191,6 +219,7 @@ def export_variant(
     calibration_limit: int | None = None,
     calibration_method: str | None = None,
     min_agreement: float | None = None,
+    features: tuple[str, ...] = (),
 ) -> Path:
     """Build, export, verify and publish one model; returns its directory.
 
@@ -211,7 +240,7 @@ def export_variant(
             precision, calibration, variant.preprocess, calibration_limit, calibration_method
         )
     model = build_model(variant, weights, num_classes=len(labels))
-    graph = ServingGraph(model, variant.preprocess).eval()
+    graph = ServingGraph(model, variant.preprocess, features).eval()
     crop = variant.preprocess.crop
     repository.mkdir(parents=True, exist_ok=True)
     # Build in a sibling directory and rename into place, so a server reading the
@@ -246,6 +275,7 @@ def export_variant(
             onnx_sha256=sha256_file(onnx_path),
             precision=precision,
             lowered=lowered,
+            features=graph.feature_specs(crop),
         )
         (staging / "model.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
         os.chmod(staging, 0o755)

@@ -133,11 +133,21 @@ class ResNet(nn.Module):
         ]
         return nn.Sequential(*layers)
 
+    stages: tuple[str, ...] = ("layer1", "layer2", "layer3", "layer4")
+
+    def forward_stages(self, x: Tensor, keep: tuple[str, ...] = ()) -> tuple[Tensor, list[Tensor]]:
+        """Pooled features ``[N, embedding_dim]`` and the maps of the stages in ``keep``."""
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        maps = []
+        for name in self.stages:
+            x = getattr(self, name)(x)
+            if name in keep:
+                maps.append(x)
+        return torch.flatten(self.avgpool(x), 1), maps
+
     def forward_features(self, x: Tensor) -> Tensor:
         """Globally pooled backbone features, ``[N, embedding_dim]``."""
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        return torch.flatten(self.avgpool(x), 1)
+        return self.forward_stages(x)[0]
 
     def forward_head(self, features: Tensor) -> Tensor:
         return self.fc(features)
