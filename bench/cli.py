@@ -1,0 +1,455 @@
+"""``resnet-bench``: load-test resnet-serve over HTTP, measure the offline limits of the
+same model file, optionally the naive baseline, and write a report, a plot and JSON.
+
+The parts run one after the other, never at once, because they share the CPU: offline
+limits first (before any server is up), then the service's sweep, then the baseline's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shlex
+import signal
+import sys
+import threading
+import urllib.request
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+from types import FrameType
+from typing import TYPE_CHECKING, Any
+
+from pydantic import ValidationError
+
+from bench import corpus as corpus_mod
+from bench import load, offline, report
+from bench.servers import ServerError, ServerProcess, start_naive, start_service
+from service.settings import Settings
+
+if TYPE_CHECKING:
+    from rich.progress import TaskID
+
+EXIT_USAGE = 2
+DEFAULT_CONCURRENCY = "1,2,4,8,16,32,64"
+
+
+def _positive_ints(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from None
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="resnet-bench",
+        description="Sweep concurrent HTTP clients against resnet-serve (started here with "
+        "--start-server, or already running at --url), measure the offline limits of the same "
+        "model file, optionally a naive FastAPI + PyTorch baseline (--baseline), and write "
+        "results.md, results.png and results.json.",
+    )
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument("--url", help="a running service, e.g. http://127.0.0.1:8000")
+    target.add_argument(
+        "--start-server", action="store_true", help="start resnet-serve on a free local port"
+    )
+    p.add_argument("--repository", type=Path, help="model repository (made by resnet-export)")
+    p.add_argument(
+        "--model", help="model name in the repository (with --url: default, the served default)"
+    )
+    p.add_argument(
+        "--server-arg", action="append", default=[], metavar="ARGS",
+        help="resnet-serve options, e.g. --server-arg='--max-batch-size 16' (repeatable); "
+        "they also configure the offline measurements, so give them with --url too",
+    )  # fmt: skip
+    p.add_argument(
+        "--concurrency", type=_positive_ints, default=_positive_ints(DEFAULT_CONCURRENCY),
+        help=f"concurrent clients per step, comma-separated (default {DEFAULT_CONCURRENCY})",
+    )  # fmt: skip
+    length = p.add_mutually_exclusive_group()
+    length.add_argument("--duration", type=float, help="seconds measured per step (default 10)")
+    length.add_argument("--requests", type=int, help="requests measured per step")
+    p.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds per step")
+    p.add_argument("--images-per-request", type=int, default=1, help="multipart file parts")
+    p.add_argument("--endpoint", choices=("classify", "embed"), default="classify")
+    p.add_argument("--encoding", choices=("float", "base64"), default="float", help="embed answers")
+    p.add_argument(
+        "--header", action="append", default=[], metavar="'NAME: VALUE'",
+        help="extra request header, e.g. 'Authorization: Bearer KEY' (repeatable)",
+    )  # fmt: skip
+    p.add_argument("--timeout", type=float, default=60.0, help="per request, seconds")
+    p.add_argument(
+        "--baseline", action="store_true",
+        help="also sweep the naive FastAPI + PyTorch server (bench/naive_server.py) on the "
+        "same weights, one image per request",
+    )  # fmt: skip
+    p.add_argument(
+        "--baseline-concurrency", type=_positive_ints,
+        help="the baseline's steps (default: --concurrency); it serves one request at a time, "
+        "so more clients only queue longer",
+    )  # fmt: skip
+    p.add_argument(
+        "--baseline-weights",
+        help="default | random | PATH for the baseline (default: what model.json records)",
+    )
+    p.add_argument("--no-offline", action="store_true", help="skip the offline limits")
+    p.add_argument(
+        "--offline-seconds", type=float, default=2.0,
+        help="seconds per offline measurement and round (default 2)",
+    )  # fmt: skip
+    p.add_argument(
+        "--offline-rounds", type=int, default=3,
+        help="interleaved rounds of the offline measurements; the best counts (default 3)",
+    )  # fmt: skip
+    p.add_argument(
+        "--ratio-concurrency", type=int, default=16,
+        help="the step compared with the offline pipeline and the baseline (default 16)",
+    )  # fmt: skip
+    p.add_argument("--corpus-size", type=int, default=64, help="JPEGs in the request corpus")
+    p.add_argument("--corpus-dir", type=Path, help="corpus cache (default ~/.cache/resnet-bench)")
+    p.add_argument("--out", type=Path, help="output directory (default bench-results/<time>)")
+    p.add_argument("--no-progress", action="store_true", help="no live progress display")
+    return p
+
+
+def _get_json(url: str) -> Any:
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        return json.loads(resp.read())
+
+
+def _served_default(url: str) -> str:
+    models = _get_json(url.rstrip("/") + "/v1/models")["models"]
+    return next(m["name"] for m in models if m.get("default")) if models else ""
+
+
+class Display:
+    """A live progress bar per step (rich) on a terminal; one summary line per step always."""
+
+    def __init__(self, enabled: bool) -> None:
+        from rich.console import Console
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.console = Console(stderr=True)
+        self.progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            TimeElapsedColumn(),
+            TextColumn("{task.fields[status]}"),
+            console=self.console,
+            disable=not (enabled and self.console.is_terminal),
+            transient=True,
+        )
+        self._task: TaskID | None = None
+
+    def __enter__(self) -> Display:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.stop()
+
+    def log(self, text: str) -> None:
+        self.console.print(text, highlight=False, soft_wrap=True)
+
+    def step(self, label: str, total: float, by_time: bool) -> load.Tick:
+        """The bar of one step: measured seconds of ``total`` (``by_time``), or measured
+        requests of ``total``."""
+        task = self._task = self.progress.add_task(label, total=total, status="")
+
+        def tick(measured: float | None, ok: int, errors: int) -> None:
+            if measured is None:
+                self.progress.update(task, completed=0, status="warming up")
+                return
+            status = f"{ok} ok, {errors} errors, {ok / max(measured, 1e-9):.1f} req/s"
+            done = measured if by_time else ok + errors
+            self.progress.update(task, completed=min(done, total), status=status)
+
+        return tick
+
+    def finish_step(self, s: load.StepResult) -> None:
+        if self._task is not None:
+            self.progress.remove_task(self._task)  # its summary line replaces it
+            self._task = None
+        self.log(
+            f"{s.system} @ {s.concurrency}: {s.img_s:.1f} img/s, p50 {s.percentile(50):.1f} ms, "
+            f"p99 {s.percentile(99):.1f} ms, errors {s.error_count}"
+        )
+
+
+def sweep(
+    display: Display,
+    target: load.Target,
+    bodies: list[bytes],
+    args: argparse.Namespace,
+    server_pid: int | None,
+    concurrency: list[int],
+) -> list[load.StepResult]:
+    results = []
+    duration = args.duration if args.requests is None else None
+    for c in concurrency:
+        by_time = duration is not None
+        total = duration if duration is not None else float(args.requests)
+        tick = display.step(f"{target.system} @ {c} clients", total, by_time)
+        result = asyncio.run(
+            load.run_step(
+                target, bodies, c,
+                warmup_s=args.warmup, duration_s=duration, requests=args.requests,
+                timeout_s=args.timeout, server_pid=server_pid, tick=tick,
+            )
+        )  # fmt: skip
+        display.finish_step(result)
+        results.append(result)
+    return results
+
+
+def _model_info(model_dir: Path | None) -> dict[str, Any]:
+    if model_dir is None:
+        return {}
+    meta = json.loads((model_dir / "model.json").read_text(encoding="utf-8"))
+    return {
+        "arch": meta.get("arch"),
+        "precision": meta.get("precision", "fp32"),
+        "input_px": meta["preprocess"]["crop"],
+        "weights": (meta.get("weights") or {}).get("source"),
+    }
+
+
+def _versions() -> dict[str, str]:
+    # Read from the installed metadata: importing torch here would cost the client
+    # process memory and start-up time for nothing.
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in ("onnxruntime", "onnxruntime-gpu", "torch", "numpy", "pillow", "aiohttp"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            continue
+    return out
+
+
+def _baseline_info() -> str:
+    threads = os.environ.get("OMP_NUM_THREADS")
+    return (
+        "naive FastAPI + PyTorch eager (bench/naive_server.py) under uvicorn, one image per "
+        "request, torch intra-op threads "
+        + (f"{threads} (OMP_NUM_THREADS)" if threads else "default (one per core)")
+    )
+
+
+def _with_server(
+    start: Callable[[], ServerProcess], run: Callable[[ServerProcess], list[load.StepResult]]
+) -> list[load.StepResult]:
+    server = start()
+    try:
+        return run(server)
+    finally:
+        server.stop()
+
+
+def _exit_on_sigterm(signum: int, frame: FrameType | None) -> None:
+    # SystemExit unwinds through the sweep's finally blocks, which stop the servers this
+    # process started; the default action would leave them running.
+    raise SystemExit(128 + signum)
+
+
+def _meta(
+    args: argparse.Namespace,
+    model: str,
+    model_dir: Path | None,
+    settings: Settings | None,
+    spec: corpus_mod.CorpusSpec,
+    images: list[bytes],
+    server_args: list[str],
+    path: str,
+) -> dict[str, Any]:
+    """What the report says about the run besides the measurements."""
+    return {
+        "started_at": datetime.now().astimezone().isoformat(timespec="seconds"),
+        "machine": report.machine_info(),
+        "loadavg_before": list(os.getloadavg()),
+        "model": model,
+        "model_dir": str(model_dir) if model_dir is not None else None,
+        "model_info": _model_info(model_dir),
+        "versions": _versions(),
+        "baseline": _baseline_info() if args.baseline else None,
+        "endpoint_path": path,
+        "images_per_request": args.images_per_request,
+        "concurrency": args.concurrency,
+        "step": f"{args.duration:g} s measured per step"
+        if args.duration is not None
+        else f"{args.requests} requests measured per step",
+        "warmup_s": args.warmup,
+        "timeout_s": args.timeout,
+        "corpus": {
+            "count": spec.count,
+            "seed": spec.seed,
+            "quality": spec.quality,
+            "key": spec.key,
+            "mean_bytes": sum(map(len, images)) / len(images),
+        },
+        "server_args": server_args,
+        "service": (
+            f"`{' '.join(['resnet-serve', *server_args])}`"
+            + (" started by resnet-bench" if args.start_server else f" at {args.url}")
+            + (
+                f"; max batch {settings.max_batch_size}, max batch delay "
+                f"{settings.max_batch_delay_ms:g} ms, {settings.sessions_per_device} session(s), "
+                f"{settings.decode_threads} decode threads"
+                if settings is not None
+                else ""
+            )
+        ),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if threading.current_thread() is not threading.main_thread():
+        return run(args)
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    try:
+        return run(args)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.duration is None and args.requests is None:
+        args.duration = 10.0
+    usage_errors = []
+    if args.start_server and (args.repository is None or args.model is None):
+        usage_errors.append("--start-server needs --repository and --model")
+    if args.baseline and args.repository is None:
+        usage_errors.append("--baseline needs --repository (and the model) to build the model")
+    if args.baseline and args.endpoint != "classify":
+        usage_errors.append("--baseline compares classification only (--endpoint classify)")
+    if min(args.images_per_request, args.corpus_size, args.offline_rounds) < 1:
+        usage_errors.append(
+            "--images-per-request, --corpus-size and --offline-rounds must be positive"
+        )
+    if (args.duration is not None and args.duration <= 0) or (
+        args.requests is not None and args.requests < 1
+    ):
+        usage_errors.append("--duration and --requests must be positive")
+    if usage_errors:
+        for e in usage_errors:
+            print(f"resnet-bench: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    server_args = [a for chunk in args.server_arg for a in shlex.split(chunk)]
+    headers = []
+    for h in args.header:
+        name, sep, value = h.partition(":")
+        if not sep:
+            print(f"resnet-bench: --header {h!r} is not 'NAME: VALUE'", file=sys.stderr)
+            return EXIT_USAGE
+        headers.append((name.strip(), value.strip()))
+
+    try:
+        model = args.model or _served_default(args.url)
+    except (OSError, ValueError, KeyError, StopIteration) as exc:
+        print(
+            f"resnet-bench: cannot read the served models from {args.url}: {exc}", file=sys.stderr
+        )
+        return 1
+    if not model:
+        print(f"resnet-bench: {args.url} serves no models", file=sys.stderr)
+        return 1
+    model_dir = args.repository / model if args.repository is not None else None
+    if model_dir is not None and not (model_dir / "model.json").is_file():
+        print(f"resnet-bench: {model_dir / 'model.json'} does not exist", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        settings = (
+            offline.service_settings(args.repository, model, server_args)
+            if args.repository is not None
+            else None
+        )
+    except ValidationError as exc:
+        print(f"resnet-bench: invalid --server-arg: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    out = args.out or Path("bench-results") / datetime.now().strftime("%Y%m%d-%H%M%S")
+    out.mkdir(parents=True, exist_ok=True)
+    spec = corpus_mod.CorpusSpec(count=args.corpus_size)
+    images = corpus_mod.load(spec, args.corpus_dir)
+    path = f"/v1/models/{model}/{args.endpoint}"
+    if args.endpoint == "embed":
+        path += f"?encoding={args.encoding}"
+    meta = _meta(args, model, model_dir, settings, spec, images, server_args, path)
+
+    steps: list[load.StepResult] = []
+    offline_result: offline.OfflineResult | None = None
+    with Display(not args.no_progress) as display:
+        try:
+            if not args.no_offline and model_dir is not None and settings is not None:
+                offline_result = offline.measure(
+                    model_dir, images, settings, args.offline_seconds, args.offline_rounds,
+                    display.log,
+                )  # fmt: skip
+            elif not args.no_offline:
+                display.log("offline limits skipped: give --repository to measure them")
+            # The baseline first: a model it cannot rebuild (weights not found) fails in
+            # seconds rather than after the whole service sweep.
+            if args.baseline:
+                assert model_dir is not None
+                display.log("starting the naive baseline")
+                naive_bodies = load.request_bodies(images, 1)
+
+                def run_naive(server: ServerProcess) -> list[load.StepResult]:
+                    target = load.Target("naive", server.url + "/classify", 1, "classify")
+                    levels = args.baseline_concurrency or args.concurrency
+                    return sweep(display, target, naive_bodies, args, server.pid, levels)
+
+                steps += _with_server(
+                    lambda: start_naive(model_dir, args.baseline_weights, out / "naive.log"),
+                    run_naive,
+                )
+
+            bodies = load.request_bodies(images, args.images_per_request)
+
+            def run_service(server: ServerProcess | None) -> list[load.StepResult]:
+                base = server.url if server is not None else args.url.rstrip("/")
+                target = load.Target(
+                    "service", base + path, args.images_per_request, args.endpoint,
+                    tuple(headers), metrics_url=base + "/metrics", model=model,
+                )  # fmt: skip
+                pid = server.pid if server else None
+                return sweep(display, target, bodies, args, pid, args.concurrency)
+
+            if args.start_server:
+                display.log(f"starting resnet-serve for {model}")
+                steps += _with_server(
+                    lambda: start_service(args.repository, model, server_args, out / "service.log"),
+                    run_service,
+                )
+            else:
+                steps += run_service(None)
+        except ServerError as exc:
+            print(f"resnet-bench: {exc}", file=sys.stderr)
+            return 1
+
+    meta["loadavg_after"] = list(os.getloadavg())
+    meta["finished_at"] = datetime.now().astimezone().isoformat(timespec="seconds")
+    steps.sort(key=lambda st: (st.system != "service", st.concurrency))
+    ratio_rows = report.ratios(steps, offline_result, args.ratio_concurrency)
+    text = report.markdown(meta, steps, offline_result, ratio_rows)
+    (out / "results.md").write_text(text, encoding="utf-8")
+    report.dump_json(out / "results.json", meta, steps, offline_result, ratio_rows)
+    info = meta["model_info"]
+    title = f"{model} ({info.get('precision', '?')}), {meta['started_at']}"
+    report.plot(out / "results.png", title, steps, offline_result)
+    print(text)
+    print(f"wrote {out / 'results.md'}, {out / 'results.png'}, {out / 'results.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

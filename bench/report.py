@@ -1,0 +1,296 @@
+"""The results as a markdown report, a PNG plot and a JSON dump of every measurement."""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from bench.load import StepResult
+from bench.offline import OfflineResult, Rate
+
+SYSTEM_LABELS = {"service": "resnet-serve", "naive": "naive FastAPI + PyTorch"}
+
+
+@dataclass(frozen=True)
+class Ratio:
+    name: str
+    value: float | None  # None: not measurable in this run; ``note`` says why
+    note: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "value": self.value, "note": self.note}
+
+
+def machine_info() -> dict[str, Any]:
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        usable = os.cpu_count() or 1
+    return {
+        "cpu": model,
+        "cpus": os.cpu_count(),
+        "cpus_usable": usable,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+    }
+
+
+def _step(steps: Sequence[StepResult], system: str, concurrency: int) -> StepResult | None:
+    return next((s for s in steps if s.system == system and s.concurrency == concurrency), None)
+
+
+def _peak(steps: Sequence[StepResult], system: str) -> StepResult | None:
+    mine = [s for s in steps if s.system == system and s.ok > 0]
+    return max(mine, key=lambda s: s.img_s) if mine else None
+
+
+def _div(a: float, b: float) -> float | None:
+    return a / b if b > 0 and math.isfinite(a) and math.isfinite(b) else None
+
+
+def ratios(
+    steps: Sequence[StepResult], offline: OfflineResult | None, at_concurrency: int = 16
+) -> list[Ratio]:
+    out: list[Ratio] = []
+    c = at_concurrency
+    svc_c, svc_1 = _step(steps, "service", c), _step(steps, "service", 1)
+    svc_peak = _peak(steps, "service")
+    if offline is not None:
+        pipe = offline.pipeline.images_per_s
+        if svc_c is not None:
+            out.append(Ratio(
+                f"service@{c} / offline pipeline (img/s)", _div(svc_c.img_s, pipe),
+                f"{svc_c.img_s:.1f} / {pipe:.1f}",
+            ))  # fmt: skip
+        else:
+            out.append(Ratio(f"service@{c} / offline pipeline (img/s)", None, f"no step at {c}"))
+        if svc_peak is not None:
+            out.append(Ratio(
+                "service peak / offline pipeline (img/s)", _div(svc_peak.img_s, pipe),
+                f"{svc_peak.img_s:.1f} (at {svc_peak.concurrency}) / {pipe:.1f}",
+            ))  # fmt: skip
+        single = offline.single_image.percentile(50)
+        name = "service 1-client p50 / offline single-image p50 (ms)"
+        if svc_1 is None:
+            out.append(Ratio(name, None, "no step at concurrency 1"))
+        elif svc_1.images_per_request != 1:
+            out.append(Ratio(name, None, "requests carry several images"))
+        else:
+            p50 = svc_1.percentile(50)
+            out.append(Ratio(name, _div(p50, single), f"{p50:.1f} / {single:.1f}"))
+    naive_peak = _peak(steps, "naive")
+    if svc_peak is not None and naive_peak is not None:
+        out.append(Ratio(
+            "service peak / naive peak (img/s)", _div(svc_peak.img_s, naive_peak.img_s),
+            f"{svc_peak.img_s:.1f} (at {svc_peak.concurrency}) / "
+            f"{naive_peak.img_s:.1f} (at {naive_peak.concurrency})",
+        ))  # fmt: skip
+        naive_c = _step(steps, "naive", c)
+        if svc_c is not None and naive_c is not None:
+            out.append(Ratio(
+                f"service@{c} / naive@{c} (img/s)", _div(svc_c.img_s, naive_c.img_s),
+                f"{svc_c.img_s:.1f} / {naive_c.img_s:.1f}",
+            ))  # fmt: skip
+        naive_1 = _step(steps, "naive", 1)
+        if svc_1 is not None and naive_1 is not None:
+            # Inverted, so that above 1 means "the service is better" in every row.
+            a, b = naive_1.percentile(50), svc_1.percentile(50)
+            out.append(Ratio(
+                "naive 1-client p50 / service 1-client p50 (ms)", _div(a, b), f"{a:.1f} / {b:.1f}"
+            ))  # fmt: skip
+    return out
+
+
+def _ms(x: float) -> str:
+    return "-" if not math.isfinite(x) else f"{x:.1f}" if x < 1000 else f"{x:.0f}"
+
+
+def _errors(s: StepResult) -> str:
+    return ", ".join(f"{k}: {v}" for k, v in s.errors.items()) if s.errors else "0"
+
+
+def _cpu(seconds: float | None, window: float) -> str:
+    # Percent of one core, as top shows it: 200% is both cores of a 2-core machine.
+    return "-" if seconds is None or window <= 0 else f"{100.0 * seconds / window:.0f}%"
+
+
+def _batch(s: StepResult) -> str:
+    mean = s.mean_batch
+    return "-" if mean is None else f"{mean:.1f}"
+
+
+OFFLINE_LABELS = {
+    "ort_batch1": "onnxruntime, batch 1",
+    "ort_max_batch": "onnxruntime, batch {batch}",
+    "decode_single": "decode + preprocess, 1 thread",
+    "decode_pool": "decode + preprocess, {threads} threads",
+    "pipeline": "pipeline: {threads} decode threads -> batches of {batch}",
+    "single_image": "single image: decode + preprocess + batch 1",
+}
+
+
+def offline_label(rate: Rate) -> str:
+    return OFFLINE_LABELS[rate.name].format(batch=rate.batch, threads=rate.threads)
+
+
+def _model_line(info: dict[str, Any]) -> str:
+    if not info:
+        return "no model.json given"
+    return (
+        f"arch {info['arch']}, {info['precision']}, {info['input_px']} px input, "
+        f"weights {info['weights']}"
+    )
+
+
+def markdown(
+    meta: dict[str, Any],
+    steps: Sequence[StepResult],
+    offline: OfflineResult | None,
+    ratio_rows: Sequence[Ratio],
+) -> str:
+    m = meta
+    lines = [
+        f"# resnet-bench: {m['model']} ({m['started_at']})",
+        "",
+        f"- machine: {m['machine']['cpu']}, {m['machine']['cpus_usable']} usable CPUs "
+        f"(load average {m['loadavg_before'][0]:.2f} before, {m['loadavg_after'][0]:.2f} after)",
+        f"- model: `{m['model_dir'] or m['model']}` ({_model_line(m['model_info'])})",
+        f"- load: `{m['endpoint_path']}`, {m['images_per_request']} image(s) per request"
+        f"{' (baseline: 1)' if m.get('baseline') else ''}, {m['step']}, "
+        f"warmup {m['warmup_s']:g} s per step, "
+        f"corpus {m['corpus']['count']} JPEGs",
+        f"- service: {m['service']}",
+        *([f"- baseline: {m['baseline']}"] if m.get("baseline") else []),
+        "- versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()),
+        "",
+        "## HTTP load",
+        "",
+        "| system | clients | img/s | req/s | p50 ms | p95 ms | p99 ms | errors "
+        "| client CPU | server CPU | mean batch |",
+        "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|",
+    ]
+    for s in steps:
+        lines.append(
+            f"| {SYSTEM_LABELS.get(s.system, s.system)} | {s.concurrency} | {s.img_s:.1f} "
+            f"| {s.req_s:.1f} | {_ms(s.percentile(50))} | {_ms(s.percentile(95))} "
+            f"| {_ms(s.percentile(99))} | {_errors(s)} | {_cpu(s.client_cpu_s, s.window_s)} "
+            f"| {_cpu(s.server_cpu_s, s.window_s)} | {_batch(s)} |"
+        )
+    if offline is not None:
+        lines += [
+            "",
+            "## Offline limits (same model file and preprocessing, no HTTP)",
+            "",
+            f"{offline.sessions} session(s) x {offline.intra_op_threads} intra-op threads, "
+            f"{offline.decode_threads} decode threads, max batch {offline.max_batch}; "
+            f"each the best of {offline.rounds} interleaved rounds of {offline.seconds:g} s.",
+            "",
+            "| measurement | img/s | p50 ms per call | CPU |",
+            "|---|---:|---:|---:|",
+        ]
+        for r in offline.rates():
+            cpu = f"{r.cpu_percent:.0f}%" if math.isfinite(r.cpu_percent) else "-"
+            lines.append(
+                f"| {offline_label(r)} | {r.images_per_s:.1f} | {_ms(r.percentile(50))} | {cpu} |"
+            )
+    if ratio_rows:
+        lines += ["", "## Ratios", "", "| ratio | value | from |", "|---|---:|---|"]
+        for r in ratio_rows:
+            value = "n/a" if r.value is None else f"{r.value:.2f}"
+            lines.append(f"| {r.name} | {value} | {r.note} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(
+    path: Path, title: str, steps: Sequence[StepResult], offline: OfflineResult | None
+) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display on servers and CI
+    import matplotlib.pyplot as plt
+
+    fig, (ax_t, ax_l) = plt.subplots(1, 2, figsize=(13, 5))
+    for system, marker in (("service", "o"), ("naive", "s")):
+        mine = [s for s in steps if s.system == system]
+        if not mine:
+            continue
+        label = SYSTEM_LABELS.get(system, system)
+        ax_t.plot([s.concurrency for s in mine], [s.img_s for s in mine], marker=marker,
+                  label=label)  # fmt: skip
+        ax_l.plot([s.img_s for s in mine], [s.percentile(99) for s in mine], marker=marker,
+                  label=label)  # fmt: skip
+        for s in mine:
+            ax_l.annotate(str(s.concurrency), (s.img_s, s.percentile(99)), fontsize=7,
+                          textcoords="offset points", xytext=(3, 3))  # fmt: skip
+    measured = [s.img_s for s in steps if s.ok > 0]
+    if offline is not None:
+        limits = (
+            (offline.pipeline, "-", "tab:green"),
+            (offline.ort_max_batch, "--", "tab:red"),
+            (offline.ort_batch1, ":", "tab:red"),
+            (offline.decode_pool, "-.", "tab:purple"),
+        )
+        # A limit far above everything else (decoding, for a large model) would squash the
+        # curves into the bottom of the plot: it is named in the legend, not drawn.
+        inference = [offline.pipeline, offline.ort_max_batch, offline.ort_batch1]
+        top = 1.5 * max([*measured, *(r.images_per_s for r in inference)], default=0.0)
+        for rate, style, color in limits:
+            label = f"offline {offline_label(rate)}: {rate.images_per_s:.1f} img/s"
+            if rate.images_per_s > top > 0:
+                ax_t.plot([], [], linestyle=style, color=color, label=label + " (off scale)")
+                continue
+            ax_t.axhline(rate.images_per_s, linestyle=style, color=color, label=label, lw=1)
+            ax_l.axvline(rate.images_per_s, linestyle=style, color=color, lw=1)
+    ax_t.set_xscale("log", base=2)
+    concurrencies = sorted({s.concurrency for s in steps})
+    if concurrencies:
+        ax_t.set_xticks(concurrencies, [str(c) for c in concurrencies])
+    ax_t.set_xlabel("concurrent clients")
+    ax_t.set_ylabel("images / s")
+    ax_t.set_ylim(bottom=0)
+    ax_t.set_title("throughput")
+    ax_t.grid(alpha=0.3)
+    ax_t.legend(fontsize=7)
+    ax_l.set_xlabel("images / s")
+    ax_l.set_ylabel("p99 latency (ms)")
+    ax_l.set_yscale("log")
+    ax_l.set_title("p99 latency vs throughput (labels: clients)")
+    ax_l.grid(alpha=0.3, which="both")
+    ax_l.legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def dump_json(
+    path: Path,
+    meta: dict[str, Any],
+    steps: Sequence[StepResult],
+    offline: OfflineResult | None,
+    ratio_rows: Sequence[Ratio],
+) -> None:
+    doc = {
+        "meta": meta,
+        "steps": [s.to_json() for s in steps],
+        "offline": offline.to_json() if offline is not None else None,
+        "ratios": [r.to_json() for r in ratio_rows],
+    }
+    # NaN (a step without one success) is not JSON; null says the same.
+    path.write_bytes(orjson.dumps(doc, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY))

@@ -1,0 +1,137 @@
+"""The systems under test as subprocesses: ``resnet-serve`` itself, and the naive
+baseline under uvicorn. Each on a free local port, logging to a file, stopped by SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class ServerError(RuntimeError):
+    """A server that would not start; the message holds the end of its log."""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def http_status(url: str, timeout: float = 5.0) -> int | None:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            return int(resp.status)
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except (urllib.error.URLError, OSError):
+        return None
+
+
+@dataclass
+class ServerProcess:
+    system: str
+    url: str
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            text = self.log_path.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def wait_ready(self, path: str, timeout_s: float) -> None:
+        end = time.monotonic() + timeout_s
+        while time.monotonic() < end:
+            if self.proc.poll() is not None:
+                raise ServerError(
+                    f"{self.system} exited with {self.proc.returncode} before it was ready:\n"
+                    + self.log_tail()
+                )
+            if http_status(self.url + path, timeout=2.0) == 200:
+                return
+            time.sleep(0.1)
+        self.stop()
+        raise ServerError(f"{self.system} not ready after {timeout_s:g}s:\n{self.log_tail()}")
+
+    def stop(self, timeout_s: float = 60.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+
+
+def _spawn(
+    system: str, argv: list[str], port: int, log_path: Path, env: dict[str, str] | None = None
+) -> ServerProcess:
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    # A file, not a pipe: nobody reads the server's output while the load runs, and a
+    # full pipe would stall the server mid-benchmark.
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            argv, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+        )
+    return ServerProcess(system, f"http://127.0.0.1:{port}", proc, log_path)
+
+
+def resnet_serve_command() -> list[str]:
+    """The installed ``resnet-serve`` script beside this interpreter (what users run),
+    or the module when the package is not installed as scripts."""
+    script = shutil.which("resnet-serve", path=str(Path(sys.executable).parent))
+    return [script] if script else [sys.executable, "-m", "service.cli"]
+
+
+def start_service(
+    repository: Path,
+    model: str,
+    server_args: list[str],
+    log_path: Path,
+    ready_timeout_s: float = 600.0,
+) -> ServerProcess:
+    port = free_port()
+    argv = [
+        *resnet_serve_command(),
+        "--repository", str(repository),
+        "--models", model,
+        "--host", "127.0.0.1",
+        "--port", str(port),
+        "--log-level", "warning",
+        *server_args,
+    ]  # fmt: skip
+    server = _spawn("service", argv, port, log_path)
+    server.wait_ready("/readyz", ready_timeout_s)
+    return server
+
+
+def start_naive(
+    model_dir: Path, weights: str | None, log_path: Path, ready_timeout_s: float = 300.0
+) -> ServerProcess:
+    port = free_port()
+    argv = [
+        sys.executable, "-m", "uvicorn", "bench.naive_server:app_from_env", "--factory",
+        "--host", "127.0.0.1", "--port", str(port),
+        "--log-level", "warning", "--no-access-log",
+    ]  # fmt: skip
+    env = {"NAIVE_MODEL_DIR": str(model_dir)}
+    if weights:
+        env["NAIVE_WEIGHTS"] = weights
+    server = _spawn("naive", argv, port, log_path, env)
+    server.wait_ready("/healthz", ready_timeout_s)
+    return server

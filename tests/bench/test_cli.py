@@ -1,0 +1,127 @@
+"""``resnet-bench`` end to end on a tiny model: the real service and the baseline as
+subprocesses, a second of load per step, and the three outputs checked for structure.
+Nothing here asserts a speed: CI machines differ and are shared."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from bench.cli import main
+from tests.conftest import WEIGHTS_HOME
+
+HTTP_COLUMNS = [
+    "system", "clients", "img/s", "req/s", "p50 ms", "p95 ms", "p99 ms", "errors",
+    "client CPU", "server CPU", "mean batch",
+]  # fmt: skip
+
+
+def _table(markdown: str, heading: str) -> list[list[str]]:
+    """The rows of the first table after ``heading`` (header row included)."""
+    lines = markdown.split(heading, 1)[1].splitlines()
+    rows, started = [], False
+    for line in lines:
+        if line.startswith("|"):
+            started = True
+            if not set(line) <= set("|-: "):
+                rows.append([c.strip() for c in line.strip("|").split("|")])
+        elif started:
+            break
+    return rows
+
+
+@pytest.fixture(scope="module")
+def bench_run(cifar_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[int, Path]:
+    for module in ("skimage", "matplotlib", "rich", "torch"):  # the bench and export extras
+        pytest.importorskip(module)
+    out = tmp_path_factory.mktemp("bench-out")
+    corpus_dir = tmp_path_factory.mktemp("corpus")
+    with pytest.MonkeyPatch.context() as mp:
+        # The baseline's default weights come from the shared, offline torch hub cache.
+        mp.setenv("TORCH_HOME", str(WEIGHTS_HOME))
+        # One OpenMP thread for the baseline's torch: on a CPU shared with other jobs its
+        # default spinning threads can slow it a hundredfold, and this test is about
+        # structure, not speed.
+        mp.setenv("OMP_NUM_THREADS", "1")
+        rc = main([
+            "--start-server", "--repository", str(cifar_repository),
+            "--model", "resnet20_cifar10", "--concurrency", "1,4",
+            "--duration", "1", "--warmup", "0.3",
+            "--offline-seconds", "0.1", "--offline-rounds", "2",
+            "--corpus-size", "16", "--corpus-dir", str(corpus_dir),
+            "--baseline", "--ratio-concurrency", "4", "--out", str(out), "--no-progress",
+        ])  # fmt: skip
+    return rc, out
+
+
+def test_markdown_report(bench_run: tuple[int, Path]) -> None:
+    rc, out = bench_run
+    assert rc == 0
+    text = (out / "results.md").read_text()
+    header, *rows = _table(text, "## HTTP load")
+    assert header == HTTP_COLUMNS
+    assert [(r[0], r[1]) for r in rows] == [
+        ("resnet-serve", "1"), ("resnet-serve", "4"),
+        ("naive FastAPI + PyTorch", "1"), ("naive FastAPI + PyTorch", "4"),
+    ]  # fmt: skip
+    for r in rows:
+        assert float(r[2]) > 0 and float(r[3]) > 0
+        assert float(r[4]) <= float(r[5]) <= float(r[6])
+        assert r[7] == "0"
+        # The service's batches are read from its /metrics; the baseline has none.
+        assert (float(r[10]) >= 1) if r[0] == "resnet-serve" else (r[10] == "-")
+    header, *offline = _table(text, "## Offline limits")
+    assert header == ["measurement", "img/s", "p50 ms per call", "CPU"]
+    assert len(offline) == 6
+    assert all(float(r[1]) > 0 and r[3].endswith("%") for r in offline)
+    header, *ratios = _table(text, "## Ratios")
+    names = [r[0] for r in ratios]
+    assert "service@4 / offline pipeline (img/s)" in names
+    assert "service 1-client p50 / offline single-image p50 (ms)" in names
+    assert "service peak / naive peak (img/s)" in names
+    assert all(float(r[1]) > 0 for r in ratios)
+
+
+def test_json_dump(bench_run: tuple[int, Path]) -> None:
+    _, out = bench_run
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["meta"]["model"] == "resnet20_cifar10"
+    assert doc["meta"]["model_info"]["arch"] == "resnet20_cifar10"
+    steps = doc["steps"]
+    assert [(s["system"], s["concurrency"]) for s in steps] == [
+        ("service", 1), ("service", 4), ("naive", 1), ("naive", 4),
+    ]  # fmt: skip
+    for s in steps:
+        assert s["errors"] == {}
+        assert s["ok"] > 0
+        assert len(s["latencies_ms"]) == s["ok"]
+        assert s["img_s"] == pytest.approx(s["ok"] / s["window_s"])
+        assert s["server_cpu_s"] is not None
+    offline = doc["offline"]
+    assert offline["max_batch"] == 32
+    for name in ("ort_batch1", "ort_max_batch", "decode_single", "decode_pool", "pipeline"):
+        assert offline[name]["img_s"] > 0
+        # The best of the two rounds is the figure.
+        assert len(offline[name]["rounds_img_s"]) == 2
+        assert offline[name]["img_s"] == max(offline[name]["rounds_img_s"])
+    assert len(offline["single_image"]["op_ms"]) >= 16
+    assert {r["name"] for r in doc["ratios"]} >= {"service peak / naive peak (img/s)"}
+
+
+def test_plot_and_server_logs(bench_run: tuple[int, Path]) -> None:
+    _, out = bench_run
+    with Image.open(out / "results.png") as img:
+        assert img.format == "PNG"
+        assert img.width > 800 and img.height > 300
+    assert (out / "service.log").exists() and (out / "naive.log").exists()
+
+
+def test_usage_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--start-server", "--out", str(tmp_path)]) == 2
+    assert "--start-server needs --repository and --model" in capsys.readouterr().err
+    argv = ["--url", "http://127.0.0.1:9", "--model", "m", "--baseline", "--endpoint", "embed"]
+    assert main(argv) == 2
+    assert "--baseline needs --repository" in capsys.readouterr().err

@@ -1,0 +1,121 @@
+"""The load generator's bookkeeping, against a real server."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bench.load import (
+    StepResult,
+    Target,
+    check_answer,
+    parse_metrics,
+    request_bodies,
+    run_step,
+)
+from tests.service.servers import ThreadServer, encode, thread_server
+
+
+@pytest.fixture(scope="module")
+def server(cifar_repository: Path) -> Iterator[ThreadServer]:
+    with thread_server(cifar_repository, models="resnet20_cifar10") as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def jpegs(cifar_test: dict[str, np.ndarray]) -> list[bytes]:
+    return [encode(img, "JPEG", quality=90) for img in cifar_test["images"][:8]]
+
+
+def _run(target: Target, bodies: list[bytes], concurrency: int, **kw: object) -> StepResult:
+    return asyncio.run(
+        run_step(target, bodies, concurrency, warmup_s=0.1, timeout_s=30, **kw)  # type: ignore[arg-type]
+    )
+
+
+def test_step_statistics() -> None:
+    s = StepResult("service", 4, 16, 2.0, 100, {"503": 3}, [float(i) for i in range(1, 101)], 0.1)
+    assert s.req_s == 50.0
+    assert s.img_s == 800.0
+    assert s.percentile(50) == pytest.approx(50.5)
+    assert s.percentile(99) == pytest.approx(99.01)
+    assert s.error_count == 3
+    empty = StepResult("service", 1, 1, 1.0, 0, {"404": 5}, [], 0.0)
+    assert empty.img_s == 0.0
+    assert math.isnan(empty.percentile(50))
+
+
+def test_bodies_cover_the_corpus_in_multipart_parts() -> None:
+    corpus = [bytes([i]) * 10 for i in range(10)]
+    bodies = request_bodies(corpus, 3)
+    assert len(bodies) == 3
+    assert all(b.count(b'name="file"') == 3 for b in bodies)
+    assert {bytes([i]) * 10 in b"".join(bodies) for i in range(9)} == {True}
+    assert len(request_bodies(corpus, 16)) == 1  # more images per request than the corpus
+
+
+def test_requests_mode_counts_exactly_and_the_service_reads_every_part(
+    server: ThreadServer, jpegs: list[bytes]
+) -> None:
+    url = server.url + "/v1/models/resnet20_cifar10/classify"
+    target = Target(
+        "service", url, 4, metrics_url=server.url + "/metrics", model="resnet20_cifar10"
+    )
+    result = _run(target, request_bodies(jpegs, 4), 2, duration_s=None, requests=25)
+    assert result.errors == {}
+    assert result.ok == 25
+    assert len(result.latencies_ms) == 25
+    assert result.img_s > 0
+    assert result.server_cpu_s is None  # no process id given for an in-process server
+    # Batches that ran during the window; requests straddling its ends make it inexact.
+    assert result.batches is not None and result.batches["images"] >= 4
+    assert result.mean_batch is not None and 1 <= result.mean_batch <= 32
+
+
+def test_parse_metrics() -> None:
+    text = """# HELP resnet_serve_batch_size Images per executed batch (padding excluded)
+resnet_serve_batch_size_bucket{le="1.0",model="a"} 3.0
+resnet_serve_batch_size_count{model="a"} 10.0
+resnet_serve_batch_size_sum{model="a"} 40.0
+resnet_serve_batch_size_count{model="b"} 2.0
+resnet_serve_batch_size_sum{model="b"} 8.0
+resnet_serve_batch_padding_images_total{model="a"} 6.0
+resnet_serve_inference_duration_seconds_sum{model="a"} 1.5
+"""
+    assert parse_metrics(text) == {
+        "batches": 12.0, "images": 48.0, "padding": 6.0, "inference_s": 1.5,
+    }  # fmt: skip
+    assert parse_metrics(text, "a") == {
+        "batches": 10.0, "images": 40.0, "padding": 6.0, "inference_s": 1.5,
+    }  # fmt: skip
+
+
+def test_errors_are_counted_by_status(server: ThreadServer, jpegs: list[bytes]) -> None:
+    target = Target("service", server.url + "/v1/models/no_such_model/classify", 1)
+    result = _run(target, request_bodies(jpegs, 1), 2, duration_s=None, requests=10)
+    assert result.ok == 0
+    assert result.errors == {"404": 10}
+    assert result.img_s == 0.0
+
+
+def test_a_wrong_answer_is_an_error(server: ThreadServer, jpegs: list[bytes]) -> None:
+    # Two images sent where the target expects three: the one checked answer (the first
+    # measured) is refused, the others are taken as they come.
+    target = Target("service", server.url + "/v1/models/resnet20_cifar10/classify", 3)
+    result = _run(target, request_bodies(jpegs, 2), 1, duration_s=None, requests=5)
+    assert result.errors == {"invalid-answer": 1}
+    assert result.ok == 4
+
+
+def test_answers_are_checked() -> None:
+    classify = Target("service", "http://unused/v1/classify", 3)
+    assert check_answer(b'{"results": [1, 2]}', classify) == "expected 3 results"
+    target = Target("service", "http://unused/v1/embed", 2, endpoint="embed")
+    assert check_answer(b'{"embeddings": ["a", "b"]}', target) is None
+    assert check_answer(b'{"results": [1, 2]}', target) == "expected 2 embeddings"
+    assert check_answer(b"not json", target) == "invalid JSON"
