@@ -89,7 +89,8 @@ def decode(data: bytes, index: int, spec: PreprocessSpec, options: DecodeOptions
             img.draft("RGB", (spec.resize, spec.resize))
         img.seek(0)  # first frame of animations
         img.load()
-        img = ImageOps.exif_transpose(img) or img
+        # In place: without an orientation tag the copying variant would copy the whole image.
+        ImageOps.exif_transpose(img, in_place=True)
         return _to_rgb(img)
     except (InvalidImageError, ImageTooLargeError):
         raise
