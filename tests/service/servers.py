@@ -174,3 +174,31 @@ def hold(runtime: Runtime, what: str = "run") -> threading.Event:
             for worker in model.pool.workers:
                 worker.run = held(worker.run)  # type: ignore[method-assign]
     return gate
+
+
+@contextmanager
+def busy_server(
+    repository: Path, image: bytes, **options
+) -> Iterator[tuple[ThreadServer, list[httpx.Response]]]:  # type: ignore[no-untyped-def]
+    """A server whose only session is held by one request for ``image``, sent first; it
+    is released (and that request answered, into the yielded list) when the block ends."""
+    settings = Settings(repository=repository, **options)
+    srv = ThreadServer(settings)
+    srv.start()
+    gate = hold(srv.runtime)
+    answers: list[httpx.Response] = []
+    holder = threading.Thread(
+        target=lambda: answers.append(
+            httpx.post(srv.url + "/v1/classify", content=image,
+                       headers={"content-type": "image/png"}, timeout=30)
+        )
+    )  # fmt: skip
+    holder.start()
+    time.sleep(0.1)  # the holder's image is in the session before anything else is sent
+    try:
+        yield srv, answers
+        gate.set()
+        holder.join(30)
+    finally:
+        gate.set()
+        srv.stop()

@@ -19,6 +19,7 @@ from service.settings import Settings
 from tests.service.servers import (
     ProcessServer,
     ThreadServer,
+    busy_server,
     hold,
     metric_value,
     png,
@@ -50,47 +51,19 @@ def test_readiness_before_and_after_warmup(r20_repository, cifar_pngs) -> None:
 
 
 def test_504_and_timed_out_work_is_dropped(r20_repository, cifar_pngs) -> None:
-    settings = Settings(repository=r20_repository, request_timeout_ms=300)
-    runtime = Runtime.load(settings, Metrics())
-    srv = ThreadServer(settings, runtime).start()
-    gate = hold(runtime)
-    try:
-        results: list[httpx.Response] = []
-        first = threading.Thread(
-            target=lambda: results.append(
-                httpx.post(srv.url + "/v1/classify", content=cifar_pngs[0], headers=PNG, timeout=30)
-            )
-        )
-        first.start()  # occupies the only session, which is held
-        time.sleep(0.1)
+    with busy_server(r20_repository, cifar_pngs[0], request_timeout_ms=300) as (srv, answers):
         r = httpx.post(srv.url + "/v1/classify", content=cifar_pngs[1], headers=PNG, timeout=30)
         assert r.status_code == 504 and r.json()["error"]["code"] == "timeout"
-        gate.set()
-        first.join(30)
-        assert results[0].status_code == 504
-        # The second request's image was still queued when it timed out: never computed.
-        text = httpx.get(srv.url + "/metrics").text
-        assert metric_value(text, "resnet_serve_rejected_images_total", reason="cancelled") >= 1
-        assert metric_value(text, "resnet_serve_batch_size_sum") == 1
-        assert metric_value(text, "resnet_serve_requests_total", status="504") == 2
-    finally:
-        gate.set()
-        srv.stop()
+    assert answers[0].status_code == 504  # the holder too: held longer than 300 ms
+    # The second request's image was still queued when it timed out: never computed.
+    text = _metrics_after(srv)
+    assert metric_value(text, "resnet_serve_rejected_images_total", reason="cancelled") >= 1
+    assert metric_value(text, "resnet_serve_batch_size_sum") == 1
+    assert metric_value(text, "resnet_serve_requests_total", status="504") == 2
 
 
 def test_work_of_a_disconnected_client_is_dropped(r20_repository, cifar_pngs) -> None:
-    settings = Settings(repository=r20_repository)
-    runtime = Runtime.load(settings, Metrics())
-    srv = ThreadServer(settings, runtime).start()
-    gate = hold(runtime)
-    try:
-        holder = threading.Thread(
-            target=lambda: httpx.post(
-                srv.url + "/v1/classify", content=cifar_pngs[0], headers=PNG, timeout=30
-            )
-        )
-        holder.start()
-        time.sleep(0.1)
+    with busy_server(r20_repository, cifar_pngs[0]) as (srv, _):
         body = cifar_pngs[1]
         with socket.create_connection(("127.0.0.1", srv.port)) as sock:
             sock.sendall(
@@ -99,12 +72,7 @@ def test_work_of_a_disconnected_client_is_dropped(r20_repository, cifar_pngs) ->
                 + body
             )
             # Close only once the image is decoded and queued behind the held session.
-            wait_until(
-                lambda: metric_value(
-                    httpx.get(srv.url + "/metrics").text, "resnet_serve_queue_depth"
-                ) == 1,
-                timeout=10,
-            )  # fmt: skip
+            wait_until(lambda: _queue_depth(srv) == 1, timeout=10)
         wait_until(
             lambda: metric_value(
                 httpx.get(srv.url + "/metrics").text,
@@ -112,13 +80,18 @@ def test_work_of_a_disconnected_client_is_dropped(r20_repository, cifar_pngs) ->
             ) == 1,
             timeout=10,
         )  # fmt: skip
-        gate.set()
-        holder.join(30)
-        text = httpx.get(srv.url + "/metrics").text
-        assert metric_value(text, "resnet_serve_batch_size_sum") == 1  # only the holder's
-    finally:
-        gate.set()
-        srv.stop()
+    assert metric_value(_metrics_after(srv), "resnet_serve_batch_size_sum") == 1  # the holder's
+
+
+def _queue_depth(srv: ThreadServer) -> float:
+    return metric_value(httpx.get(srv.url + "/metrics").text, "resnet_serve_queue_depth")
+
+
+def _metrics_after(srv: ThreadServer) -> str:
+    """The metrics of a stopped in-thread server, read from its registry."""
+    from prometheus_client import generate_latest
+
+    return generate_latest(srv.runtime.metrics.registry).decode()
 
 
 def test_sigterm_finishes_accepted_requests_and_exits_0(r20_repository, cifar_test) -> None:
