@@ -26,14 +26,13 @@ import numpy as np
 
 from service.errors import InferenceFailedError, NotReadyError, OverloadedError
 from service.metrics import Metrics
-from service.sessions import SessionPool, Worker
+from service.sessions import DEFAULT_OUTPUTS, SessionPool, Worker
 
 log = logging.getLogger(__name__)
 
 # One image's outputs by name (rows of the batch's arrays): logits, embedding, and any
 # feature map its request asked for.
 Result = dict[str, np.ndarray]
-DEFAULT_OUTPUTS: tuple[str, ...] = ("logits", "embedding")
 
 
 @dataclass(eq=False, slots=True)

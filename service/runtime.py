@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from service.batcher import DEFAULT_OUTPUTS, Batcher, Expectation, Result
+from service.batcher import Batcher, Expectation, Result
 from service.errors import (
     InvalidImageError,
     InvalidParameterError,
@@ -21,7 +21,7 @@ from service.errors import (
 from service.metrics import Metrics
 from service.preprocess import DecodeOptions, preprocess
 from service.repository import ModelSpec, discover
-from service.sessions import SessionPool
+from service.sessions import DEFAULT_OUTPUTS, SessionPool
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -129,10 +129,6 @@ class Runtime:
                 m.name, _ranges(m.buckets), time.perf_counter() - t,
             )  # fmt: skip
         log.info("ready: %s", ", ".join(self.models))
-
-    async def wait_ready(self) -> None:
-        if self._warmup is not None:
-            await self._warmup
 
     async def stop(self) -> None:
         self.draining = True

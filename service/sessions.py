@@ -18,7 +18,8 @@ from service.repository import ModelSpec
 from service.settings import Settings, cpu_count
 
 log = logging.getLogger(__name__)
-OUTPUTS = ("logits", "embedding")
+# What classification and the default embedding need; stage maps are asked for by name.
+DEFAULT_OUTPUTS: tuple[str, ...] = ("logits", "embedding")
 
 
 @dataclass(frozen=True)
@@ -101,7 +102,7 @@ class Worker:
     def _create(self) -> ort.InferenceSession:
         return ort.InferenceSession(self.path, sess_options=self.options, providers=self.providers)
 
-    def run(self, images: np.ndarray, names: tuple[str, ...] = OUTPUTS) -> list[np.ndarray]:
+    def run(self, images: np.ndarray, names: tuple[str, ...] = DEFAULT_OUTPUTS) -> list[np.ndarray]:
         """The named outputs for a batch (only those: a feature map nobody asked for is
         never copied out)."""
         if self.io_binding:
