@@ -237,7 +237,7 @@ def measure(
     spec = load_model_spec(model_dir)
     options = DecodeOptions(max_pixels=settings.max_image_pixels, jpeg_draft=settings.jpeg_draft)
     # One served model, as resnet-serve --models NAME: its sessions share the cores.
-    pool = SessionPool.load(spec, settings, settings.sessions_per_device)
+    pool = SessionPool.load(spec, settings)
     workers = pool.workers
     worker = workers[0]
     threads = worker.session.get_session_options().intra_op_num_threads

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from models.catalog import Preprocess, Variant
 from models.weights import Weights, build_model, sha256_file
+from service import selfcheck
 
 FORMAT_VERSION = 1
 DEFAULT_OPSET = 18
@@ -147,6 +148,37 @@ def check_parity(
     return Parity(abs_err, rel)
 
 
+def _logits(path: Path, images: np.ndarray, batch: int = 32) -> np.ndarray:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    parts = [
+        session.run(["logits"], {"images": images[i : i + batch]})[0]
+        for i in range(0, len(images), batch)
+    ]
+    return np.concatenate(parts)
+
+
+def record_self_check(
+    directory: Path,
+    fp32_path: Path,
+    model_path: Path,
+    precision: str,
+    crop: int,
+    calibration: np.ndarray | None,
+) -> dict[str, Any]:
+    """The reference set the runtime checks the model against on the serving CPU
+    (service.selfcheck): the first calibration images (int8), or synthetic ones, with the
+    fp32 graph's logits and what this graph measured against them here."""
+    if calibration is not None and len(calibration) >= selfcheck.REFERENCE_IMAGES:
+        images, source = calibration[: selfcheck.REFERENCE_IMAGES], "calibration"
+    else:
+        images, source = selfcheck.synthetic_images(selfcheck.REFERENCE_IMAGES, crop), "synthetic"
+    reference = _logits(fp32_path, images)
+    got = reference if model_path == fp32_path else _logits(model_path, images)
+    return selfcheck.record(directory, images, reference, got, precision=precision, source=source)
+
+
 def model_json(
     *,
     name: str,
@@ -161,6 +193,7 @@ def model_json(
     precision: str = "fp32",
     lowered: dict[str, Any] | None = None,
     features: list[dict[str, Any]] | None = None,
+    self_check: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """``lowered``: what an int8/fp16 conversion adds (see models.quantize); ``parity_*``
     always describe the fp32 graph against PyTorch, before any conversion."""
@@ -199,6 +232,7 @@ def model_json(
         "parity_max_rel_err": parity.max_rel_err,
         "parity_tolerance": tolerance,
         **(lowered or {}),
+        **({"self_check": self_check} if self_check else {}),
         "onnx_sha256": onnx_sha256,
         "exported_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "exporter": exporter,
@@ -262,6 +296,10 @@ def export_variant(
                 method=calibration_method,
                 min_agreement=min_agreement,
             )
+        self_check = record_self_check(
+            staging, fp32_path, onnx_path, precision, crop, calib.images if calib else None
+        )
+        if fp32_path != onnx_path:
             fp32_path.unlink()
         meta = model_json(
             name=name,
@@ -276,6 +314,7 @@ def export_variant(
             precision=precision,
             lowered=lowered,
             features=graph.feature_specs(crop),
+            self_check=self_check,
         )
         (staging / "model.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
         os.chmod(staging, 0o755)

@@ -65,6 +65,16 @@ class Metrics:
             p + "inference_failures_total", "Batches whose inference raised",
             ["model"], registry=r,
         )  # fmt: skip
+        self.model_self_check = Gauge(
+            p + "model_self_check",
+            "1 when the model's outputs on its reference images are within the bounds "
+            "recorded at export, 0 when not (served only with --self-check warn)",
+            ["model"], registry=r,
+        )  # fmt: skip
+        self.time_to_ready = Gauge(
+            p + "time_to_ready_seconds",
+            "Seconds from the process start until every model was warmed up", registry=r,
+        )  # fmt: skip
         self.model_ready = Gauge(
             p + "model_ready", "1 when the model is loaded and warmed up", ["model"], registry=r
         )

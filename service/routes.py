@@ -347,7 +347,7 @@ async def list_models(request: Request) -> Response:
     runtime = _runtime(request)
     request.state.endpoint = "models"
     models = [
-        {**m.spec.summary(), "ready": m.serving, "default": name == runtime.default_model}
+        {**m.spec.summary(), **m.status(), "default": name == runtime.default_model}
         for name, m in runtime.models.items()
     ]
     return FastJSONResponse({"models": models})
@@ -361,7 +361,7 @@ async def get_model(request: Request, model: str) -> Response:
     request.state.endpoint = "model"
     served = runtime.get(model)
     request.state.model = served.name
-    return FastJSONResponse({**served.spec.metadata, "ready": served.serving})
+    return FastJSONResponse({**served.spec.metadata, **served.status()})
 
 
 @router.get("/healthz", tags=["health"], summary="The process is alive")

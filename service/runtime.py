@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -20,9 +22,13 @@ from service.errors import (
 )
 from service.metrics import Metrics
 from service.preprocess import DecodeOptions, preprocess
-from service.repository import ModelSpec, discover
-from service.sessions import DEFAULT_OUTPUTS, SessionPool
+from service.repository import ModelSpec, RepositoryError, discover
+from service.selfcheck import ReferenceError, SelfCheck, load_reference, run_check
+from service.sessions import DEFAULT_OUTPUTS, SessionPool, Worker
 from service.settings import Settings
+
+# Progress lines during a long warmup (every bucket on CUDA), at most this often.
+PROGRESS_INTERVAL_S = 5.0
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +50,7 @@ class ServedModel:
     pool: SessionPool
     batcher: Batcher | None = None
     ready: bool = False
+    self_check: SelfCheck | None = None
 
     @property
     def name(self) -> str:
@@ -58,6 +65,11 @@ class ServedModel:
         """Warmed up, and at least one session still able to run."""
         return self.ready and not self.pool.broken
 
+    def status(self) -> dict[str, Any]:
+        """What this process found about the model, beside its model.json."""
+        check = self.self_check.to_json() if self.self_check is not None else None
+        return {"ready": self.serving, "self_check_result": check}
+
 
 @dataclass(eq=False)
 class Runtime:
@@ -68,6 +80,7 @@ class Runtime:
     decode_pool: ThreadPoolExecutor = field(init=False)
     draining: bool = False
     _warmup: asyncio.Task[None] | None = None
+    _stop_warmup: threading.Event = field(default_factory=threading.Event)
 
     def __post_init__(self) -> None:
         self.decode_pool = ThreadPoolExecutor(
@@ -78,8 +91,13 @@ class Runtime:
     def load(cls, settings: Settings, metrics: Metrics) -> Runtime:
         """Read the repository and create every session (blocking; fails fast)."""
         specs = discover(settings.repository, settings.models or None)
-        total = len(specs) * settings.sessions_per_device
-        models = {s.name: ServedModel(s, SessionPool.load(s, settings, total)) for s in specs}
+        models = {}
+        for spec in specs:
+            t = time.perf_counter()
+            model = ServedModel(spec, SessionPool.load(spec, settings))
+            model.self_check = _self_check(model, settings, metrics)
+            models[spec.name] = model
+            log.info("%s: loaded in %.2fs", spec.name, time.perf_counter() - t)
         options = DecodeOptions(
             max_pixels=settings.max_image_pixels,
             formats=tuple(f.upper() for f in settings.image_formats),
@@ -119,19 +137,39 @@ class Runtime:
         self._warmup = asyncio.create_task(self._warm_all(), name="warmup")
 
     async def _warm_all(self) -> None:
-        for m in self.models.values():
+        names = list(self.models)
+        for i, m in enumerate(self.models.values()):
+            sizes = self.settings.warmup_sizes(m.pool.workers[0].device.kind)
+            log.info(
+                "%s: warming up batch sizes %s on %d session(s) (model %d of %d; then: %s)",
+                m.name, _ranges(sizes), len(m.pool.workers), i + 1, len(names),
+                ", ".join(names[i + 1 :]) or "ready",
+            )  # fmt: skip
             t = time.perf_counter()
-            await asyncio.to_thread(m.pool.warmup, m.buckets, m.spec.input_shape)
+            last = [t]
+
+            def progress(done: int, total: int, name: str = m.name, last: list = last) -> None:
+                now = time.perf_counter()
+                if done < total and now - last[0] >= PROGRESS_INTERVAL_S:
+                    last[0] = now
+                    log.info("%s: warmup %d of %d runs done", name, done, total)
+
+            shape = m.spec.input_shape
+            if not await asyncio.to_thread(
+                m.pool.warmup, sizes, shape, self._stop_warmup, progress
+            ):
+                return
             m.ready = True
             self.metrics.model_ready.labels(m.name).set(1)
-            log.info(
-                "%s: warmed up batch sizes %s in %.2fs",
-                m.name, _ranges(m.buckets), time.perf_counter() - t,
-            )  # fmt: skip
-        log.info("ready: %s", ", ".join(self.models))
+            log.info("%s: warmed up in %.2fs", m.name, time.perf_counter() - t)
+        elapsed = process_age_s()
+        self.metrics.time_to_ready.set(elapsed)
+        log.info("ready: %s, %.2fs after the process started", ", ".join(names), elapsed)
 
     async def stop(self) -> None:
         self.draining = True
+        # The warmup thread stops after the run in progress; nothing waits for it here.
+        self._stop_warmup.set()
         if self._warmup is not None and not self._warmup.done():
             self._warmup.cancel()
         for m in self.models.values():
@@ -209,3 +247,65 @@ class Runtime:
             expectation.done()
         futures = batcher.submit(list(images), outputs)
         return list(await asyncio.gather(*futures))
+
+
+def process_age_s() -> float:
+    """Seconds since this process started (Linux: from /proc, so the interpreter's own
+    start and the imports count too); since this module was imported elsewhere."""
+    try:
+        import os
+
+        ticks = os.sysconf("SC_CLK_TCK")
+        with open("/proc/self/stat", encoding="ascii") as f:
+            # Field 22, counted after the parenthesised command name (which may hold spaces).
+            started = int(f.read().rsplit(")", 1)[1].split()[19]) / ticks
+        with open("/proc/uptime", encoding="ascii") as f:
+            return max(0.0, float(f.read().split()[0]) - started)
+    except (OSError, ValueError, IndexError):
+        return time.perf_counter() - _IMPORTED
+
+
+_IMPORTED = time.perf_counter()
+
+
+def _self_check(model: ServedModel, settings: Settings, metrics: Metrics) -> SelfCheck | None:
+    """Run the model on its reference set on each device; refuse it (RepositoryError) or
+    warn when the result falls outside the bounds recorded at export."""
+    spec = model.spec
+    if settings.self_check == "off":
+        return None
+    try:
+        reference = load_reference(spec.path, spec.metadata)
+    except ReferenceError as exc:
+        raise RepositoryError(f"model {spec.name}: {exc}") from None
+    if reference is None:
+        log.info("%s: exported without a reference set; self-check skipped", spec.name)
+        return None
+    images, logits = reference
+    t = time.perf_counter()
+    results = []
+    for worker in model.pool.first_per_device():
+
+        def logits_of(batch: np.ndarray, w: Worker = worker) -> np.ndarray:
+            return w.run(batch, ("logits",))[0]
+
+        results.append(
+            run_check(spec.metadata, images, logits, logits_of, batch=settings.max_batch_size)
+        )
+    result = next((r for r in results if not r.passed), results[0])
+    metrics.model_self_check.labels(spec.name).set(1 if result.passed else 0)
+    precision = spec.metadata.get("precision", "fp32")
+    if result.passed:
+        log.info(
+            "%s: self-check passed in %.2fs: %s",
+            spec.name, time.perf_counter() - t, result.reason,
+        )  # fmt: skip
+        return result
+    message = f"model {spec.name} ({precision}) failed its self-check: {result.reason}"
+    if settings.self_check == "refuse":
+        raise RepositoryError(
+            f"{message}. Its outputs on this CPU are not those it was exported with; export "
+            "it in another format (docs/precision.md) or serve it anyway with --self-check warn"
+        )
+    log.warning("%s; served anyway (--self-check warn)", message)
+    return result

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -150,9 +152,12 @@ class SessionPool:
             return False
 
     @classmethod
-    def load(cls, spec: ModelSpec, settings: Settings, sessions_total: int) -> SessionPool:
+    def load(cls, spec: ModelSpec, settings: Settings) -> SessionPool:
         devices = resolve_devices(settings.device)
-        threads = settings.intra_op_threads or max(1, cpu_count() // max(1, sessions_total))
+        # Divided among the sessions of this model only, which run at the same time under
+        # load. Other models' sessions are not counted: they are busy when this one is not,
+        # and a fixed fraction each would leave a lone busy model on a fraction of the cores.
+        threads = settings.intra_op_threads or max(1, cpu_count() // settings.sessions_per_device)
         workers = []
         for device in devices:
             for i in range(settings.sessions_per_device):
@@ -180,12 +185,35 @@ class SessionPool:
         )  # fmt: skip
         return cls(workers, settings.buckets_for(devices[0].kind))
 
-    def warmup(self, buckets: list[int], shape: tuple[int, int, int]) -> None:
-        """Run every bucket size once on every session (blocking), so that no request
-        pays for a first shape (allocations, kernel selection, cuDNN search)."""
+    def warmup(
+        self,
+        sizes: list[int],
+        shape: tuple[int, int, int],
+        stop: threading.Event,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> bool:
+        """Run each batch size once on every session (blocking), so that no request pays
+        for a first shape (allocations, kernel selection, cuDNN search). Checks ``stop``
+        between runs; False if it was set before the end. ``progress(done, total)`` after
+        each run."""
+        total, done = len(self.workers) * len(sizes), 0
         for worker in self.workers:
-            for b in buckets:
+            for b in sizes:
+                if stop.is_set():
+                    return False
                 worker.run(np.zeros((b, *shape), dtype=np.uint8))
+                done += 1
+                if progress is not None:
+                    progress(done, total)
+        return True
+
+    def first_per_device(self) -> list[Worker]:
+        """One worker per device: what differs between devices is the kernels, not the
+        sessions on one device, which run the same kernels."""
+        seen: dict[Device, Worker] = {}
+        for w in self.workers:
+            seen.setdefault(w.device, w)
+        return list(seen.values())
 
     def start(self) -> None:
         self._idle = asyncio.Queue()

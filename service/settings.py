@@ -65,6 +65,16 @@ class Settings(BaseSettings):
         description="batch sizes batches are padded to, all warmed up (default: every size on "
         "cpu, powers of two on cuda)",
     )
+    warmup_all_buckets: bool | None = Field(
+        None,
+        description="warm every batch bucket before ready (default: on cuda, where each new "
+        "shape costs a cuDNN search; off on cpu, where one batch warms every shape)",
+    )
+    self_check: Literal["refuse", "warn", "off"] = Field(
+        "refuse",
+        description="at startup, run each model on its exported reference images: refuse a "
+        "model outside its recorded bounds on this CPU (exit 2), or serve it with a warning",
+    )
     max_queue_images: int = Field(
         512, ge=1, description="images admitted (decoding or queued), at most; beyond it 503"
     )
@@ -133,6 +143,16 @@ class Settings(BaseSettings):
             buckets.append(b)
             b *= 2
         return [*buckets, self.max_batch_size]
+
+    def warmup_sizes(self, device_kind: str) -> list[int]:
+        """The batch sizes run once before ready. On the CPU one small batch: onnxruntime
+        prepacks weights when the session is created, and measured on ResNet-50 the first
+        run of every other batch size was no slower than its second (docs/benchmarks.md,
+        cold start); only the very first run of a session pays (arena, thread pool)."""
+        warm_all = self.warmup_all_buckets
+        if warm_all is None:
+            warm_all = device_kind != "cpu"
+        return self.buckets_for(device_kind) if warm_all else [1]
 
     @property
     def decode_threads(self) -> int:

@@ -26,8 +26,8 @@ def test_cuda_provider_options() -> None:
 def test_io_binding_gives_the_same_outputs(cifar_repository, cifar_test) -> None:
     spec = load_model_spec(cifar_repository / "resnet20_cifar10")
     images = np.ascontiguousarray(cifar_test["images"][:8])
-    plain = SessionPool.load(spec, Settings(io_binding=False), 2).workers[0]
-    bound = SessionPool.load(spec, Settings(io_binding=True), 2).workers[0]
+    plain = SessionPool.load(spec, Settings(io_binding=False)).workers[0]
+    bound = SessionPool.load(spec, Settings(io_binding=True)).workers[0]
     assert bound.io_binding and not plain.io_binding
     for a, b in zip(plain.run(images), bound.run(images), strict=True):
         np.testing.assert_array_equal(a, b)
@@ -35,7 +35,7 @@ def test_io_binding_gives_the_same_outputs(cifar_repository, cifar_test) -> None
 
 def test_threads_are_split_between_sessions(cifar_repository) -> None:
     spec = load_model_spec(cifar_repository / "resnet20_cifar10")
-    pool = SessionPool.load(spec, Settings(sessions_per_device=2, intra_op_threads=1), 2)
+    pool = SessionPool.load(spec, Settings(sessions_per_device=2, intra_op_threads=1))
     assert len(pool.workers) == 2
     assert all(w.options.intra_op_num_threads == 1 for w in pool.workers)
 
@@ -46,8 +46,8 @@ def test_cuda_matches_cpu(cifar_repository, cifar_test) -> None:
         pytest.skip("no CUDAExecutionProvider here")
     spec = load_model_spec(cifar_repository / "resnet20_cifar10")
     images = np.ascontiguousarray(cifar_test["images"][:64])
-    cpu = SessionPool.load(spec, Settings(device="cpu"), 1).workers[0].run(images)
-    gpu_worker = SessionPool.load(spec, Settings(device="cuda"), 1).workers[0]
+    cpu = SessionPool.load(spec, Settings(device="cpu")).workers[0].run(images)
+    gpu_worker = SessionPool.load(spec, Settings(device="cuda")).workers[0]
     assert gpu_worker.session.get_providers()[0] == "CUDAExecutionProvider"
     gpu = gpu_worker.run(images)
     for c, g in zip(cpu, gpu, strict=True):
