@@ -14,6 +14,7 @@ EXIT_FAILED = 1
 # The choices of models.quantize, which imports torch; a test keeps the two equal.
 PRECISIONS = ("fp32", "int8", "fp16")
 CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
+INT8_WEIGHT_BITS = (7, 8)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -95,6 +96,15 @@ def _parser() -> argparse.ArgumentParser:
         help="int8 must give the fp32 graph's top-1 class on at least this share of the "
         "calibration images, or the export fails (default 0.95)",
     )
+    g.add_argument(
+        "--int8-weight-bits",
+        type=int,
+        choices=INT8_WEIGHT_BITS,
+        default=None,
+        help="7 (default): weights in [-64, 63], exact on every x86-64 CPU; 8: full range, "
+        "for CPUs with VNNI/AMX only (AVX2-only CPUs saturate, and the runtime's self-check "
+        "refuses the model there)",
+    )
     return p
 
 
@@ -116,6 +126,7 @@ def _usage_error(args: argparse.Namespace) -> str | None:
         "--calibration-method": args.calibration_method,
         "--calibration-limit": args.calibration_limit,
         "--min-agreement": args.min_agreement,
+        "--int8-weight-bits": args.int8_weight_bits,
     }
     if args.precision != "int8":
         given = [flag for flag, value in int8_only.items() if value is not None]
@@ -186,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
                 calibration_limit=args.calibration_limit,
                 calibration_method=args.calibration_method,
                 min_agreement=args.min_agreement,
+                int8_weight_bits=args.int8_weight_bits,
                 features=args.features,
             )
         except (WeightsError, ExportError) as exc:

@@ -253,6 +253,7 @@ def export_variant(
     calibration_limit: int | None = None,
     calibration_method: str | None = None,
     min_agreement: float | None = None,
+    int8_weight_bits: int | None = None,
     features: tuple[str, ...] = (),
 ) -> Path:
     """Build, export, verify and publish one model; returns its directory.
@@ -295,6 +296,7 @@ def export_variant(
                 calibration=calib,
                 method=calibration_method,
                 min_agreement=min_agreement,
+                int8_weight_bits=int8_weight_bits,
             )
         self_check = record_self_check(
             staging, fp32_path, onnx_path, precision, crop, calib.images if calib else None

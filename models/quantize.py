@@ -6,8 +6,11 @@ unchanged. Neither can match PyTorch to the fp32 tolerance, so each is checked a
 the fp32 ONNX graph it was made from instead (see ``PrecisionCheck`` and docs/precision.md).
 
 - int8: onnxruntime static quantization, QDQ format, uint8 activations and per-channel
-  int8 weights (U8S8), calibrated on images that went through the runtime's own resize
-  and crop (``service.preprocess``), so the ranges describe what the server will feed.
+  int8 weights (U8S8) in 7 bits by default, calibrated on images that went through the
+  runtime's own resize and crop (``service.preprocess``), so the ranges describe what the
+  server will feed. 7-bit weights keep the int16 sums of AVX2's ``vpmaddubsw`` from
+  saturating, so one file computes the same on AVX2, AVX-512 VNNI and AMX CPUs (measured
+  in docs/precision.md); 8-bit weights are for CPUs known to have VNNI.
 - fp16: every float tensor but the graph outputs converted to float16. Meant for the
   CUDA provider; the CPU provider runs it, slower than fp32.
 """
@@ -36,6 +39,10 @@ from service.repository import PreprocessSpec
 
 PRECISIONS = ("fp32", "int8", "fp16")
 CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
+# Weight bits: 7 (onnxruntime's reduce_range) is exact wherever the model is served; 8 is
+# marginally closer to fp32 but only on CPUs with VNNI/AMX (docs/precision.md).
+INT8_WEIGHT_BITS = (7, 8)
+DEFAULT_INT8_WEIGHT_BITS = 7
 # Percentile held accuracy best of the three on the CIFAR ResNets (docs/precision.md).
 DEFAULT_CALIBRATION_METHOD = "percentile"
 PERCENTILE = 99.999
@@ -172,8 +179,16 @@ class _BatchReader(CalibrationDataReader):
         return None if batch is None else {"images": batch}
 
 
-def quantize_int8(fp32_path: Path, out_path: Path, calibration: Calibration, method: str) -> None:
+def quantize_int8(
+    fp32_path: Path,
+    out_path: Path,
+    calibration: Calibration,
+    method: str,
+    weight_bits: int = DEFAULT_INT8_WEIGHT_BITS,
+) -> None:
     """Static U8S8 per-channel QDQ quantization of ``fp32_path`` into ``out_path``."""
+    if weight_bits not in INT8_WEIGHT_BITS:
+        raise ExportError(f"int8 weight bits must be one of {INT8_WEIGHT_BITS}, not {weight_bits}")
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -194,9 +209,9 @@ def quantize_int8(fp32_path: Path, out_path: Path, calibration: Calibration, met
                 _BatchReader(calibration.images, CALIBRATION_BATCH),
                 quant_format=QuantFormat.QDQ,
                 per_channel=True,
-                # VNNI and AMX cores multiply u8 x s8 without saturating, so the full 8-bit
-                # weight range is kept (reduce_range is for older AVX2-only CPUs).
-                reduce_range=False,
+                # Without VNNI, u8 x s8 pairs are summed in int16 (vpmaddubsw): 255 x 127 x 2
+                # overflows it, 255 x 64 x 2 does not. VNNI and AMX sum in int32 either way.
+                reduce_range=weight_bits == 7,
                 activation_type=QuantType.QUInt8,
                 weight_type=QuantType.QInt8,
                 calibrate_method=methods[method],
@@ -282,6 +297,7 @@ def lower_precision(
     calibration: Calibration | None = None,
     method: str | None = None,
     min_agreement: float | None = None,
+    int8_weight_bits: int | None = None,
 ) -> dict[str, Any]:
     """Write the ``precision`` graph of ``fp32_path`` to ``out_path``, check it against the
     fp32 graph, and return the fields it adds to model.json."""
@@ -290,7 +306,8 @@ def lower_precision(
             raise CalibrationError(MISSING_CALIBRATION)
         method = method or DEFAULT_CALIBRATION_METHOD
         min_agreement = DEFAULT_MIN_AGREEMENT if min_agreement is None else min_agreement
-        quantize_int8(fp32_path, out_path, calibration, method)
+        bits = int8_weight_bits or DEFAULT_INT8_WEIGHT_BITS
+        quantize_int8(fp32_path, out_path, calibration, method, bits)
         _check_graph(fp32_path, out_path)
         check = compare(fp32_path, out_path, calibration.images, "calibration")
         criterion = f"top1_agreement >= {min_agreement:g}"
@@ -311,7 +328,11 @@ def lower_precision(
                 "activations": "uint8",
                 "weights": "int8",
                 "per_channel": True,
-                "reduce_range": False,
+                "weight_bits": bits,
+                "reduce_range": bits == 7,
+                "cpus": "any x86-64 (AVX2, AVX-512, VNNI, AMX)"
+                if bits == 7
+                else "VNNI or AMX only: saturates on AVX2 without VNNI",
             },
             "precision_check": check.to_json(criterion),
         }

@@ -123,3 +123,16 @@ def preprocess_array(image: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
     """The same resize and crop for an already decoded uint8 RGB ``[H, W, 3]`` array
     (calibration sets, benchmarks)."""
     return resize_crop(Image.fromarray(np.ascontiguousarray(image)), spec)
+
+
+def warm_decoder(spec: PreprocessSpec, options: DecodeOptions) -> None:
+    """Pay the decoder's one-time costs before the first request does: Pillow imports its
+    format plugins on the first open (~30 ms, measured), and each decode thread's first
+    image allocates its buffers. Decodes a small PNG and JPEG through ``preprocess``."""
+    Image.init()
+    image = Image.fromarray(np.zeros((spec.crop + 1, spec.crop + 1, 3), np.uint8))
+    for fmt in ("PNG", "JPEG"):
+        if fmt in options.formats:
+            buf = io.BytesIO()
+            image.save(buf, fmt)
+            preprocess(buf.getvalue(), 0, spec, options)

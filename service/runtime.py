@@ -21,7 +21,7 @@ from service.errors import (
     NotReadyError,
 )
 from service.metrics import Metrics
-from service.preprocess import DecodeOptions, preprocess
+from service.preprocess import DecodeOptions, preprocess, warm_decoder
 from service.repository import ModelSpec, RepositoryError, discover
 from service.selfcheck import ReferenceError, SelfCheck, load_reference, run_check
 from service.sessions import DEFAULT_OUTPUTS, SessionPool, Worker
@@ -138,6 +138,15 @@ class Runtime:
 
     async def _warm_all(self) -> None:
         names = list(self.models)
+        loop = asyncio.get_running_loop()
+        # Every decode thread started and through its first image, for each model's sizes.
+        await asyncio.gather(
+            *(
+                loop.run_in_executor(self.decode_pool, warm_decoder, m.spec.preprocess, opts)
+                for m in self.models.values()
+                for opts in [self.decode_options] * self.settings.decode_threads
+            )
+        )
         for i, m in enumerate(self.models.values()):
             sizes = self.settings.warmup_sizes(m.pool.workers[0].device.kind)
             log.info(

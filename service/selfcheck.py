@@ -34,29 +34,44 @@ ERROR_FLOOR = {"fp32": 1e-3, "fp16": 5e-3, "int8": 0.01}
 # Images whose top-1 may flip against the export machine's measurement: near-ties can
 # flip on any CPU, a broken kernel flips far more.
 TOP1_SLACK_IMAGES = 2
-# The CPU features that change how onnxruntime's CPU kernels compute.
-ISA_FLAGS = (
-    "avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16",
-    "avx512_fp16", "amx_int8", "amx_bf16", "amx_tile",
-)  # fmt: skip
+# The CPU features that change how onnxruntime's CPU kernels compute, as numpy names them
+# (it reads CPUID itself, so this is what the process really runs on, also in a VM or an
+# emulator), then those numpy does not track, from the kernel's /proc/cpuinfo.
+ISA_CPUID = ("AVX2", "FMA3", "AVX512F", "AVX512BW", "AVX512VNNI", "AVX512BF16", "AVX512FP16")
+ISA_PROC = ("avx_vnni", "amx_int8", "amx_bf16")
+
+
+def _cpuid_features() -> dict[str, bool]:
+    try:
+        from numpy._core._multiarray_umath import __cpu_features__
+    except ImportError:  # numpy 1.x
+        try:
+            from numpy.core._multiarray_umath import __cpu_features__
+        except ImportError:
+            return {}
+    return dict(__cpu_features__)
 
 
 @cache
 def cpu_description() -> str:
-    """``"<model name> (flags: avx2, avx512f, ...)"`` from /proc/cpuinfo; the ISA flags
-    present (or ``none of ...``), so a refusal says which instructions this CPU lacks."""
+    """``"<model name> (ISA: AVX2, FMA3, AVX512F, ...)"``: the instruction sets present,
+    so that a refusal says what this CPU has (and, by omission, lacks)."""
     try:
         text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
     except OSError:
-        import platform
-
-        return platform.processor() or platform.machine() or "unknown CPU"
+        text = ""
     model = re.search(r"^model name\s*:\s*(.+)$", text, re.M)
     flags_line = re.search(r"^flags\s*:\s*(.+)$", text, re.M)
     flags = set(flags_line[1].split()) if flags_line else set()
-    present = [f for f in ISA_FLAGS if f in flags]
-    name = model[1].strip() if model else "unknown CPU"
-    return f"{name} (ISA: {', '.join(present) or 'no AVX2/AVX-512/AMX'})"
+    cpuid = _cpuid_features()
+    present = [f for f in ISA_CPUID if cpuid.get(f)] + [f.upper() for f in ISA_PROC if f in flags]
+    if not model:
+        import platform
+
+        name = platform.processor() or platform.machine() or "unknown CPU"
+    else:
+        name = model[1].strip()
+    return f"{name} (ISA: {', '.join(present) or 'no AVX2'})"
 
 
 def logits_error(reference: np.ndarray, got: np.ndarray) -> tuple[float, float]:

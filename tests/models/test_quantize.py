@@ -19,30 +19,12 @@ from models.export import ExportError, export_variant  # noqa: E402
 from models.quantize import CalibrationError, load_calibration  # noqa: E402
 from models.weights import resolve  # noqa: E402
 from service.repository import load_model_spec  # noqa: E402
-from tests.conftest import CIFAR_TRAIN, WEIGHTS_HOME  # noqa: E402
+from tests.conftest import CIFAR_TRAIN  # noqa: E402
+from tests.models.conftest import CIFAR_MODELS  # noqa: E402
 
-CIFAR_MODELS = ("resnet20_cifar10", "resnet56_cifar10")
 # Most top-1 an int8 model may lose against its fp32 graph on the 846 test images.
 MAX_INT8_DROP = 0.005
 MIN_FP16_AGREEMENT = 0.995
-
-
-@pytest.fixture(scope="module")
-def int8_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """resnet20/56_cifar10 quantized with the default method on the 932 training images."""
-    repo = tmp_path_factory.mktemp("int8")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TORCH_HOME", str(WEIGHTS_HOME))
-        for name in CIFAR_MODELS:
-            variant = get_variant(name)
-            export_variant(
-                variant,
-                resolve(variant, "default"),
-                repo,
-                precision="int8",
-                calibration=CIFAR_TRAIN,
-            )
-    return repo
 
 
 def _run(model_dir: Path, images: np.ndarray) -> np.ndarray:
@@ -110,6 +92,15 @@ def test_int8_model_json_records_the_calibration(int8_repository: Path) -> None:
     assert meta["quantization"]["activations"] == "uint8"
     assert meta["quantization"]["weights"] == "int8"
     assert meta["quantization"]["per_channel"] is True
+    # 7-bit weights: the one format measured exact on AVX2, VNNI and AMX (docs/precision.md).
+    assert meta["quantization"]["weight_bits"] == 7 and meta["quantization"]["reduce_range"]
+    # The reference set: the first 32 calibration images and the fp32 graph's logits.
+    block = meta["self_check"]
+    assert block["source"] == "calibration" and block["images"] == 32
+    with np.load(model_dir / "reference.npz") as ref, np.load(CIFAR_TRAIN) as d:
+        np.testing.assert_array_equal(ref["images"], d["images"][:32])
+    assert 0.9 <= block["measured"]["top1_agreement"] <= 1.0
+    assert 0 < block["measured"]["logits_rms_rel_err"] < block["max_logits_rms_rel_err"] < 0.2
     check = meta["precision_check"]
     assert check["images"] == "calibration" and check["count"] == 932
     assert 0.95 <= check["top1_agreement"] <= 1.0
@@ -127,7 +118,9 @@ def test_int8_model_json_records_the_calibration(int8_repository: Path) -> None:
 
 def test_int8_graph_contract(int8_repository: Path) -> None:
     model_dir = int8_repository / "resnet56_cifar10_int8"
-    assert sorted(p.name for p in model_dir.iterdir()) == ["model.json", "model.onnx"]
+    assert sorted(p.name for p in model_dir.iterdir()) == [
+        "model.json", "model.onnx", "reference.npz"
+    ]  # fmt: skip
     assert _io(model_dir) == SERVING_IO
     model = onnx.load(str(model_dir / "model.onnx"))
     onnx.checker.check_model(model, full_check=True)
@@ -273,3 +266,4 @@ def test_export_variant_needs_calibration_for_int8(tmp_path: Path) -> None:
 def test_cli_choices_match_the_quantizer() -> None:
     assert cli.PRECISIONS == quantize.PRECISIONS
     assert cli.CALIBRATION_METHODS == quantize.CALIBRATION_METHODS
+    assert cli.INT8_WEIGHT_BITS == quantize.INT8_WEIGHT_BITS
