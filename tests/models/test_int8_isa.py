@@ -106,13 +106,14 @@ def test_int8_keeps_its_accuracy_on_an_avx2_cpu_without_vnni(
     images, labels = cifar_test["images"], cifar_test["labels"]
     paths = []
     for name in CIFAR_MODELS:
-        for repo, model in ((cifar_repository, name), (int8_repository, f"{name}_int8")):
-            dst = tmp_path / model
-            shutil.copy(repo / model / "model.onnx", dst)
-            paths.append(dst)
+        dst = tmp_path / f"{name}_int8"
+        shutil.copy(int8_repository / f"{name}_int8" / "model.onnx", dst)
+        paths.append(dst)
+    # Only the int8 graphs run emulated (minutes under TCG): fp32 is not what differs
+    # between ISAs beyond float rounding, so its answers come from this machine.
     _emulated(EVALUATE, ",".join(map(str, paths)), str(CIFAR_TEST))
     for name in CIFAR_MODELS:
-        fp32 = np.load(f"{tmp_path / name}.emulated.npy")
+        fp32 = _native(cifar_repository / name / "model.onnx", images)
         int8 = np.load(f"{tmp_path / name}_int8.emulated.npy")
         acc32 = float(np.mean(fp32.argmax(1) == labels))
         acc8 = float(np.mean(int8.argmax(1) == labels))
