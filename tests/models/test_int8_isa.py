@@ -30,7 +30,6 @@ from models.catalog import get_variant  # noqa: E402
 from models.export import export_variant  # noqa: E402
 from models.weights import resolve  # noqa: E402
 from tests.conftest import CIFAR_TEST, CIFAR_TRAIN, ROOT, WEIGHTS_HOME  # noqa: E402
-from tests.models.conftest import CIFAR_MODELS  # noqa: E402
 
 # AMD Zen 3: the AVX2-only server CPU this project's CI has run on.
 EMULATED_CPU = "EPYC-Milan"
@@ -40,16 +39,17 @@ EVALUATE = """
 import json, sys
 import numpy as np, onnxruntime as ort
 from service.selfcheck import cpu_description
-paths, data = sys.argv[1].split(","), np.load(sys.argv[2])
-images = data["images"]
+jobs, data = sys.argv[1].split(","), np.load(sys.argv[2])
 out = {"cpu": cpu_description()}
-for p in paths:
+for job in jobs:
+    p, count = job.rsplit(":", 1)
+    images = data["images"][: int(count)]
     s = ort.InferenceSession(p, providers=["CPUExecutionProvider"])
     logits = np.concatenate(
         [s.run(["logits"], {"images": images[i : i + 128]})[0] for i in range(0, len(images), 128)]
     )
     np.save(p + ".emulated.npy", logits)
-out["done"] = paths
+out["done"] = jobs
 print(json.dumps(out))
 """
 
@@ -60,11 +60,14 @@ from service.metrics import Metrics
 from service.repository import RepositoryError
 from service.runtime import Runtime
 from service.settings import Settings
-try:
-    rt = Runtime.load(Settings(repository=Path(sys.argv[1]), intra_op_threads=1), Metrics())
-    print(json.dumps({m.name: m.self_check.to_json() for m in rt.models.values()}))
-except RepositoryError as exc:
-    print(json.dumps({"refused": str(exc)}))
+out = {}
+for repo in sys.argv[1:]:
+    try:
+        rt = Runtime.load(Settings(repository=Path(repo), intra_op_threads=1), Metrics())
+        out[repo] = {m.name: m.self_check.to_json() for m in rt.models.values()}
+    except RepositoryError as exc:
+        out[repo] = {"refused": str(exc)}
+print(json.dumps(out))
 """
 
 
@@ -104,31 +107,37 @@ def test_int8_keeps_its_accuracy_on_an_avx2_cpu_without_vnni(
     int8_repository: Path, cifar_repository: Path, cifar_test, tmp_path: Path, record_property
 ) -> None:
     images, labels = cifar_test["images"], cifar_test["labels"]
-    paths = []
-    for name in CIFAR_MODELS:
+    # Emulation is slow (TCG), so: resnet20 on all 846 test images for its accuracy, and
+    # resnet56 on the first 128 for the equality with this machine's kernels, which is the
+    # stronger statement (its accuracy on this machine is test_quantize.py's).
+    counts = {"resnet20_cifar10": len(images), "resnet56_cifar10": 128}
+    jobs = []
+    for name, count in counts.items():
         dst = tmp_path / f"{name}_int8"
         shutil.copy(int8_repository / f"{name}_int8" / "model.onnx", dst)
-        paths.append(dst)
-    # Only the int8 graphs run emulated (minutes under TCG): fp32 is not what differs
-    # between ISAs beyond float rounding, so its answers come from this machine.
-    _emulated(EVALUATE, ",".join(map(str, paths)), str(CIFAR_TEST))
-    for name in CIFAR_MODELS:
-        fp32 = _native(cifar_repository / name / "model.onnx", images)
-        int8 = np.load(f"{tmp_path / name}_int8.emulated.npy")
-        acc32 = float(np.mean(fp32.argmax(1) == labels))
-        acc8 = float(np.mean(int8.argmax(1) == labels))
-        agreement = float(np.mean(fp32.argmax(1) == int8.argmax(1)))
-        record_property(f"{name}_avx2_fp32_top1", acc32)
-        record_property(f"{name}_avx2_int8_top1", acc8)
-        print(f"{name} on {EMULATED_CPU}: fp32 {acc32:.4f} int8 {acc8:.4f} agree {agreement:.4f}")
-        # The thresholds of the native test (test_quantize.py), on the AVX2 kernels.
-        assert acc8 >= acc32 - MAX_INT8_DROP
-        assert agreement >= 0.98
-        # And the same numbers as this machine's kernels, whatever they are: 7-bit weights
-        # are exact integer arithmetic on every ISA, only the float epilogue may differ.
-        native = _native(int8_repository / f"{name}_int8" / "model.onnx", images)
-        rms = np.sqrt(np.mean((native - int8) ** 2)) / np.sqrt(np.mean(native**2))
+        jobs.append(f"{dst}:{count}")
+    _emulated(EVALUATE, ",".join(jobs), str(CIFAR_TEST))
+    for name, count in counts.items():
+        emulated = np.load(f"{tmp_path / name}_int8.emulated.npy")
+        # The same numbers as this machine's kernels, whatever they are: 7-bit weights are
+        # exact integer arithmetic on every ISA; only the float epilogue may round apart.
+        native = _native(int8_repository / f"{name}_int8" / "model.onnx", images[:count])
+        rms = np.sqrt(np.mean((native - emulated) ** 2)) / np.sqrt(np.mean(native**2))
         assert rms < 1e-3, f"{name}: AVX2 and native int8 logits differ (RMS {rms:.3g})"
+        assert np.array_equal(native.argmax(1), emulated.argmax(1))
+    name = "resnet20_cifar10"
+    fp32 = _native(cifar_repository / name / "model.onnx", images).argmax(1)
+    int8 = np.load(f"{tmp_path / name}_int8.emulated.npy").argmax(1)
+    acc32, acc8 = float(np.mean(fp32 == labels)), float(np.mean(int8 == labels))
+    agreement = float(np.mean(fp32 == int8))
+    record_property("resnet20_avx2_int8_top1", acc8)
+    print(
+        f"{name} int8 on {EMULATED_CPU}: top-1 {acc8:.4f} (fp32 {acc32:.4f}), agree {agreement:.4f}"
+    )
+    # The thresholds of the native test (test_quantize.py), now on the AVX2 kernels, where
+    # 8-bit weights gave 0.904 and agreement 0.957.
+    assert acc8 >= acc32 - MAX_INT8_DROP
+    assert agreement >= 0.98
 
 
 @pytest.fixture(scope="module")
@@ -166,10 +175,11 @@ def test_the_self_check_refuses_8bit_weights_on_avx2_and_accepts_7bit(
         shutil.copytree(weight_bits_repository / name, dst / name)
     # Natively (whatever this CPU is) the 7-bit model passes; on the emulated AVX2 CPU it
     # passes too, and the 8-bit model, which saturates there, is refused with its reason.
-    accepted = _emulated(LOAD, str(seven))
+    result = _emulated(LOAD, str(seven), str(eight))
+    accepted = result[str(seven)]
     assert accepted["r20_int8_w7"]["passed"] is True
     assert "AVX512" not in accepted["r20_int8_w7"]["cpu"]
-    refused = _emulated(LOAD, str(eight))["refused"]
+    refused = result[str(eight)]["refused"]
     assert "model r20_int8_w8 (int8) failed its self-check" in refused
     assert "logits RMS error" in refused and "ISA: AVX2, FMA3" in refused
     assert "AVX512" not in refused
