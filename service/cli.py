@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import signal
 import sys
 from types import FrameType
+from typing import NoReturn
 
 import uvicorn
 from pydantic import ValidationError
@@ -48,18 +51,43 @@ def settings_from_args(argv: list[str] | None = None) -> Settings:
 class DrainingServer(uvicorn.Server):
     """Readiness turns 503 the moment SIGTERM/SIGINT arrives; uvicorn then stops
     accepting, lets in-flight requests finish (``timeout_graceful_shutdown``) and runs
-    the lifespan shutdown, which drains the batchers."""
+    the lifespan shutdown, which drains the batchers and stops a warmup in progress.
+    A second Ctrl-C quits at once, without waiting for what was accepted."""
 
     runtime: Runtime | None = None
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.should_exit and sig == signal.SIGINT:
+            # uvicorn's own "force quit" would skip the lifespan shutdown, and the lifespan
+            # task, cancelled on the way out, would log a traceback.
+            _end_process(0)
         if self.runtime is not None:
             self.runtime.draining = True
         super().handle_exit(sig, frame)
-        if sig == signal.SIGTERM:
-            # uvicorn re-raises captured signals after shutdown, so the process would die
-            # "by SIGTERM"; a completed drain is a clean exit (0) for orchestrators.
-            self._captured_signals.remove(sig)
+        # uvicorn re-raises captured signals after shutdown, so the process would die "by
+        # SIGTERM", or with a KeyboardInterrupt traceback for Ctrl-C; a completed drain is
+        # a clean exit (0) for orchestrators and people alike.
+        self._captured_signals = [
+            s for s in self._captured_signals if s not in (signal.SIGINT, signal.SIGTERM)
+        ]
+
+
+def _end_process(code: int) -> NoReturn:
+    """Exit now, skipping the interpreter's teardown. A warmup cut short by a signal may
+    still be inside one onnxruntime run on its own thread (a run cannot be interrupted),
+    and the normal teardown would destroy onnxruntime's thread pools under it: the
+    process would abort ("terminate called without an active exception")."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _exit_now(sig: int, frame: FrameType | None) -> None:
+    """SIGINT/SIGTERM outside uvicorn's watch: while the models load, or once the drain is
+    over. Nothing accepted is left to drain, so the process ends at once, quietly, with the
+    drain's exit code."""
+    _end_process(0)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,6 +97,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"resnet-serve: invalid option: {exc}", file=sys.stderr)
         return 2
     logs.configure(settings.log_level, settings.log_format)
+    # Before anything slow: Ctrl-C while the models load is not a KeyboardInterrupt
+    # traceback. uvicorn puts its own handlers in place while it serves and restores these
+    # after, so asyncio's runner never installs its SIGINT handler (which would turn a
+    # late Ctrl-C into a KeyboardInterrupt traceback).
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _exit_now)
     try:
         # Loaded before the server starts, so a bad repository fails fast with a message.
         runtime = Runtime.load(settings, Metrics())
@@ -92,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     server = DrainingServer(config)
     server.runtime = runtime
     server.run()
-    return 0
+    # Drained (or a second Ctrl-C forced the way out): nothing left to save.
+    _end_process(0)
 
 
 if __name__ == "__main__":

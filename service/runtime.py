@@ -4,8 +4,11 @@ queue on the model's batcher, wait for the results."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -38,6 +41,35 @@ def _ranges(sizes: list[int]) -> str:
     return ", ".join(out)
 
 
+async def _in_daemon_thread(fn: Callable[..., None], *args: object) -> None:
+    """``fn(*args)`` in a thread of its own that nobody waits for at exit. asyncio.to_thread
+    would use the loop's default executor, which ``asyncio.run`` and the interpreter both
+    join on the way out: a warmup still running would keep a stopped server alive."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[None] = loop.create_future()
+
+    def settle(error: BaseException | None) -> None:
+        if done.done():  # the awaiting task was cancelled
+            return
+        if error is None:
+            done.set_result(None)
+        else:
+            done.set_exception(error)
+
+    def target() -> None:
+        error: BaseException | None = None
+        try:
+            fn(*args)
+        except BaseException as exc:  # handed to the awaiting task, not lost in this thread
+            error = exc
+        # A closed loop (RuntimeError): nobody is waiting any more.
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(settle, error)
+
+    threading.Thread(target=target, name=getattr(fn, "__name__", "worker"), daemon=True).start()
+    await done
+
+
 @dataclass(eq=False)
 class ServedModel:
     spec: ModelSpec
@@ -68,6 +100,7 @@ class Runtime:
     decode_pool: ThreadPoolExecutor = field(init=False)
     draining: bool = False
     _warmup: asyncio.Task[None] | None = None
+    _stop_warmup: threading.Event = field(default_factory=threading.Event)
 
     def __post_init__(self) -> None:
         self.decode_pool = ThreadPoolExecutor(
@@ -121,7 +154,9 @@ class Runtime:
     async def _warm_all(self) -> None:
         for m in self.models.values():
             t = time.perf_counter()
-            await asyncio.to_thread(m.pool.warmup, m.buckets, m.spec.input_shape)
+            await _in_daemon_thread(m.pool.warmup, m.buckets, m.spec.input_shape, self._stop_warmup)
+            if self._stop_warmup.is_set():
+                return
             m.ready = True
             self.metrics.model_ready.labels(m.name).set(1)
             log.info(
@@ -132,6 +167,7 @@ class Runtime:
 
     async def stop(self) -> None:
         self.draining = True
+        self._stop_warmup.set()
         if self._warmup is not None and not self._warmup.done():
             self._warmup.cancel()
         for m in self.models.values():

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -180,11 +181,19 @@ class SessionPool:
         )  # fmt: skip
         return cls(workers, settings.buckets_for(devices[0].kind))
 
-    def warmup(self, buckets: list[int], shape: tuple[int, int, int]) -> None:
+    def warmup(
+        self,
+        buckets: list[int],
+        shape: tuple[int, int, int],
+        stop: threading.Event | None = None,
+    ) -> None:
         """Run every bucket size once on every session (blocking), so that no request
-        pays for a first shape (allocations, kernel selection, cuDNN search)."""
+        pays for a first shape (allocations, kernel selection, cuDNN search). Returns early
+        once ``stop`` is set: a run cannot be interrupted, but the next one is not started."""
         for worker in self.workers:
             for b in buckets:
+                if stop is not None and stop.is_set():
+                    return
                 worker.run(np.zeros((b, *shape), dtype=np.uint8))
 
     def start(self) -> None:

@@ -1,0 +1,75 @@
+"""`resnet-serve` as users run it, as a process: signals, startup errors and --help."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import time
+
+import httpx
+import pytest
+
+from tests.service.servers import ProcessServer
+
+# Every onnxruntime run takes 5 s longer, as one batch of a large model does on a small
+# CPU: warmup lasts minutes, and a run is in progress whenever a signal arrives.
+SLOW_RUNS = """
+import time
+
+from service import sessions
+
+_run = sessions.Worker.run
+
+
+def _slow_run(self, *args, **kwargs):
+    time.sleep(5)
+    return _run(self, *args, **kwargs)
+
+
+sessions.Worker.run = _slow_run
+"""
+
+
+def _send(srv: ProcessServer, signals: tuple[int, ...]) -> tuple[int, float]:
+    """Send ``signals`` (a second one 50 ms after the first, while uvicorn shuts down);
+    the exit code and the seconds from the first signal to the exit."""
+    assert srv.proc is not None
+    start = time.monotonic()
+    for i, sig in enumerate(signals):
+        if i:
+            time.sleep(0.05)
+        srv.proc.send_signal(sig)
+    try:
+        code = srv.proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        srv.proc.kill()
+        srv.proc.wait()
+        pytest.fail(f"still running 30 s after {signals}")
+    return code, time.monotonic() - start
+
+
+SIGNALS = [(signal.SIGINT,), (signal.SIGTERM,), (signal.SIGINT, signal.SIGINT)]
+SIGNAL_IDS = ["ctrl-c", "sigterm", "ctrl-c-twice"]
+
+
+@pytest.mark.parametrize("signals", SIGNALS, ids=SIGNAL_IDS)
+def test_signal_during_warmup_exits_0_at_once(r20_repository, tmp_path, signals) -> None:
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(SLOW_RUNS)
+    srv = ProcessServer(r20_repository)
+    srv.env["PYTHONPATH"] = str(hooks)
+    srv.start(wait_ready=False)
+    assert httpx.get(srv.url + "/readyz").status_code == 503  # still warming up
+    code, seconds = _send(srv, signals)
+    assert code == 0, srv.output()
+    assert seconds < 2, f"exited {seconds:.1f} s after the signal"
+    assert "Traceback" not in srv.output()
+
+
+@pytest.mark.parametrize("signals", [SIGNALS[0], SIGNALS[2]], ids=[SIGNAL_IDS[0], SIGNAL_IDS[2]])
+def test_ctrl_c_when_ready_exits_0_without_traceback(r20_repository, signals) -> None:
+    srv = ProcessServer(r20_repository).start()
+    code, _ = _send(srv, signals)
+    assert code == 0, srv.output()
+    assert "Traceback" not in srv.output()
