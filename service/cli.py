@@ -18,7 +18,7 @@ from service.app import create_app
 from service.metrics import Metrics
 from service.repository import RepositoryError
 from service.runtime import Runtime
-from service.settings import Settings
+from service.settings import Settings, options
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,18 +27,16 @@ def build_parser() -> argparse.ArgumentParser:
         description="Serve the models of an ONNX model repository (made by resnet-export) over "
         "HTTP. Every option can also be set as RESNET_SERVE_<OPTION> in the environment.",
     )
-    for name, field in Settings.model_fields.items():
-        flag = "--" + name.replace("_", "-")
-        env = f"RESNET_SERVE_{name.upper()}"
-        default = field.get_default(call_default_factory=True)
-        shown = ",".join(map(str, default)) if isinstance(default, list) else default
-        help_text = f"{field.description} [env {env}; default: {shown}]"
-        if field.annotation in (bool, bool | None):
+    for o in options():
+        # argparse expands "%" in help texts.
+        help_text = f"{o.description} [env {o.env}; default: {o.default}]".replace("%", "%%")
+        if o.boolean:
             p.add_argument(
-                flag, action=argparse.BooleanOptionalAction, default=None, help=help_text
-            )
+                o.flag, dest=o.name, action=argparse.BooleanOptionalAction, default=None,
+                help=help_text,
+            )  # fmt: skip
         else:
-            p.add_argument(flag, default=None, help=help_text)
+            p.add_argument(o.flag, dest=o.name, default=None, help=help_text)
     return p
 
 

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import re
 import signal
 import subprocess
+import sys
 import time
+from pathlib import Path
 
 import httpx
 import pytest
 
+from tests.conftest import ROOT
 from tests.service.servers import ProcessServer
 
 # Every onnxruntime run takes 5 s longer, as one batch of a large model does on a small
@@ -73,3 +77,45 @@ def test_ctrl_c_when_ready_exits_0_without_traceback(r20_repository, signals) ->
     code, _ = _send(srv, signals)
     assert code == 0, srv.output()
     assert "Traceback" not in srv.output()
+
+
+def _help_options(text: str) -> dict[str, tuple[str, str, str]]:
+    """flag -> (environment variable, default, meaning), from argparse's --help."""
+    entries: list[list[str]] = []
+    for line in text.splitlines():
+        if line.startswith("  -"):
+            entries.append([line])
+        elif line.startswith("   ") and entries:
+            entries[-1].append(line)
+    out = {}
+    for lines in entries:
+        entry = " ".join(" ".join(lines).split())  # argparse wraps lines anywhere
+        flag = entry.split()[0].rstrip(",")
+        if flag == "-h":
+            continue
+        # "--flag, --no-flag meaning" or "--flag FLAG meaning"
+        for head in (f"{flag}, --no-{flag[2:]} ", f"{flag} {flag[2:].upper().replace('-', '_')} "):
+            if entry.startswith(head):
+                entry = entry[len(head) :]
+                break
+        m = re.fullmatch(r"(.*) \[env (\S+); default: (.*)\]", entry)
+        assert m, entry
+        out[flag] = (m.group(2), m.group(3), m.group(1))
+    return out
+
+
+def _readme_options() -> dict[str, tuple[str, str, str]]:
+    readme = (ROOT / "README.md").read_text()
+    table = readme.split("<!-- options-table -->")[1].split("<!-- /options-table -->")[0]
+    rows = re.findall(r"^\| `(--\S+)` \| `(\S+)` \| `([^`]*)` \| (.*) \|$", table, re.M)
+    return {flag: (env, default, meaning) for flag, env, default, meaning in rows}
+
+
+def test_help_and_the_readme_table_list_the_same_options_and_defaults() -> None:
+    script = Path(sys.executable).with_name("resnet-serve")
+    assert script.exists(), f"{script} missing: pip install -e . first"
+    proc = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    in_help, in_readme = _help_options(proc.stdout), _readme_options()
+    assert len(in_help) > 20
+    assert in_help == in_readme
