@@ -65,7 +65,10 @@ class Settings(BaseSettings):
         "largest must equal --max-batch-size",
     )
     max_queue_images: int = Field(
-        512, ge=1, description="images admitted (decoding or queued), at most; beyond it 503"
+        512,
+        ge=1,
+        description="images admitted (decoding or queued), at most; beyond it 503, and 413 for "
+        "a request with more images on its own",
     )
     request_timeout_ms: float = Field(30_000, gt=0, description="per request; beyond it 504")
     decode_workers: int = Field(0, ge=0, description="image decoding threads (0: one per core)")
