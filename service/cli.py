@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import signal
+import socket
 import sys
 from types import FrameType
 from typing import NoReturn
@@ -19,6 +21,12 @@ from service.metrics import Metrics
 from service.repository import RepositoryError
 from service.runtime import Runtime
 from service.settings import Settings, options
+
+# Exit codes (the README lists them): 0 after a drain, EXIT_USAGE for an invalid option,
+# repository or model, EXIT_LISTEN when the address cannot be bound.
+EXIT_USAGE = 2
+EXIT_LISTEN = 3
+log = logging.getLogger(__name__)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,6 +62,14 @@ class DrainingServer(uvicorn.Server):
 
     runtime: Runtime | None = None
 
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        # uvicorn says where it listens only for addresses it bound itself.
+        for sock in sockets or ():
+            host, port = sock.getsockname()[:2]
+            url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
+            log.info("listening on %s (Ctrl-C to stop)", url)
+
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self.should_exit and sig == signal.SIGINT:
             # uvicorn's own "force quit" would skip the lifespan shutdown, and the lifespan
@@ -88,12 +104,26 @@ def _exit_now(sig: int, frame: FrameType | None) -> None:
     _end_process(0)
 
 
+def bind(host: str, port: int) -> socket.socket:
+    """The listening address, bound before the models load: a port already in use fails
+    in a second with one line, not after the load with uvicorn's log record. The same
+    socket as uvicorn's own (``Config.bind_socket``), handed to it."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         settings = settings_from_args(argv)
     except ValidationError as exc:
         print(f"resnet-serve: invalid option: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     logs.configure(settings.log_level, settings.log_format)
     # Before anything slow: Ctrl-C while the models load is not a KeyboardInterrupt
     # traceback. uvicorn puts its own handlers in place while it serves and restores these
@@ -102,14 +132,28 @@ def main(argv: list[str] | None = None) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, _exit_now)
     try:
+        sock = bind(settings.host, settings.port)
+    except OSError as exc:
+        hint = (
+            ": another process is using it; stop that one or choose another --port"
+            if exc.errno == errno.EADDRINUSE
+            else ""
+        )
+        print(
+            f"resnet-serve: cannot listen on {settings.host}:{settings.port} "
+            f"({exc.strerror or exc}){hint}",
+            file=sys.stderr,
+        )
+        return EXIT_LISTEN
+    try:
         # Loaded before the server starts, so a bad repository fails fast with a message.
         runtime = Runtime.load(settings, Metrics())
     except RepositoryError as exc:
         print(f"resnet-serve: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     except Exception as exc:  # onnxruntime refusing a model file, typically
         print(f"resnet-serve: cannot load models: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     app = create_app(settings, runtime)
     config = uvicorn.Config(
         app,
@@ -123,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     server = DrainingServer(config)
     server.runtime = runtime
-    server.run()
+    server.run(sockets=[sock])
     # Drained (or a second Ctrl-C forced the way out): nothing left to save.
     _end_process(0)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -111,11 +112,39 @@ def _readme_options() -> dict[str, tuple[str, str, str]]:
     return {flag: (env, default, meaning) for flag, env, default, meaning in rows}
 
 
-def test_help_and_the_readme_table_list_the_same_options_and_defaults() -> None:
+def _resnet_serve(*args: str) -> subprocess.CompletedProcess[str]:
+    """The installed script, as users run it."""
     script = Path(sys.executable).with_name("resnet-serve")
     assert script.exists(), f"{script} missing: pip install -e . first"
-    proc = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=60)
+    return subprocess.run([str(script), *args], capture_output=True, text=True, timeout=120)
+
+
+def test_help_and_the_readme_table_list_the_same_options_and_defaults() -> None:
+    proc = _resnet_serve("--help")
     assert proc.returncode == 0, proc.stderr
     in_help, in_readme = _help_options(proc.stdout), _readme_options()
     assert len(in_help) > 20
     assert in_help == in_readme
+
+
+def test_missing_repository_names_resnet_export(tmp_path: Path) -> None:
+    proc = _resnet_serve("--repository", str(tmp_path / "nowhere"))
+    assert proc.returncode == 2
+    (line,) = proc.stderr.strip().splitlines()
+    assert "does not exist" in line and "resnet-export" in line
+
+
+def test_port_in_use_is_one_line_and_exit_code_3(r20_repository) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        start = time.monotonic()
+        proc = _resnet_serve("--repository", str(r20_repository), "--port", str(port))
+        seconds = time.monotonic() - start
+    assert proc.returncode == 3
+    # Only this line: the port is bound before the models load, so nothing else happened.
+    (line,) = proc.stderr.strip().splitlines()
+    assert f"cannot listen on 127.0.0.1:{port}" in line and "--port" in line, line
+    assert "in use" in line
+    assert seconds < 30
