@@ -23,7 +23,7 @@ from service.errors import (
 )
 from service.metrics import Metrics
 from service.preprocess import DecodeOptions, preprocess
-from service.repository import ModelSpec, discover
+from service.repository import ModelSpec, RepositoryError, discover
 from service.sessions import DEFAULT_OUTPUTS, SessionPool
 from service.settings import Settings
 
@@ -111,6 +111,13 @@ class Runtime:
     def load(cls, settings: Settings, metrics: Metrics) -> Runtime:
         """Read the repository and create every session (blocking; fails fast)."""
         specs = discover(settings.repository, settings.models or None)
+        names = [s.name for s in specs]
+        if settings.default_model and settings.default_model not in names:
+            # Checked before any session is created: a typo fails in a second.
+            raise RepositoryError(
+                f"--default-model {settings.default_model} is not a served model "
+                f"(served: {', '.join(names)})"
+            )
         total = len(specs) * settings.sessions_per_device
         models = {s.name: ServedModel(s, SessionPool.load(s, settings, total)) for s in specs}
         options = DecodeOptions(
@@ -122,7 +129,7 @@ class Runtime:
 
     @property
     def default_model(self) -> str:
-        return next(iter(self.models))
+        return self.settings.default_model or next(iter(self.models))
 
     @property
     def ready(self) -> bool:

@@ -37,7 +37,12 @@ class Settings(BaseSettings):
     )
     models: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
-        description="comma-separated models to serve; the first is the default",
+        description="comma-separated models to serve",
+    )
+    default_model: str | None = Field(
+        None,
+        description="the model of /v1/classify and /v1/embed (those without a model in the "
+        "path); must be served",
     )
     host: str = Field("127.0.0.1", description="address to bind")
     port: int = Field(8000, ge=0, le=65535, description="port to bind")
@@ -145,6 +150,7 @@ class Settings(BaseSettings):
 # or None in the field): the README table and --help print these words.
 _DEFAULT_IN_WORDS = {
     "models": "(all in the repository)",
+    "default_model": "(the first of --models, else the repository's first by name)",
     "io_binding": "(on for cuda, off for cpu)",
     "batch_buckets": "(every size up to --max-batch-size on cpu, powers of two on cuda)",
     "api_keys": "(none: no auth)",

@@ -148,3 +148,17 @@ def test_port_in_use_is_one_line_and_exit_code_3(r20_repository) -> None:
     assert f"cannot listen on 127.0.0.1:{port}" in line and "--port" in line, line
     assert "in use" in line
     assert seconds < 30
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["--default-model", "resnet18"], ["--models", "resnet20_cifar10", "--default-model",
+                                      "resnet56_cifar10"]],
+    ids=["not-in-repository", "not-in-models"],
+)  # fmt: skip
+def test_unknown_default_model_is_one_line_and_exit_code_2(cifar_repository, args) -> None:
+    proc = _resnet_serve("--repository", str(cifar_repository), "--port", "0", *args)
+    assert proc.returncode == 2
+    (line,) = proc.stderr.strip().splitlines()
+    assert f"--default-model {args[-1]} is not a served model" in line, line
+    assert "served: resnet20_cifar10" in line

@@ -129,6 +129,25 @@ def test_named_model_and_default(server: ProcessServer, cifar_pngs) -> None:
     assert r.json()["model"] == R20
 
 
+def test_default_model_option(cifar_repository, cifar_pngs) -> None:
+    # Without it, the default would be resnet20_cifar10: the repository's first by name.
+    srv = ProcessServer(cifar_repository, default_model="resnet56_cifar10").start()
+    try:
+        listing = httpx.get(srv.url + "/v1/models").json()
+        assert listing["default"] == "resnet56_cifar10"
+        assert {m["name"]: m["default"] for m in listing["models"]} == {
+            R20: False,
+            "resnet56_cifar10": True,
+        }
+        files = {"file": ("a.png", cifar_pngs[0])}
+        assert _classify(srv, files=files).json()["model"] == "resnet56_cifar10"
+        r = _classify(srv, "/v1/embed", files=files)
+        assert r.json()["model"] == "resnet56_cifar10"
+        assert _classify(srv, f"/v1/models/{R20}/classify", files=files).json()["model"] == R20
+    finally:
+        assert srv.stop() == 0
+
+
 def test_embeddings(server: ProcessServer, cifar_pngs) -> None:
     files = [("file", (f"{i}.png", cifar_pngs[i])) for i in range(3)]
     r = httpx.post(server.url + "/v1/embed", files=files, timeout=30)
@@ -153,7 +172,9 @@ def test_embeddings(server: ProcessServer, cifar_pngs) -> None:
 
 
 def test_listing_and_metadata(server: ProcessServer) -> None:
-    listing = httpx.get(server.url + "/v1/models").json()["models"]
+    body = httpx.get(server.url + "/v1/models").json()
+    assert body["default"] == R20  # the first of --models
+    listing = body["models"]
     assert [m["name"] for m in listing] == [R20, "resnet56_cifar10"]
     assert listing[0]["default"] is True and listing[1]["default"] is False
     assert all("labels" not in m and m["ready"] for m in listing)
