@@ -7,6 +7,7 @@ exactly those (hash-checked) or the export stops with a message that says what t
 from __future__ import annotations
 
 import hashlib
+import os
 import urllib.error
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -20,6 +21,9 @@ from models.catalog import Variant
 
 RANDOM_SEED = 0
 LOCAL_SUFFIXES = (".pth", ".pt", ".th", ".bin", ".safetensors")
+# The torch hub cache beside this checkout (``../shared/weights``): it holds some of the
+# catalog's checkpoints (the CIFAR ResNet-20/32/44/56), not all of them.
+SHARED_WEIGHTS = Path(__file__).resolve().parents[2] / "shared" / "weights"
 
 
 class WeightsError(Exception):
@@ -67,6 +71,16 @@ def _cache_path(variant: Variant) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / variant.weights.filename
 
 
+def _shared_cache_hint(filename: str) -> str:
+    """``TORCH_HOME=...`` for the shared cache, only where it holds this very file: for
+    any other model the suggestion would only lead to the same error."""
+    if not (SHARED_WEIGHTS / "hub" / "checkpoints" / filename).is_file():
+        return ""
+    relative = os.path.relpath(SHARED_WEIGHTS)
+    shown = relative if len(relative) < len(str(SHARED_WEIGHTS)) else str(SHARED_WEIGHTS)
+    return f"; this checkout's shared cache has it: run with TORCH_HOME={shown}"
+
+
 def load_default(variant: Variant, progress: bool = False) -> Weights:
     spec = variant.weights
     if spec is None:
@@ -80,8 +94,8 @@ def load_default(variant: Variant, progress: bool = False) -> Weights:
     except (urllib.error.URLError, OSError, TimeoutError) as exc:
         raise WeightsError(
             f"cannot download the default weights of {variant.name} from {spec.url} ({exc}), "
-            f"and no cached copy exists at {cached}. Either place the file there "
-            f"(the cache follows TORCH_HOME, e.g. TORCH_HOME=../shared/weights), "
+            f"and no cached copy exists at {cached}{_shared_cache_hint(spec.filename)}. "
+            f"Either place the file there (the cache follows TORCH_HOME), "
             f"or pass --weights PATH to a local .pth/.th/.safetensors file, "
             f"or --weights random for seeded random weights."
         ) from None
