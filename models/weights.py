@@ -137,11 +137,51 @@ def resolve(variant: Variant, weights: str, progress: bool = False) -> Weights:
     return load_local(Path(weights))
 
 
+def classifier_key(variant: Variant) -> str:
+    """The state-dict key of the classifier's weight ``[classes, embedding]``: ``linear``
+    in the CIFAR nets (as in their reference checkpoints), ``fc`` in torchvision's."""
+    return "linear.weight" if variant.family == "cifar" else "fc.weight"
+
+
+def checkpoint_classes(variant: Variant, weights: Weights) -> int | None:
+    """How many classes the checkpoint's classifier has; None for random weights, or a
+    checkpoint without that key (loading it then says what is wrong)."""
+    if weights.state_dict is None:
+        return None
+    w = weights.state_dict.get(classifier_key(variant))
+    return int(w.shape[0]) if w is not None and w.ndim == 2 else None
+
+
+def class_labels(variant: Variant, weights: Weights, labels: list[str] | None) -> list[str]:
+    """The class names to export: ``labels`` (as many as the checkpoint has classes),
+    else the catalog's, else, for a checkpoint with another number of classes (fine-tuned
+    on other data), their numbers "0", "1", ..."""
+    n = checkpoint_classes(variant, weights)
+    if labels is not None:
+        if n is not None and len(labels) != n:
+            raise WeightsError(
+                f"--labels has {len(labels)} names, but the checkpoint's classifier "
+                f"({classifier_key(variant)}) has {n} classes: give one name per class"
+            )
+        return labels
+    if n is None or n == variant.num_classes:
+        return variant.labels()
+    return [str(i) for i in range(n)]
+
+
 def build_model(variant: Variant, weights: Weights, num_classes: int | None = None) -> nn.Module:
     """The variant's module with ``weights`` loaded strictly, in eval mode."""
+    num_classes = num_classes or variant.num_classes
+    found = checkpoint_classes(variant, weights)
+    if found is not None and found != num_classes:
+        # Said plainly: PyTorch's size-mismatch report is a page long.
+        raise WeightsError(
+            f"the checkpoint's classifier ({classifier_key(variant)}) has {found} classes, "
+            f"the model was asked for {num_classes}"
+        )
     # Seeding before construction makes "random" weights the same on every machine.
     torch.manual_seed(RANDOM_SEED)
-    model: nn.Module = variant.build_fn()(num_classes=num_classes or variant.num_classes)
+    model: nn.Module = variant.build_fn()(num_classes=num_classes)
     if weights.state_dict is not None:
         try:
             model.load_state_dict(weights.state_dict, strict=True)
