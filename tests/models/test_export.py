@@ -186,25 +186,21 @@ def test_cli_fine_tuned_checkpoint_with_other_classes(tmp_path: Path, capsys, na
 
 def test_cli_labels_file_of_the_wrong_length(tmp_path: Path, capsys) -> None:
     ckpt = _fine_tuned(tmp_path, "resnet20_cifar10", 37)
-    labels = tmp_path / "labels.txt"
-    labels.write_text("".join(f"kind{i}\n" for i in range(5)))
-    rc = cli_main(
-        ["resnet20_cifar10", "--repository", str(tmp_path / "r"), "--weights", str(ckpt),
-         "--labels", str(labels)]
-    )  # fmt: skip
-    err = capsys.readouterr().err
-    assert rc == 1
-    (line,) = err.strip().splitlines()
+
+    def export(count: int) -> int:
+        # A file per count: labels files are cached by path.
+        labels = tmp_path / f"labels{count}.txt"
+        labels.write_text("".join(f"kind{i}\n" for i in range(count)))
+        return cli_main(
+            ["resnet20_cifar10", "--repository", str(tmp_path / "r"), "--weights", str(ckpt),
+             "--labels", str(labels)]
+        )  # fmt: skip
+
+    assert export(5) == 1
+    (line,) = capsys.readouterr().err.strip().splitlines()
     assert "--labels has 5 names" in line and "37 classes" in line, line
     assert not (tmp_path / "r" / "resnet20_cifar10").exists()
-    # The right number of names: exported with them (another file: labels are cached by path).
-    labels = tmp_path / "labels37.txt"
-    labels.write_text("".join(f"kind{i}\n" for i in range(37)))
-    rc = cli_main(
-        ["resnet20_cifar10", "--repository", str(tmp_path / "r"), "--weights", str(ckpt),
-         "--labels", str(labels)]
-    )  # fmt: skip
-    assert rc == 0
+    assert export(37) == 0  # the right number of names: exported with them
     meta = json.loads((tmp_path / "r" / "resnet20_cifar10" / "model.json").read_text())
     assert meta["labels"][36] == "kind36"
 
