@@ -40,7 +40,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--labels",
         type=Path,
-        help="class names, one per line, for a fine-tuned checkpoint (sets num_classes)",
+        help="class names, one per line, one per class of the checkpoint (a fine-tuned one); "
+        "without it, a checkpoint with another number of classes than the catalog's model "
+        "gets them numbered 0, 1, ...",
     )
     p.add_argument(
         "--features",
@@ -174,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     from tqdm import tqdm
 
     from models.export import DEFAULT_OPSET, DEFAULT_TOLERANCE, ExportError, export_variant
-    from models.weights import WeightsError, resolve
+    from models.weights import WeightsError, class_labels, resolve
 
     # The exporter warns about torchvision ops it cannot register; we use none of them.
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
@@ -184,12 +186,20 @@ def main(argv: list[str] | None = None) -> int:
         bar.set_postfix_str(variant.name)
         try:
             weights = resolve(variant, args.weights, progress=sys.stderr.isatty())
+            names = class_labels(variant, weights, labels)
+            if labels is None and len(names) != variant.num_classes:
+                tqdm.write(
+                    f"{variant.name}: the checkpoint has {len(names)} classes, not the "
+                    f"catalog's {variant.num_classes}: they are numbered 0..{len(names) - 1}; "
+                    "--labels FILE (one name per line) gives them names",
+                    file=sys.stdout,
+                )
             out = export_variant(
                 variant,
                 weights,
                 args.repository,
                 name=args.name,
-                labels=labels,
+                labels=names,
                 opset=args.opset or DEFAULT_OPSET,
                 tolerance=args.tolerance or DEFAULT_TOLERANCE,
                 precision=args.precision,

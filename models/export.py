@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from models.catalog import Preprocess, Variant
-from models.weights import Weights, build_model, sha256_file
+from models.weights import Weights, build_model, class_labels, sha256_file
 from service import selfcheck
 
 FORMAT_VERSION = 1
@@ -264,7 +264,7 @@ def export_variant(
     """
     # A suffix keeps an int8/fp16 export from replacing the fp32 model of the same variant.
     name = name or (variant.name if precision == "fp32" else f"{variant.name}_{precision}")
-    labels = labels or variant.labels()
+    labels = class_labels(variant, weights, labels)
     calib = None
     if precision != "fp32":
         # Imported only here: the fp32 path needs neither the quantizer nor the runtime code.

@@ -7,6 +7,7 @@ exactly those (hash-checked) or the export stops with a message that says what t
 from __future__ import annotations
 
 import hashlib
+import os
 import urllib.error
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -20,6 +21,9 @@ from models.catalog import Variant
 
 RANDOM_SEED = 0
 LOCAL_SUFFIXES = (".pth", ".pt", ".th", ".bin", ".safetensors")
+# The torch hub cache beside this checkout (``../shared/weights``): it holds some of the
+# catalog's checkpoints (the CIFAR ResNet-20/32/44/56), not all of them.
+SHARED_WEIGHTS = Path(__file__).resolve().parents[2] / "shared" / "weights"
 
 
 class WeightsError(Exception):
@@ -67,6 +71,16 @@ def _cache_path(variant: Variant) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / variant.weights.filename
 
 
+def _shared_cache_hint(filename: str) -> str:
+    """``TORCH_HOME=...`` for the shared cache, only where it holds this very file: for
+    any other model the suggestion would only lead to the same error."""
+    if not (SHARED_WEIGHTS / "hub" / "checkpoints" / filename).is_file():
+        return ""
+    relative = os.path.relpath(SHARED_WEIGHTS)
+    shown = relative if len(relative) < len(str(SHARED_WEIGHTS)) else str(SHARED_WEIGHTS)
+    return f"; this checkout's shared cache has it: run with TORCH_HOME={shown}"
+
+
 def load_default(variant: Variant, progress: bool = False) -> Weights:
     spec = variant.weights
     if spec is None:
@@ -80,8 +94,8 @@ def load_default(variant: Variant, progress: bool = False) -> Weights:
     except (urllib.error.URLError, OSError, TimeoutError) as exc:
         raise WeightsError(
             f"cannot download the default weights of {variant.name} from {spec.url} ({exc}), "
-            f"and no cached copy exists at {cached}. Either place the file there "
-            f"(the cache follows TORCH_HOME, e.g. TORCH_HOME=../shared/weights), "
+            f"and no cached copy exists at {cached}{_shared_cache_hint(spec.filename)}. "
+            f"Either place the file there (the cache follows TORCH_HOME), "
             f"or pass --weights PATH to a local .pth/.th/.safetensors file, "
             f"or --weights random for seeded random weights."
         ) from None
@@ -123,11 +137,51 @@ def resolve(variant: Variant, weights: str, progress: bool = False) -> Weights:
     return load_local(Path(weights))
 
 
+def classifier_key(variant: Variant) -> str:
+    """The state-dict key of the classifier's weight ``[classes, embedding]``: ``linear``
+    in the CIFAR nets (as in their reference checkpoints), ``fc`` in torchvision's."""
+    return "linear.weight" if variant.family == "cifar" else "fc.weight"
+
+
+def checkpoint_classes(variant: Variant, weights: Weights) -> int | None:
+    """How many classes the checkpoint's classifier has; None for random weights, or a
+    checkpoint without that key (loading it then says what is wrong)."""
+    if weights.state_dict is None:
+        return None
+    w = weights.state_dict.get(classifier_key(variant))
+    return int(w.shape[0]) if w is not None and w.ndim == 2 else None
+
+
+def class_labels(variant: Variant, weights: Weights, labels: list[str] | None) -> list[str]:
+    """The class names to export: ``labels`` (as many as the checkpoint has classes),
+    else the catalog's, else, for a checkpoint with another number of classes (fine-tuned
+    on other data), their numbers "0", "1", ..."""
+    n = checkpoint_classes(variant, weights)
+    if labels is not None:
+        if n is not None and len(labels) != n:
+            raise WeightsError(
+                f"--labels has {len(labels)} names, but the checkpoint's classifier "
+                f"({classifier_key(variant)}) has {n} classes: give one name per class"
+            )
+        return labels
+    if n is None or n == variant.num_classes:
+        return variant.labels()
+    return [str(i) for i in range(n)]
+
+
 def build_model(variant: Variant, weights: Weights, num_classes: int | None = None) -> nn.Module:
     """The variant's module with ``weights`` loaded strictly, in eval mode."""
+    num_classes = num_classes or variant.num_classes
+    found = checkpoint_classes(variant, weights)
+    if found is not None and found != num_classes:
+        # Said plainly: PyTorch's size-mismatch report is a page long.
+        raise WeightsError(
+            f"the checkpoint's classifier ({classifier_key(variant)}) has {found} classes, "
+            f"the model was asked for {num_classes}"
+        )
     # Seeding before construction makes "random" weights the same on every machine.
     torch.manual_seed(RANDOM_SEED)
-    model: nn.Module = variant.build_fn()(num_classes=num_classes or variant.num_classes)
+    model: nn.Module = variant.build_fn()(num_classes=num_classes)
     if weights.state_dict is not None:
         try:
             model.load_state_dict(weights.state_dict, strict=True)

@@ -5,7 +5,8 @@ future. The task waits for an idle session, then closes a batch at ``max_batch_s
 images or ``max_batch_delay_ms`` after its first image, whichever comes first; while
 all sessions are busy the queue grows, so batches grow with load. Items whose request
 is gone (future cancelled: client disconnected or timed out) are dropped unrun.
-Admission is explicit: past ``max_queue_images`` a request is refused at once.
+Admission is explicit: past ``max_queue_images`` a request is refused at once (503), and
+one that could never fit, having more images than that on its own, is too large (413).
 
 Waiting for more images only pays when more are coming: a request announces itself
 (``expect``) as soon as it arrives, before its body is read and decoded, and a batch
@@ -24,7 +25,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from service.errors import InferenceFailedError, NotReadyError, OverloadedError
+from service.errors import (
+    InferenceFailedError,
+    NotReadyError,
+    OverloadedError,
+    PayloadTooLargeError,
+)
 from service.metrics import Metrics
 from service.sessions import DEFAULT_OUTPUTS, SessionPool, Worker
 
@@ -114,9 +120,17 @@ class Batcher:
         self._arrival.set()  # a waiting batch may be waiting for this request
 
     def reserve(self, n: int) -> None:
-        """Admit ``n`` images that are about to be decoded, or refuse them now (503)."""
+        """Admit ``n`` images that are about to be decoded, or refuse them now: 503 while
+        the queue is too full for them, 413 if they exceed the limit on their own."""
         if self._closing:
             raise NotReadyError("the service is shutting down")
+        if n > self.max_queue_images:
+            # Retrying could never help (a 503 would invite exactly that): the request
+            # itself is too large for this server.
+            raise PayloadTooLargeError(
+                f"{n} images in one request can never be admitted: model {self.model} "
+                f"admits at most {self.max_queue_images} images at once (--max-queue-images)"
+            )
         if self.pending + n > self.max_queue_images:
             self.metrics.rejected.labels(self.model, "queue_full").inc(n)
             raise OverloadedError(

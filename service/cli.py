@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import errno
+import logging
+import os
 import signal
+import socket
 import sys
 from types import FrameType
+from typing import NoReturn
 
 import uvicorn
 from pydantic import ValidationError
@@ -15,7 +20,13 @@ from service.app import create_app
 from service.metrics import Metrics
 from service.repository import RepositoryError
 from service.runtime import Runtime
-from service.settings import Settings
+from service.settings import Settings, options
+
+# Exit codes (the README lists them): 0 after a drain, EXIT_USAGE for an invalid option,
+# repository or model, EXIT_LISTEN when the address cannot be bound.
+EXIT_USAGE = 2
+EXIT_LISTEN = 3
+log = logging.getLogger(__name__)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,18 +35,16 @@ def build_parser() -> argparse.ArgumentParser:
         description="Serve the models of an ONNX model repository (made by resnet-export) over "
         "HTTP. Every option can also be set as RESNET_SERVE_<OPTION> in the environment.",
     )
-    for name, field in Settings.model_fields.items():
-        flag = "--" + name.replace("_", "-")
-        env = f"RESNET_SERVE_{name.upper()}"
-        default = field.get_default(call_default_factory=True)
-        shown = ",".join(map(str, default)) if isinstance(default, list) else default
-        help_text = f"{field.description} [env {env}; default: {shown}]"
-        if field.annotation in (bool, bool | None):
+    for o in options():
+        # argparse expands "%" in help texts.
+        help_text = f"{o.description} [env {o.env}; default: {o.default}]".replace("%", "%%")
+        if o.boolean:
             p.add_argument(
-                flag, action=argparse.BooleanOptionalAction, default=None, help=help_text
-            )
+                o.flag, dest=o.name, action=argparse.BooleanOptionalAction, default=None,
+                help=help_text,
+            )  # fmt: skip
         else:
-            p.add_argument(flag, default=None, help=help_text)
+            p.add_argument(o.flag, dest=o.name, default=None, help=help_text)
     return p
 
 
@@ -48,18 +57,65 @@ def settings_from_args(argv: list[str] | None = None) -> Settings:
 class DrainingServer(uvicorn.Server):
     """Readiness turns 503 the moment SIGTERM/SIGINT arrives; uvicorn then stops
     accepting, lets in-flight requests finish (``timeout_graceful_shutdown``) and runs
-    the lifespan shutdown, which drains the batchers."""
+    the lifespan shutdown, which drains the batchers and stops a warmup in progress.
+    A second Ctrl-C quits at once, without waiting for what was accepted."""
 
     runtime: Runtime | None = None
 
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        # uvicorn says where it listens only for addresses it bound itself.
+        for sock in sockets or ():
+            host, port = sock.getsockname()[:2]
+            url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
+            log.info("listening on %s (Ctrl-C to stop)", url)
+
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.should_exit and sig == signal.SIGINT:
+            # uvicorn's own "force quit" would skip the lifespan shutdown, and the lifespan
+            # task, cancelled on the way out, would log a traceback.
+            _end_process(0)
         if self.runtime is not None:
             self.runtime.draining = True
         super().handle_exit(sig, frame)
-        if sig == signal.SIGTERM:
-            # uvicorn re-raises captured signals after shutdown, so the process would die
-            # "by SIGTERM"; a completed drain is a clean exit (0) for orchestrators.
-            self._captured_signals.remove(sig)
+        # uvicorn re-raises captured signals after shutdown, so the process would die "by
+        # SIGTERM", or with a KeyboardInterrupt traceback for Ctrl-C; a completed drain is
+        # a clean exit (0) for orchestrators and people alike.
+        self._captured_signals = [
+            s for s in self._captured_signals if s not in (signal.SIGINT, signal.SIGTERM)
+        ]
+
+
+def _end_process(code: int) -> NoReturn:
+    """Exit now, skipping the interpreter's teardown. A warmup cut short by a signal may
+    still be inside one onnxruntime run on its own thread (a run cannot be interrupted),
+    and the normal teardown would destroy onnxruntime's thread pools under it: the
+    process would abort ("terminate called without an active exception")."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _exit_now(sig: int, frame: FrameType | None) -> None:
+    """SIGINT/SIGTERM outside uvicorn's watch: while the models load, or once the drain is
+    over. Nothing accepted is left to drain, so the process ends at once, quietly, with the
+    drain's exit code."""
+    _end_process(0)
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """The listening address, bound before the models load: a port already in use fails
+    in a second with one line, not after the load with uvicorn's log record. The same
+    socket as uvicorn's own (``Config.bind_socket``), handed to it."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,17 +123,37 @@ def main(argv: list[str] | None = None) -> int:
         settings = settings_from_args(argv)
     except ValidationError as exc:
         print(f"resnet-serve: invalid option: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     logs.configure(settings.log_level, settings.log_format)
+    # Before anything slow: Ctrl-C while the models load is not a KeyboardInterrupt
+    # traceback. uvicorn puts its own handlers in place while it serves and restores these
+    # after, so asyncio's runner never installs its SIGINT handler (which would turn a
+    # late Ctrl-C into a KeyboardInterrupt traceback).
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _exit_now)
+    try:
+        sock = bind(settings.host, settings.port)
+    except OSError as exc:
+        hint = (
+            ": another process is using it; stop that one or choose another --port"
+            if exc.errno == errno.EADDRINUSE
+            else ""
+        )
+        print(
+            f"resnet-serve: cannot listen on {settings.host}:{settings.port} "
+            f"({exc.strerror or exc}){hint}",
+            file=sys.stderr,
+        )
+        return EXIT_LISTEN
     try:
         # Loaded before the server starts, so a bad repository fails fast with a message.
         runtime = Runtime.load(settings, Metrics())
     except RepositoryError as exc:
         print(f"resnet-serve: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     except Exception as exc:  # onnxruntime refusing a model file, typically
         print(f"resnet-serve: cannot load models: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     app = create_app(settings, runtime)
     config = uvicorn.Config(
         app,
@@ -91,8 +167,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     server = DrainingServer(config)
     server.runtime = runtime
-    server.run()
-    return 0
+    server.run(sockets=[sock])
+    # Drained (or a second Ctrl-C forced the way out): nothing left to save.
+    _end_process(0)
 
 
 if __name__ == "__main__":

@@ -128,7 +128,10 @@ def load_model_spec(model_dir: Path) -> ModelSpec:
 def discover(repository: Path, names: list[str] | None = None) -> list[ModelSpec]:
     """The models of ``repository`` (sorted by name), or exactly ``names`` in that order."""
     if not repository.is_dir():
-        raise RepositoryError(f"model repository {repository} does not exist")
+        raise RepositoryError(
+            f"model repository {repository} does not exist (create it and its models with "
+            f"resnet-export, e.g. resnet-export resnet50 --repository {repository})"
+        )
     if names:
         missing = [n for n in names if not (repository / n).is_dir()]
         if missing:

@@ -342,7 +342,11 @@ async def embed(request: Request, model: str, query: EmbedQuery) -> Response:
     return await _embed(request, model, query)
 
 
-@router.get("/v1/models", tags=["models"], summary="The served models (labels omitted)")
+@router.get(
+    "/v1/models", tags=["models"],
+    summary="The served models (labels omitted) and the default one (the model of "
+    "/v1/classify and /v1/embed)",
+)  # fmt: skip
 async def list_models(request: Request) -> Response:
     runtime = _runtime(request)
     request.state.endpoint = "models"
@@ -350,7 +354,7 @@ async def list_models(request: Request) -> Response:
         {**m.spec.summary(), **m.status(), "default": name == runtime.default_model}
         for name, m in runtime.models.items()
     ]
-    return FastJSONResponse({"models": models})
+    return FastJSONResponse({"default": runtime.default_model, "models": models})
 
 
 @router.get(

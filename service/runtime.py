@@ -4,9 +4,11 @@ queue on the model's batcher, wait for the results."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,6 +44,35 @@ def _ranges(sizes: list[int]) -> str:
         else:
             out.append(str(n))
     return ", ".join(out)
+
+
+async def _in_daemon_thread(fn: Callable[..., object], *args: object) -> None:
+    """``fn(*args)`` in a thread of its own that nobody waits for at exit. asyncio.to_thread
+    would use the loop's default executor, which ``asyncio.run`` and the interpreter both
+    join on the way out: a warmup still running would keep a stopped server alive."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[None] = loop.create_future()
+
+    def settle(error: BaseException | None) -> None:
+        if done.done():  # the awaiting task was cancelled
+            return
+        if error is None:
+            done.set_result(None)
+        else:
+            done.set_exception(error)
+
+    def target() -> None:
+        error: BaseException | None = None
+        try:
+            fn(*args)
+        except BaseException as exc:  # handed to the awaiting task, not lost in this thread
+            error = exc
+        # A closed loop (RuntimeError): nobody is waiting any more.
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(settle, error)
+
+    threading.Thread(target=target, name=getattr(fn, "__name__", "worker"), daemon=True).start()
+    await done
 
 
 @dataclass(eq=False)
@@ -91,6 +122,13 @@ class Runtime:
     def load(cls, settings: Settings, metrics: Metrics) -> Runtime:
         """Read the repository and create every session (blocking; fails fast)."""
         specs = discover(settings.repository, settings.models or None)
+        names = [s.name for s in specs]
+        if settings.default_model and settings.default_model not in names:
+            # Checked before any session is created: a typo fails in a second.
+            raise RepositoryError(
+                f"--default-model {settings.default_model} is not a served model "
+                f"(served: {', '.join(names)})"
+            )
         models = {}
         for spec in specs:
             t = time.perf_counter()
@@ -107,7 +145,7 @@ class Runtime:
 
     @property
     def default_model(self) -> str:
-        return next(iter(self.models))
+        return self.settings.default_model or next(iter(self.models))
 
     @property
     def ready(self) -> bool:
@@ -155,6 +193,7 @@ class Runtime:
                 ", ".join(names[i + 1 :]) or "ready",
             )  # fmt: skip
             t = time.perf_counter()
+            shape = m.spec.input_shape
             last = [t]
 
             def progress(done: int, total: int, name: str = m.name, last: list = last) -> None:
@@ -163,10 +202,8 @@ class Runtime:
                     last[0] = now
                     log.info("%s: warmup %d of %d runs done", name, done, total)
 
-            shape = m.spec.input_shape
-            if not await asyncio.to_thread(
-                m.pool.warmup, sizes, shape, self._stop_warmup, progress
-            ):
+            await _in_daemon_thread(m.pool.warmup, sizes, shape, self._stop_warmup, progress)
+            if self._stop_warmup.is_set():
                 return
             m.ready = True
             self.metrics.model_ready.labels(m.name).set(1)

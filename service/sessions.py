@@ -189,7 +189,7 @@ class SessionPool:
         self,
         sizes: list[int],
         shape: tuple[int, int, int],
-        stop: threading.Event,
+        stop: threading.Event | None = None,
         progress: Callable[[int, int], None] | None = None,
     ) -> bool:
         """Run each batch size once on every session (blocking), so that no request pays
@@ -199,7 +199,7 @@ class SessionPool:
         total, done = len(self.workers) * len(sizes), 0
         for worker in self.workers:
             for b in sizes:
-                if stop.is_set():
+                if stop is not None and stop.is_set():
                     return False
                 worker.run(np.zeros((b, *shape), dtype=np.uint8))
                 done += 1

@@ -1,12 +1,13 @@
 """All runtime options: one class, environment prefix ``RESNET_SERVE_``, units in names.
 
-``resnet-serve --help`` is generated from these fields, so the CLI, the environment and
-the README table cannot disagree.
+``resnet-serve --help`` and the README's options table are both rendered from these
+fields (``options()``), so the CLI, the environment and the README cannot disagree.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -36,7 +37,12 @@ class Settings(BaseSettings):
     )
     models: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
-        description="comma-separated models to serve (default: all); the first is the default",
+        description="comma-separated models to serve",
+    )
+    default_model: str | None = Field(
+        None,
+        description="the model of /v1/classify and /v1/embed (those without a model in the "
+        "path); must be served",
     )
     host: str = Field("127.0.0.1", description="address to bind")
     port: int = Field(8000, ge=0, le=65535, description="port to bind")
@@ -48,9 +54,7 @@ class Settings(BaseSettings):
     cpu_spinning: bool = Field(
         False, description="let onnxruntime's idle threads spin (burns cores decoding needs)"
     )
-    io_binding: bool | None = Field(
-        None, description="onnxruntime IOBinding: one copy in, one out (default: on for CUDA)"
-    )
+    io_binding: bool | None = Field(None, description="onnxruntime IOBinding: one copy in, one out")
     cuda_conv_algo_search: Literal["EXHAUSTIVE", "HEURISTIC", "DEFAULT"] = Field(
         "EXHAUSTIVE", description="cuDNN algorithm search, paid once per warmed bucket"
     )
@@ -62,13 +66,13 @@ class Settings(BaseSettings):
     )
     batch_buckets: Annotated[list[int], NoDecode] = Field(
         default_factory=list,
-        description="batch sizes batches are padded to, all warmed up (default: every size on "
-        "cpu, powers of two on cuda)",
+        description="comma-separated batch sizes batches are padded to, all warmed up; the "
+        "largest must equal --max-batch-size",
     )
     warmup_all_buckets: bool | None = Field(
         None,
-        description="warm every batch bucket before ready (default: on cuda, where each new "
-        "shape costs a cuDNN search; off on cpu, where one batch warms every shape)",
+        description="warm every batch bucket before ready (on cuda each new shape costs a "
+        "cuDNN search; on cpu one batch warms every shape, measured)",
     )
     self_check: Literal["refuse", "warn", "off"] = Field(
         "refuse",
@@ -76,7 +80,10 @@ class Settings(BaseSettings):
         "model outside its recorded bounds on this CPU (exit 2), or serve it with a warning",
     )
     max_queue_images: int = Field(
-        512, ge=1, description="images admitted (decoding or queued), at most; beyond it 503"
+        512,
+        ge=1,
+        description="images admitted (decoding or queued), at most; beyond it 503, and 413 for "
+        "a request with more images on its own",
     )
     request_timeout_ms: float = Field(30_000, gt=0, description="per request; beyond it 504")
     decode_workers: int = Field(0, ge=0, description="image decoding threads (0: one per core)")
@@ -89,21 +96,21 @@ class Settings(BaseSettings):
     )
     image_formats: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: ["JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF"],
-        description="accepted image formats (Pillow names); others 415",
+        description="comma-separated accepted image formats (Pillow names); others 415",
     )
     json_max_floats: int = Field(
         1_000_000, ge=1, description="larger answers (feature maps) are sent as .npy"
     )
     drain_timeout_s: float = Field(
-        30.0, ge=0, description="on SIGTERM, time for accepted requests to finish"
+        30.0, ge=0, description="on SIGTERM or Ctrl-C, time for accepted requests to finish"
     )
     api_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
-        description="comma-separated bearer tokens for /v1 and /v2 (default: no auth)",
+        description="comma-separated bearer tokens for /v1 and /v2",
     )
     metrics_require_key: bool = Field(False, description="also require a key for /metrics")
     cors_origins: Annotated[list[str], NoDecode] = Field(
-        default_factory=list, description="comma-separated CORS origins (default: CORS off)"
+        default_factory=list, description="comma-separated CORS origins"
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
     log_format: Literal["json", "text"] = Field(
@@ -157,3 +164,59 @@ class Settings(BaseSettings):
     @property
     def decode_threads(self) -> int:
         return self.decode_workers or cpu_count()
+
+
+# The default as shown where it is decided at startup rather than a value (an empty list
+# or None in the field): the README table and --help print these words.
+_DEFAULT_IN_WORDS = {
+    "models": "(all in the repository)",
+    "default_model": "(the first of --models, else the repository's first by name)",
+    "io_binding": "(on for cuda, off for cpu)",
+    "warmup_all_buckets": "(on for cuda, off for cpu)",
+    "batch_buckets": "(every size up to --max-batch-size on cpu, powers of two on cuda)",
+    "api_keys": "(none: no auth)",
+    "cors_origins": "(none: CORS off)",
+}
+
+
+@dataclass(frozen=True)
+class Option:
+    """One setting as a user meets it: flag, environment variable, default, meaning."""
+
+    name: str
+    flag: str
+    env: str
+    default: str
+    description: str
+    boolean: bool
+
+
+def options() -> list[Option]:
+    """Every setting, in declaration order, with its default as text."""
+    out = []
+    for name, field in Settings.model_fields.items():
+        value = field.get_default(call_default_factory=True)
+        if value is None or value == []:
+            default = _DEFAULT_IN_WORDS[name]
+        elif isinstance(value, list):
+            default = ",".join(map(str, value))
+        else:
+            default = str(value)
+        out.append(
+            Option(
+                name=name,
+                flag="--" + name.replace("_", "-"),
+                env=f"{Settings.model_config['env_prefix']}{name.upper()}",
+                default=default,
+                description=field.description or "",
+                boolean=field.annotation in (bool, bool | None),
+            )
+        )
+    return out
+
+
+def options_table() -> str:
+    """The README's options table (markdown)."""
+    rows = ["| option | environment | default | meaning |", "|---|---|---|---|"]
+    rows += [f"| `{o.flag}` | `{o.env}` | `{o.default}` | {o.description} |" for o in options()]
+    return "\n".join(rows)

@@ -1,6 +1,7 @@
-"""Print the README's table of `resnet-serve` options, generated from the Settings class.
+"""Print the README's table of `resnet-serve` options, or (--write) put it in README.md.
+The table comes from service.settings.options_table(), as --help does from options().
 
-python tools/options_table.py
+python tools/options_table.py [--write]
 """
 
 from __future__ import annotations
@@ -8,21 +9,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from service.settings import Settings
-
-
-def options_table() -> str:
-    rows = ["| option | environment | default | meaning |", "|---|---|---|---|"]
-    for name, field in Settings.model_fields.items():
-        default = field.get_default(call_default_factory=True)
-        if isinstance(default, list):
-            default = {"models": "(all)", "batch_buckets": "(powers of two)"}.get(name, "(none)")
-        rows.append(
-            f"| `--{name.replace('_', '-')}` | `RESNET_SERVE_{name.upper()}` | `{default}` "
-            f"| {field.description} |"
-        )
-    return "\n".join(rows)
-
+from service.settings import options_table
 
 START, END = "<!-- options-table -->\n", "<!-- /options-table -->"
 

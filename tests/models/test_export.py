@@ -156,6 +156,55 @@ def test_cli_exports_with_custom_name_and_labels(tmp_path: Path, torch_home, cap
     assert meta["labels"][3] == "class3"
 
 
+def _fine_tuned(tmp_path: Path, name: str, classes: int) -> Path:
+    """A state dict as fine-tuning leaves it: the variant with another classifier."""
+    from models.weights import build_model
+
+    variant = get_variant(name)
+    model = build_model(variant, resolve(variant, "random"), num_classes=classes)
+    path = tmp_path / f"{name}-ft.pth"
+    torch.save({"state_dict": model.state_dict(), "epoch": 9}, path)
+    return path
+
+
+@pytest.mark.parametrize("name", ["resnet20_cifar10", "resnet18"], ids=["cifar", "imagenet"])
+def test_cli_fine_tuned_checkpoint_with_other_classes(tmp_path: Path, capsys, name: str) -> None:
+    ckpt = _fine_tuned(tmp_path, name, 37)
+    rc = cli_main([name, "--repository", str(tmp_path / "r"), "--weights", str(ckpt)])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    assert "Traceback" not in err
+    (note,) = [line for line in out.splitlines() if "numbered" in line]
+    assert "37 classes" in note and "--labels FILE" in note
+    meta = json.loads((tmp_path / "r" / name / "model.json").read_text())
+    assert meta["num_classes"] == 37 and meta["labels"] == [str(i) for i in range(37)]
+    assert meta["outputs"]["logits"]["shape"] == [-1, 37]
+    crop = meta["preprocess"]["crop"]
+    logits, _ = _run(tmp_path / "r" / name, np.zeros((2, crop, crop, 3), np.uint8))
+    assert logits.shape == (2, 37)
+
+
+def test_cli_labels_file_of_the_wrong_length(tmp_path: Path, capsys) -> None:
+    ckpt = _fine_tuned(tmp_path, "resnet20_cifar10", 37)
+
+    def export(count: int) -> int:
+        # A file per count: labels files are cached by path.
+        labels = tmp_path / f"labels{count}.txt"
+        labels.write_text("".join(f"kind{i}\n" for i in range(count)))
+        return cli_main(
+            ["resnet20_cifar10", "--repository", str(tmp_path / "r"), "--weights", str(ckpt),
+             "--labels", str(labels)]
+        )  # fmt: skip
+
+    assert export(5) == 1
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "--labels has 5 names" in line and "37 classes" in line, line
+    assert not (tmp_path / "r" / "resnet20_cifar10").exists()
+    assert export(37) == 0  # the right number of names: exported with them
+    meta = json.loads((tmp_path / "r" / "resnet20_cifar10" / "model.json").read_text())
+    assert meta["labels"][36] == "kind36"
+
+
 def test_cli_usage_errors(tmp_path: Path, capsys) -> None:
     assert cli_main(["resnet19", "--repository", str(tmp_path)]) == 2
     assert "unknown model" in capsys.readouterr().err

@@ -2,15 +2,17 @@ import os
 import shutil
 import subprocess
 import sys
+import urllib.error
 from pathlib import Path
 
 import pytest
 
 torch = pytest.importorskip("torch")
 
+from models import weights as weights_module  # noqa: E402
 from models.catalog import get_variant  # noqa: E402
 from models.weights import WeightsError, build_model, resolve  # noqa: E402
-from tests.conftest import WEIGHTS_HOME  # noqa: E402
+from tests.conftest import ROOT, WEIGHTS_HOME  # noqa: E402
 
 V20 = get_variant("resnet20_cifar10")
 
@@ -108,4 +110,35 @@ def test_offline_without_cache_is_a_clear_error_not_a_traceback(tmp_path: Path) 
     cache = tmp_path / "empty-cache" / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
     assert str(cache) in proc.stderr
     assert "--weights PATH" in proc.stderr and "--weights random" in proc.stderr
+    assert "TORCH_HOME=" not in proc.stderr  # the shared cache has no resnet18 to offer
     assert not (tmp_path / "repo" / "resnet18").exists()
+
+
+def test_the_shared_cache_is_the_checkouts_neighbour() -> None:
+    assert ROOT.parent / "shared" / "weights" == weights_module.SHARED_WEIGHTS
+
+
+@pytest.mark.parametrize(
+    ("name", "suggested"),
+    [("resnet20_cifar10", True), ("resnet110_cifar10", False), ("resnet18", False)],
+)
+def test_offline_message_suggests_the_shared_cache_only_where_it_has_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str, suggested: bool
+) -> None:
+    variant = get_variant(name)
+    in_shared = WEIGHTS_HOME / "hub" / "checkpoints" / variant.weights.filename
+    assert in_shared.is_file() is suggested  # the premise: what ../shared/weights holds
+
+    def offline(*args: object, **kwargs: object) -> None:
+        raise urllib.error.URLError("no network (test)")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    monkeypatch.setattr(weights_module, "SHARED_WEIGHTS", WEIGHTS_HOME)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-cache"))
+    with pytest.raises(WeightsError) as info:
+        resolve(variant, "default")
+    message = str(info.value)
+    assert "no cached copy exists" in message and "--weights random" in message
+    hint = f"TORCH_HOME={os.path.relpath(WEIGHTS_HOME)}"
+    assert (hint in message or f"TORCH_HOME={WEIGHTS_HOME}" in message) is suggested, message
+    assert ("TORCH_HOME=" in message) is suggested

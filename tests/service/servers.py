@@ -129,19 +129,21 @@ class ProcessServer:
     def output(self) -> str:
         return Path(self.log.name).read_text(errors="replace")
 
-    def start(self) -> ProcessServer:
+    def start(self, wait_ready: bool = True) -> ProcessServer:
+        """Start and wait until ready, or (``wait_ready=False``) only until it listens."""
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "service.cli"], env=self.env,
             stdout=self.log, stderr=subprocess.STDOUT,
         )  # fmt: skip
+        probe = "/readyz" if wait_ready else "/healthz"
 
-        def ready() -> bool:
+        def up() -> bool:
             assert self.proc is not None
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited: {self.output()}")
-            return httpx.get(self.url + "/readyz").status_code == 200
+            return httpx.get(self.url + probe).status_code == 200
 
-        wait_until(ready, timeout=90)
+        wait_until(up, timeout=90)
         return self
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:

@@ -6,6 +6,7 @@ import asyncio
 import base64
 import io
 import socket
+import threading
 
 import aiohttp
 import httpx
@@ -13,7 +14,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.service.servers import ProcessServer, encode, metric_value, png
+from tests.service.servers import (
+    ProcessServer,
+    busy_server,
+    encode,
+    metric_value,
+    png,
+    wait_until,
+)
 
 R20 = "resnet20_cifar10"
 PNG = {"content-type": "image/png"}
@@ -121,6 +129,25 @@ def test_named_model_and_default(server: ProcessServer, cifar_pngs) -> None:
     assert r.json()["model"] == R20
 
 
+def test_default_model_option(cifar_repository, cifar_pngs) -> None:
+    # Without it, the default would be resnet20_cifar10: the repository's first by name.
+    srv = ProcessServer(cifar_repository, default_model="resnet56_cifar10").start()
+    try:
+        listing = httpx.get(srv.url + "/v1/models").json()
+        assert listing["default"] == "resnet56_cifar10"
+        assert {m["name"]: m["default"] for m in listing["models"]} == {
+            R20: False,
+            "resnet56_cifar10": True,
+        }
+        files = {"file": ("a.png", cifar_pngs[0])}
+        assert _classify(srv, files=files).json()["model"] == "resnet56_cifar10"
+        r = _classify(srv, "/v1/embed", files=files)
+        assert r.json()["model"] == "resnet56_cifar10"
+        assert _classify(srv, f"/v1/models/{R20}/classify", files=files).json()["model"] == R20
+    finally:
+        assert srv.stop() == 0
+
+
 def test_embeddings(server: ProcessServer, cifar_pngs) -> None:
     files = [("file", (f"{i}.png", cifar_pngs[i])) for i in range(3)]
     r = httpx.post(server.url + "/v1/embed", files=files, timeout=30)
@@ -145,7 +172,9 @@ def test_embeddings(server: ProcessServer, cifar_pngs) -> None:
 
 
 def test_listing_and_metadata(server: ProcessServer) -> None:
-    listing = httpx.get(server.url + "/v1/models").json()["models"]
+    body = httpx.get(server.url + "/v1/models").json()
+    assert body["default"] == R20  # the first of --models
+    listing = body["models"]
     assert [m["name"] for m in listing] == [R20, "resnet56_cifar10"]
     assert listing[0]["default"] is True and listing[1]["default"] is False
     assert all("labels" not in m and m["ready"] for m in listing)
@@ -268,16 +297,44 @@ def test_422_bad_embed_encoding_and_empty_request(server: ProcessServer, cifar_p
     _error(_classify(server, json={"pictures": []}), 422, "invalid_parameter")
 
 
-def test_503_when_the_queue_cannot_take_the_request(r20_repository, cifar_pngs) -> None:
+def test_413_when_a_request_could_never_fit_the_queue(r20_repository, cifar_pngs) -> None:
     srv = ProcessServer(r20_repository, max_queue_images="2").start()
     try:
         files = [("file", (f"{i}.png", cifar_pngs[i])) for i in range(3)]
         r = httpx.post(srv.url + "/v1/classify", files=files)
-        _error(r, 503, "overloaded")
-        assert int(r.headers["retry-after"]) >= 1
+        message = _error(r, 413, "payload_too_large")
+        assert "3 images" in message and "at most 2" in message and "--max-queue-images" in message
+        assert "retry-after" not in r.headers  # retrying cannot help
+        v2 = {
+            "inputs": [
+                {"name": "images", "datatype": "UINT8", "shape": [3, 32, 32, 3], "data": [0] * 9216}
+            ]
+        }
+        r = httpx.post(srv.url + "/v2/models/resnet20_cifar10/infer", json=v2)
+        assert r.status_code == 413 and "at most 2" in r.json()["error"]
         assert httpx.post(srv.url + "/v1/classify", files=files[:2]).status_code == 200
     finally:
         assert srv.stop() == 0
+
+
+def test_503_when_the_queue_is_full_for_now(r20_repository, cifar_pngs) -> None:
+    with busy_server(r20_repository, cifar_pngs[0], max_queue_images=2) as (srv, answers):
+        files = [("file", (f"{i}.png", cifar_pngs[i])) for i in range(2)]
+        queued = threading.Thread(
+            target=lambda: answers.append(httpx.post(srv.url + "/v1/classify", files=files))
+        )
+        queued.start()
+        wait_until(
+            lambda: (
+                metric_value(httpx.get(srv.url + "/metrics").text, "resnet_serve_queue_depth") == 2
+            ),
+            timeout=10,
+        )
+        r = httpx.post(srv.url + "/v1/classify", files=files[:1])
+        _error(r, 503, "overloaded")
+        assert int(r.headers["retry-after"]) >= 1
+    queued.join(30)
+    assert [a.status_code for a in answers] == [200, 200]
 
 
 def test_other_formats_and_modes(server: ProcessServer, cifar_test) -> None:

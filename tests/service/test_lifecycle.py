@@ -12,6 +12,7 @@ import time
 
 import httpx
 import numpy as np
+import pytest
 
 from service.metrics import Metrics
 from service.runtime import Runtime
@@ -48,6 +49,38 @@ def test_readiness_before_and_after_warmup(r20_repository, cifar_pngs) -> None:
     finally:
         gate.set()
         srv.stop()
+
+
+def test_warmup_stops_between_batch_sizes(r20_repository) -> None:
+    runtime = Runtime.load(Settings(repository=r20_repository), Metrics())
+    model = runtime.models["resnet20_cifar10"]
+    (worker,) = model.pool.workers
+    stop, sizes = threading.Event(), []
+    real = worker.run
+
+    def run(images: np.ndarray, *args):  # type: ignore[no-untyped-def]
+        sizes.append(len(images))
+        if len(sizes) == 3:
+            stop.set()
+        return real(images, *args)
+
+    worker.run = run  # type: ignore[method-assign]
+    model.pool.warmup(model.buckets, model.spec.input_shape, stop)
+    assert sizes == [1, 2, 3]
+
+
+def test_stopping_during_warmup_does_not_wait_for_it(r20_repository) -> None:
+    settings = Settings(repository=r20_repository)
+    runtime = Runtime.load(settings, Metrics())
+    gate = hold(runtime, "run")  # the first warmup run never ends on its own
+    srv = ThreadServer(settings, runtime).start(wait_ready=False)
+    try:
+        start = time.monotonic()
+        srv.stop()
+        assert not srv.thread.is_alive()
+        assert time.monotonic() - start < 2
+    finally:
+        gate.set()
 
 
 def test_504_and_timed_out_work_is_dropped(r20_repository, cifar_pngs) -> None:
@@ -94,7 +127,8 @@ def _metrics_after(srv: ThreadServer) -> str:
     return generate_latest(srv.runtime.metrics.registry).decode()
 
 
-def test_sigterm_finishes_accepted_requests_and_exits_0(r20_repository, cifar_test) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "ctrl-c"])
+def test_signal_finishes_accepted_requests_and_exits_0(r20_repository, cifar_test, sig) -> None:
     srv = ProcessServer(r20_repository).start()
     images = [png(np.ascontiguousarray(im)) for im in cifar_test["images"][:64]]
     results: list[int] = []
@@ -111,7 +145,7 @@ def test_sigterm_finishes_accepted_requests_and_exits_0(r20_repository, cifar_te
     for t in threads:
         t.start()
     time.sleep(0.3)
-    assert srv.stop(signal.SIGTERM) == 0
+    assert srv.stop(sig) == 0
     for t in threads:
         t.join(60)
     assert len(results) == 8
