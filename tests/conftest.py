@@ -26,6 +26,45 @@ CACHE = ROOT / ".cache" / "tests"
 TORCHVISION_VERSION = "0.28.0"
 
 
+# --- ../shared is read, never written ---------------------------------------------------
+
+_SHARED_KEY = pytest.StashKey[dict[str, tuple[int, int, int]]]()
+
+
+def _shared_state() -> dict[str, tuple[int, int, int]]:
+    """Every path under ../shared: (mode, size, mtime). A file written, added or removed,
+    even a temporary one, changes it."""
+    if not SHARED.is_dir():
+        return {}
+    out = {}
+    for p in [SHARED, *SHARED.rglob("*")]:
+        st = p.lstat()
+        out[p.relative_to(SHARED).as_posix()] = (st.st_mode, st.st_size, st.st_mtime_ns)
+    return out
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    session.config.stash[_SHARED_KEY] = _shared_state()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    before = session.config.stash.get(_SHARED_KEY, None)
+    if before is None:
+        return
+    after = _shared_state()
+    changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+    if changed:
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            reporter.ensure_newline()
+            reporter.write_line(
+                f"FAILED: the suite wrote into {SHARED}, which it must only read: "
+                + ", ".join(changed[:20]),
+                red=True,
+            )
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
 def _require(path: Path) -> Path:
     if not path.exists():
         pytest.fail(f"{path} is missing: the suite needs ../shared beside the checkout")
