@@ -32,14 +32,15 @@ _SHARED_KEY = pytest.StashKey[dict[str, tuple[int, int, int]]]()
 
 
 def _shared_state() -> dict[str, tuple[int, int, int]]:
-    """Every path under ../shared: (mode, size, mtime). A file written, added or removed,
-    even a temporary one, changes it."""
-    if not SHARED.is_dir():
-        return {}
+    """Every path under the parts of ../shared the suite reads: (mode, size, mtime). A
+    file written, added or removed there, even a temporary one, changes it."""
     out = {}
-    for p in [SHARED, *SHARED.rglob("*")]:
-        st = p.lstat()
-        out[p.relative_to(SHARED).as_posix()] = (st.st_mode, st.st_size, st.st_mtime_ns)
+    for top in (WEIGHTS_HOME, CIFAR_TEST.parent):
+        if not top.is_dir():
+            continue
+        for p in [top, *top.rglob("*")]:
+            st = p.lstat()
+            out[p.relative_to(SHARED).as_posix()] = (st.st_mode, st.st_size, st.st_mtime_ns)
     return out
 
 
