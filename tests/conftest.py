@@ -29,6 +29,7 @@ TORCHVISION_VERSION = "0.28.0"
 # --- ../shared is read, never written ---------------------------------------------------
 
 _SHARED_KEY = pytest.StashKey[dict[str, tuple[int, int, int]]]()
+_SHARED_WRITTEN = pytest.StashKey[list[str]]()
 
 
 def _shared_state() -> dict[str, tuple[int, int, int]]:
@@ -54,16 +55,16 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         return
     after = _shared_state()
     changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+    session.config.stash[_SHARED_WRITTEN] = changed
     if changed:
-        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
-        if reporter is not None:
-            reporter.ensure_newline()
-            reporter.write_line(
-                f"FAILED: the suite wrote into {SHARED}, which it must only read: "
-                + ", ".join(changed[:20]),
-                red=True,
-            )
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    changed = terminalreporter.config.stash.get(_SHARED_WRITTEN, [])
+    if changed:
+        terminalreporter.write_sep("=", f"FAILED: the suite wrote into {SHARED}", red=True)
+        terminalreporter.write_line("It must only read it. Changed: " + ", ".join(changed[:20]))
 
 
 def _require(path: Path) -> Path:
