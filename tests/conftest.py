@@ -1,9 +1,16 @@
-"""Fixtures shared by the whole suite: the shared data beside the checkout, and model
-repositories exported once per session."""
+"""Fixtures shared by the whole suite: the shared data beside the checkout, model
+repositories exported once per session, and what the suite fetches for itself into
+``.cache/tests`` (torchvision's model code, the ServiceMonitor validators)."""
 
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +21,50 @@ SHARED = Path(os.environ.get("RESNET_SERVE_SHARED", ROOT.parent / "shared"))
 WEIGHTS_HOME = SHARED / "weights"
 CIFAR_TEST = SHARED / "data" / "cifar10-test-846.npz"
 CIFAR_TRAIN = SHARED / "data" / "cifar10-train-932.npz"
+# What the suite installs for itself; never under ../shared, which it only reads.
+CACHE = ROOT / ".cache" / "tests"
+TORCHVISION_VERSION = "0.28.0"
+
+
+# --- ../shared is read, never written ---------------------------------------------------
+
+_SHARED_KEY = pytest.StashKey[dict[str, tuple[int, int, int]]]()
+_SHARED_WRITTEN = pytest.StashKey[list[str]]()
+
+
+def _shared_state() -> dict[str, tuple[int, int, int]]:
+    """Every path under the parts of ../shared the suite reads: (mode, size, mtime). A
+    file written, added or removed there, even a temporary one, changes it."""
+    out = {}
+    for top in (WEIGHTS_HOME, CIFAR_TEST.parent):
+        if not top.is_dir():
+            continue
+        for p in [top, *top.rglob("*")]:
+            st = p.lstat()
+            out[p.relative_to(SHARED).as_posix()] = (st.st_mode, st.st_size, st.st_mtime_ns)
+    return out
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    session.config.stash[_SHARED_KEY] = _shared_state()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    before = session.config.stash.get(_SHARED_KEY, None)
+    if before is None:
+        return
+    after = _shared_state()
+    changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+    session.config.stash[_SHARED_WRITTEN] = changed
+    if changed:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    changed = terminalreporter.config.stash.get(_SHARED_WRITTEN, [])
+    if changed:
+        terminalreporter.write_sep("=", f"FAILED: the suite wrote into {SHARED}", red=True)
+        terminalreporter.write_line("It must only read it. Changed: " + ", ".join(changed[:20]))
 
 
 def _require(path: Path) -> Path:
@@ -56,3 +107,69 @@ def cifar_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
         else:
             os.environ["TORCH_HOME"] = old
     return repo
+
+
+# --- what the suite fetches for itself -------------------------------------------------
+
+
+def cached(name: str, build: Callable[[Path], None]) -> Path:
+    """``CACHE/name``, made once by ``build(tmp)`` into a temporary directory beside it and
+    renamed into place: a directory that exists is complete, and two runs that race both
+    build, one rename wins and the other's copy is dropped."""
+    target = CACHE / name
+    if target.is_dir():
+        return target
+    CACHE.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=CACHE))
+    try:
+        build(tmp)
+        tmp.chmod(0o755)  # mkdtemp's 0700 is for the building, not the result
+        try:
+            tmp.rename(target)
+        except OSError:  # another run got there first
+            if not target.is_dir():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def run_setup_step(argv: list[str], what: str, **kw: object) -> None:
+    """A setup command the suite needs (pip download, npm ci): its failure is a test
+    failure with the command and its output, never a skip."""
+    try:
+        proc = subprocess.run(  # type: ignore[call-overload]
+            argv, capture_output=True, text=True, timeout=600, check=False, **kw
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        pytest.fail(f"{what}: {' '.join(argv)}: {exc}")
+    if proc.returncode != 0:
+        pytest.fail(
+            f"{what}: {' '.join(argv)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+        )
+
+
+def _unpack_torchvision(tmp: Path) -> None:
+    wheels = tmp / "wheel"
+    run_setup_step(
+        [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--disable-pip-version-check",
+         f"torchvision=={TORCHVISION_VERSION}", "-d", str(wheels)],
+        f"downloading the torchvision {TORCHVISION_VERSION} wheel (PyPI)",
+    )  # fmt: skip
+    (wheel,) = wheels.glob("torchvision-*.whl")
+    with zipfile.ZipFile(wheel) as zf:
+        zf.extractall(tmp, [n for n in zf.namelist() if n.startswith("torchvision/")])
+    shutil.rmtree(wheels)
+
+
+@pytest.fixture(scope="session")
+def torchvision_src() -> Path:
+    """torchvision's own model code: its wheel, unpacked (not installed: its compiled ops
+    do not load with the CPU torch build, and only the plain-Python model code is used).
+    RESNET_SERVE_TORCHVISION_SRC names an unpacked wheel to use instead."""
+    given = os.environ.get("RESNET_SERVE_TORCHVISION_SRC")
+    if given:
+        if not (Path(given) / "torchvision" / "models" / "resnet.py").is_file():
+            pytest.fail(f"RESNET_SERVE_TORCHVISION_SRC={given} holds no unpacked torchvision")
+        return Path(given)
+    return cached(f"torchvision-{TORCHVISION_VERSION}", _unpack_torchvision)

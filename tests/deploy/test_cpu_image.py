@@ -317,9 +317,14 @@ def dashboard_problems(
 
 
 def test_dashboard_queries_name_exported_metrics(server: Server) -> None:
-    # After test_classify...: successful and failed requests have been counted.
-    httpx.post(f"{server.url}/v1/embed", content=_png(np.zeros((32, 32, 3), np.uint8)),
-               headers={"content-type": "image/png"}, timeout=60).raise_for_status()  # fmt: skip
+    # A successful and a failed request of its own, so that their series have samples
+    # whichever tests ran before.
+    png = _png(np.zeros((32, 32, 3), np.uint8))
+    httpx.post(f"{server.url}/v1/embed", content=png, headers={"content-type": "image/png"},
+               timeout=60).raise_for_status()  # fmt: skip
+    r = httpx.post(f"{server.url}/v1/models/nope/embed", content=png,
+                   headers={"content-type": "image/png"}, timeout=60)  # fmt: skip
+    assert r.status_code == 404
     exported = _exported(httpx.get(f"{server.url}/metrics").text)
     for name in LIVE_METRICS:
         assert exported.get(f"resnet_serve_{name}"), f"resnet_serve_{name} has no samples"
@@ -338,6 +343,7 @@ def test_dashboard_queries_name_exported_metrics(server: Server) -> None:
 
 
 def test_stop_signal_drains_and_exits_zero(server: Server) -> None:
+    # Stops the module's server: defined last in the module, so it runs last.
     stop = server.df.stage("runtime-cpu").last("STOPSIGNAL")
     assert stop is not None
     server.proc.send_signal(getattr(signal, stop.rest))

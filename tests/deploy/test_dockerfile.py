@@ -11,7 +11,7 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.version import Version
 
-from tests.conftest import ROOT
+from tests.conftest import CACHE, ROOT
 from tests.deploy.conftest import RUNTIME_STAGES, run, tool
 from tests.deploy.dockerfile import Dockerfile, healthcheck_command, parse
 
@@ -151,23 +151,24 @@ def test_onnxruntime_pins_satisfy_the_extras(
 def test_cuda_base_matches_onnxruntime_gpu(dockerfile: Dockerfile) -> None:
     """onnxruntime-gpu's wheel says which CUDA and cuDNN majors it is built for (its `cuda`
     and `cudnn` extras); the CUDA base image must carry the same. Reads the metadata of the
-    pinned wheel for the image's Python (Ubuntu 24.04: 3.12) from PyPI with range requests."""
-    from tests.deploy.wheelmeta import wheel_files, wheel_metadata
+    pinned wheel for the image's Python (Ubuntu 24.04: 3.12) from PyPI with range requests,
+    once: .cache/tests keeps it for later runs (tests/deploy/wheelmeta.py)."""
+    from tests.deploy.wheelmeta import pinned_wheel_metadata
 
     version = dockerfile.environment("venv-gpu")[0]["ORT_GPU_VERSION"]
     base = dockerfile.stage("python-gpu").base
     m = re.fullmatch(r"nvidia/cuda:(\d+)\.\d+\.\d+-cudnn-runtime-ubuntu24\.04", base)
     assert m, f"{base}: expected an nvidia/cuda X.Y.Z-cudnn-runtime-ubuntu24.04 tag"
-    try:
-        files = wheel_files("onnxruntime-gpu")
-    except OSError as exc:
-        pytest.fail(f"PyPI is needed to check the CUDA base against onnxruntime-gpu: {exc}")
     pattern = re.compile(
         rf"onnxruntime_gpu-{re.escape(version)}-cp312-cp312-manylinux_.*_x86_64\.whl"
     )
-    wheel = next((f for f in files if pattern.fullmatch(str(f["filename"]))), None)
-    assert wheel, f"onnxruntime-gpu {version} has no cp312 x86_64 wheel (the image's Python)"
-    meta = wheel_metadata(str(wheel["url"]), int(wheel["size"]))  # type: ignore[call-overload]
+    try:
+        cache_file = CACHE / "wheel-metadata" / f"onnxruntime_gpu-{version}-cp312-x86_64.METADATA"
+        meta = pinned_wheel_metadata("onnxruntime-gpu", pattern, cache_file)
+    except LookupError:
+        pytest.fail(f"onnxruntime-gpu {version} has no cp312 x86_64 wheel (the image's Python)")
+    except OSError as exc:
+        pytest.fail(f"PyPI is needed to check the CUDA base against onnxruntime-gpu: {exc}")
     reqs = [Requirement(r) for r in meta.get_all("Requires-Dist") or []]
     runtime = next(r for r in reqs if r.name == "nvidia-cuda-runtime")
     cudnn = next(r for r in reqs if r.name.startswith("nvidia-cudnn-cu"))

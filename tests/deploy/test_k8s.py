@@ -16,8 +16,14 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.conftest import ROOT
-from tests.deploy.conftest import K8S, drain_timeout_s, load_yaml_docs, run, tool
+from tests.deploy.conftest import (
+    K8S,
+    SERVICEMONITOR,
+    drain_timeout_s,
+    load_yaml_docs,
+    run,
+    tool,
+)
 from tests.deploy.dockerfile import Dockerfile
 
 BASE = K8S / "base"
@@ -26,11 +32,7 @@ KUSTOMIZATIONS = [BASE, *OVERLAYS]
 # Oldest and newest Kubernetes the manifests must be valid for.
 K8S_VERSIONS = ("1.29.0", "1.37.0")
 CRD_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor")}
-# Where .ci/run installs tests/deploy/servicemonitor/package-lock.json.
-NODE_PREFIX = Path(
-    os.environ.get("RESNET_SERVE_SERVICEMONITOR_NODE", ROOT / ".cache/servicemonitor")
-)
-SERVICEMONITOR_JS = Path(__file__).parent / "servicemonitor" / "validate.mjs"
+SERVICEMONITOR_JS = SERVICEMONITOR / "validate.mjs"
 
 
 def _kustomization(path: Path) -> dict[str, Any]:
@@ -89,17 +91,13 @@ def test_strict_validation_fails_on_an_unknown_field(tmp_path: Path) -> None:
 # --- ServiceMonitor: a CRD, validated with the Prometheus Operator's API types --------
 
 
-def _validate_servicemonitors(objs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    node = shutil.which("node")
-    module = NODE_PREFIX / "node_modules" / "@kubernetes-models" / "prometheus-operator"
-    if node is None or not module.is_dir():
-        pytest.fail(
-            f"the ServiceMonitor check needs node and {module}: "
-            "mkdir -p .cache/servicemonitor && cp tests/deploy/servicemonitor/package*.json "
-            ".cache/servicemonitor/ && npm ci --prefix .cache/servicemonitor (.ci/run does this)"
-        )
+def _validate_servicemonitors(
+    node: tuple[str, Path], objs: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """``node``: the servicemonitor_node fixture (tests/deploy/conftest.py)."""
+    binary, prefix = node
     proc = subprocess.run(
-        [node, str(SERVICEMONITOR_JS), str(NODE_PREFIX)],
+        [binary, str(SERVICEMONITOR_JS), str(prefix)],
         input=json.dumps(objs), capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
@@ -111,8 +109,10 @@ def _servicemonitor() -> dict[str, Any]:
     return doc
 
 
-def test_servicemonitor_validates_against_the_operator_types() -> None:
-    (result,) = _validate_servicemonitors([_servicemonitor()])
+def test_servicemonitor_validates_against_the_operator_types(
+    servicemonitor_node: tuple[str, Path],
+) -> None:
+    (result,) = _validate_servicemonitors(servicemonitor_node, [_servicemonitor()])
     assert result["ok"], result["errors"]
 
 
@@ -122,13 +122,15 @@ def test_servicemonitor_validates_against_the_operator_types() -> None:
      (("spec", "endpoints", 0, "port"), 8000),
      (("apiVersion",), "monitoring.coreos.com/v1beta1")],
 )  # fmt: skip
-def test_servicemonitor_check_fails_on_a_broken_one(path: tuple[Any, ...], value: Any) -> None:
+def test_servicemonitor_check_fails_on_a_broken_one(
+    servicemonitor_node: tuple[str, Path], path: tuple[Any, ...], value: Any
+) -> None:
     doc = _servicemonitor()
     node = doc
     for key in path[:-1]:
         node = node[key]
     node[path[-1]] = value
-    (result,) = _validate_servicemonitors([doc])
+    (result,) = _validate_servicemonitors(servicemonitor_node, [doc])
     assert not result["ok"]
 
 
@@ -185,7 +187,9 @@ def _render(path: Path) -> tuple[dict[str, Any], ...]:
 
 
 @pytest.mark.parametrize("path", KUSTOMIZATIONS, ids=lambda p: p.relative_to(K8S).as_posix())
-def test_kustomization_renders_valid_manifests(path: Path, tmp_path: Path) -> None:
+def test_kustomization_renders_valid_manifests(
+    path: Path, tmp_path: Path, servicemonitor_node: tuple[str, Path]
+) -> None:
     docs = list(_render(path))
     kinds = sorted(d["kind"] for d in docs)
     expected = [
@@ -201,7 +205,7 @@ def test_kustomization_renders_valid_manifests(path: Path, tmp_path: Path) -> No
     rc, lines = _kubernetes_validate([out])
     _check_validate_output(rc, lines, docs)
     sms = [d for d in docs if d["kind"] == "ServiceMonitor"]
-    assert all(r["ok"] for r in _validate_servicemonitors(sms))
+    assert all(r["ok"] for r in _validate_servicemonitors(servicemonitor_node, sms))
 
 
 def test_every_k8s_file_is_used() -> None:

@@ -1,8 +1,10 @@
 """Our ImageNet ResNets against torchvision's layout: names, shapes, parameter counts,
 and (where torchvision's model code can be loaded) outputs."""
 
-import os
+import sys
+from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -47,25 +49,34 @@ def test_forward_is_head_of_features() -> None:
         torch.testing.assert_close(model(x), model.fc(feats))
 
 
-def _torchvision_resnet():
-    """torchvision's own model code: installed, or an unpacked wheel named by
-    RESNET_SERVE_TORCHVISION_SRC (what .ci/run provides)."""
+@pytest.fixture(scope="module")
+def tv(torchvision_src: Path) -> Iterator[ModuleType]:
+    """torchvision's own model code, from the unpacked wheel (tests/conftest.py). The
+    stand-in package it is loaded under leaves sys.modules afterwards, so that no later
+    test finds an ops-less ``torchvision``."""
+    from tools.torchvision_manifest import load_torchvision_resnet
+
+    before = set(sys.modules)
     try:
-        from torchvision.models import resnet as tv
+        yield load_torchvision_resnet(torchvision_src)
+    finally:
+        for name in set(sys.modules) - before:
+            if name == "torchvision" or name.startswith("torchvision."):
+                del sys.modules[name]
 
-        return tv
-    except Exception:
-        src = os.environ.get("RESNET_SERVE_TORCHVISION_SRC")
-        if not src or not (Path(src) / "torchvision").is_dir():
-            pytest.skip("torchvision's model code is not available")
-        from tools.torchvision_manifest import load_torchvision_resnet
 
-        return load_torchvision_resnet(Path(src))
+def test_manifest_is_torchvisions(tv: ModuleType) -> None:
+    """tests/data's key -> shape manifest, which the loading tests rely on, is what
+    torchvision's code gives (tools/torchvision_manifest.py regenerates it)."""
+    assert sorted(manifest()) == sorted(IMAGENET)
+    for name, shapes in manifest().items():
+        with torch.device("meta"):  # shapes only: nothing allocated or initialised
+            theirs = {k: list(v.shape) for k, v in getattr(tv, name)().state_dict().items()}
+        assert theirs == shapes, name
 
 
 @pytest.mark.parametrize("name", ["resnet18", "resnet50", "resnext50_32x4d", "wide_resnet50_2"])
-def test_same_outputs_as_torchvision(name: str) -> None:
-    tv = _torchvision_resnet()
+def test_same_outputs_as_torchvision(tv: ModuleType, name: str) -> None:
     theirs = getattr(tv, name)().eval()
     ours = getattr(resnet, name)().eval()
     state = random_state_dict(manifest()[name])
