@@ -42,7 +42,11 @@ ENV PIP_NO_CACHE_DIR=1 \
 RUN pip install --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"
 COPY pyproject.toml README.md /src/
 COPY models /src/models
-RUN pip install "/src[export]"
+# The exporter checks its graph with onnxruntime (parity, int8/fp16 checks, the reference
+# set for the runtime's self-check) and shares that code with the runtime: service/ and
+# the `cpu` extra come along.
+COPY service /src/service
+RUN pip install "/src[export,cpu]"
 
 # What to build: catalog names (`resnet-export --list`), and where their weights come from.
 ARG MODELS=resnet50

@@ -128,7 +128,8 @@ def test_export_stage_uses_the_cpu_torch_of_ci(dockerfile: Dockerfile) -> None:
     # torch from the CPU wheel index, before the `export` extra (else PyPI's CUDA torch).
     assert "--index-url" in installs[0] and '"torch==${TORCH_VERSION}"' in installs[0]
     assert args["TORCH_INDEX_URL"] == "https://download.pytorch.org/whl/cpu"
-    assert "[export]" in installs[1]
+    # The export extra and the runtime (the exporter runs its graphs on onnxruntime).
+    assert "[export,cpu]" in installs[1]
     ci_pin = re.search(r"torch==([\w.+]+)", (ROOT / ".ci" / "run").read_text(encoding="utf-8"))
     assert ci_pin and args["TORCH_VERSION"] == ci_pin.group(1), "same torch as CI"
     assert Version(args["TORCH_VERSION"]) in _extra_requirement("export", "torch").specifier
