@@ -198,13 +198,14 @@ class SessionPool:
         each run."""
         total, done = len(self.workers) * len(sizes), 0
         for worker in self.workers:
+            # Start the worker's thread, or its first request pays for its creation (~4 ms,
+            # measured). The runs below stay on this thread: shutdown waits for the workers'
+            # threads, never for a warmup run.
+            worker.executor.submit(int).result()
             for b in sizes:
                 if stop is not None and stop.is_set():
                     return False
-                # On the worker's own thread, which this starts: its first request would
-                # otherwise pay for the thread's creation (~4 ms, measured).
-                batch = np.zeros((b, *shape), dtype=np.uint8)
-                worker.executor.submit(worker.run, batch).result()
+                worker.run(np.zeros((b, *shape), dtype=np.uint8))
                 done += 1
                 if progress is not None:
                     progress(done, total)
