@@ -18,6 +18,7 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -35,12 +36,20 @@ from tests.conftest import CIFAR_TEST, CIFAR_TRAIN, ROOT, WEIGHTS_HOME  # noqa: 
 EMULATED_CPU = "EPYC-Milan"
 MAX_INT8_DROP = 0.005
 
-EVALUATE = """
+# One emulated process does all the work (Python's start under TCG costs tens of seconds):
+# it runs the int8 graphs on test images, then loads model repositories with the runtime's
+# self-check, and prints one JSON line.
+EMULATED = """
 import json, sys
+from pathlib import Path
 import numpy as np, onnxruntime as ort
+from service.metrics import Metrics
+from service.repository import RepositoryError
+from service.runtime import Runtime
 from service.selfcheck import cpu_description
-jobs, data = sys.argv[1].split(","), np.load(sys.argv[2])
-out = {"cpu": cpu_description()}
+from service.settings import Settings
+jobs, data, repos = sys.argv[1].split(","), np.load(sys.argv[2]), sys.argv[3:]
+out = {"cpu": cpu_description(), "loads": {}}
 for job in jobs:
     p, count = job.rsplit(":", 1)
     images = data["images"][: int(count)]
@@ -49,26 +58,18 @@ for job in jobs:
         [s.run(["logits"], {"images": images[i : i + 128]})[0] for i in range(0, len(images), 128)]
     )
     np.save(p + ".emulated.npy", logits)
-out["done"] = jobs
-print(json.dumps(out))
-"""
-
-LOAD = """
-import json, sys
-from pathlib import Path
-from service.metrics import Metrics
-from service.repository import RepositoryError
-from service.runtime import Runtime
-from service.settings import Settings
-out = {}
-for repo in sys.argv[1:]:
+for repo in repos:
     try:
         rt = Runtime.load(Settings(repository=Path(repo), intra_op_threads=1), Metrics())
-        out[repo] = {m.name: m.self_check.to_json() for m in rt.models.values()}
+        out["loads"][repo] = {m.name: m.self_check.to_json() for m in rt.models.values()}
     except RepositoryError as exc:
-        out[repo] = {"refused": str(exc)}
+        out["loads"][repo] = {"refused": str(exc)}
 print(json.dumps(out))
 """
+# Emulation is slow (TCG), so: resnet20 on all 846 test images for its accuracy, and
+# resnet56 on the first 64 for the equality with this machine's kernels, which is the
+# stronger statement (its accuracy on this machine is test_quantize.py's).
+COUNTS = {"resnet20_cifar10": 846, "resnet56_cifar10": 64}
 
 
 def _qemu() -> str:
@@ -81,21 +82,6 @@ def _qemu() -> str:
     return exe
 
 
-def _emulated(script: str, *args: str, timeout: float = 900) -> dict:
-    """Run ``script`` with this interpreter (its venv) on the emulated AVX2-only CPU."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [_qemu(), "-cpu", EMULATED_CPU, sys.executable, "-c", script, *args],
-        capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    if "cpu" in result:
-        # The emulated CPU, as the service describes it: AVX2, no AVX-512 of any kind.
-        assert "AVX2" in result["cpu"] and "AVX512" not in result["cpu"], result["cpu"]
-    return result
-
-
 def _native(path: Path, images: np.ndarray) -> np.ndarray:
     s = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     return np.concatenate(
@@ -103,31 +89,80 @@ def _native(path: Path, images: np.ndarray) -> np.ndarray:
     )
 
 
-def test_int8_keeps_its_accuracy_on_an_avx2_cpu_without_vnni(
-    int8_repository: Path, cifar_repository: Path, cifar_test, tmp_path: Path, record_property
-) -> None:
-    images, labels = cifar_test["images"], cifar_test["labels"]
-    # Emulation is slow (TCG), so: resnet20 on all 846 test images for its accuracy, and
-    # resnet56 on the first 128 for the equality with this machine's kernels, which is the
-    # stronger statement (its accuracy on this machine is test_quantize.py's).
-    counts = {"resnet20_cifar10": len(images), "resnet56_cifar10": 128}
+@dataclass(frozen=True)
+class Emulated:
+    cpu: str
+    logits: dict[str, np.ndarray]  # model -> int8 logits on the first COUNTS[model] images
+    loads: dict[str, dict]  # "seven" / "eight" -> the runtime's verdict per model
+
+
+@pytest.fixture(scope="module")
+def emulated(int8_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Emulated:
+    """The int8 graphs and the runtime's self-check on the emulated AVX2-only CPU.
+
+    The repositories it loads: the default export (7-bit weights, int8_repository's
+    resnet20) and resnet20 with 8-bit weights, which saturate on this CPU."""
+    qemu = _qemu()
+    work = tmp_path_factory.mktemp("avx2")
     jobs = []
-    for name, count in counts.items():
-        dst = tmp_path / f"{name}_int8"
+    for name, count in COUNTS.items():
+        dst = work / f"{name}_int8"
         shutil.copy(int8_repository / f"{name}_int8" / "model.onnx", dst)
         jobs.append(f"{dst}:{count}")
-    _emulated(EVALUATE, ",".join(jobs), str(CIFAR_TEST))
-    for name, count in counts.items():
-        emulated = np.load(f"{tmp_path / name}_int8.emulated.npy")
+    seven, eight = work / "seven", work / "eight"
+    seven.mkdir()
+    shutil.copytree(int8_repository / "resnet20_cifar10_int8", seven / "resnet20_cifar10_int8")
+    eight.mkdir()
+    variant = get_variant("resnet20_cifar10")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TORCH_HOME", str(WEIGHTS_HOME))
+        export_variant(
+            variant, resolve(variant, "default"), eight, name="r20_int8_w8", precision="int8",
+            calibration=CIFAR_TRAIN, int8_weight_bits=8,
+        )  # fmt: skip
+    # The bounds an export records are what its own CPU measured, and an AVX2-only host
+    # running this suite measures the saturated 8-bit graph. So that the verdict does not
+    # depend on the host, the 8-bit model gets the 7-bit model's bounds: on a CPU that does
+    # not saturate, 8-bit weights are the more accurate of the two (docs/precision.md).
+    meta7 = json.loads((seven / "resnet20_cifar10_int8" / "model.json").read_text())
+    path8 = eight / "r20_int8_w8" / "model.json"
+    meta8 = json.loads(path8.read_text())
+    for key in ("min_top1_agreement", "max_logits_rms_rel_err"):
+        meta8["self_check"][key] = meta7["self_check"][key]
+    path8.write_text(json.dumps(meta8))
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    argv = [qemu, "-cpu", EMULATED_CPU, sys.executable, "-c", EMULATED, ",".join(jobs),
+            str(CIFAR_TEST), str(seven), str(eight)]  # fmt: skip
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=1200, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    logits = {name: np.load(f"{work / name}_int8.emulated.npy") for name in COUNTS}
+    loads = {"seven": result["loads"][str(seven)], "eight": result["loads"][str(eight)]}
+    return Emulated(result["cpu"], logits, loads)
+
+
+def test_the_emulated_cpu_is_avx2_without_avx512(emulated: Emulated) -> None:
+    # As the service describes it (CPUID through numpy): AVX2, no AVX-512 of any kind.
+    assert "AVX2" in emulated.cpu and "AVX512" not in emulated.cpu, emulated.cpu
+
+
+def test_int8_keeps_its_accuracy_on_an_avx2_cpu_without_vnni(
+    emulated: Emulated, int8_repository: Path, cifar_repository: Path, cifar_test,
+    record_property,
+) -> None:  # fmt: skip
+    images, labels = cifar_test["images"], cifar_test["labels"]
+    for name, count in COUNTS.items():
+        got = emulated.logits[name]
         # The same numbers as this machine's kernels, whatever they are: 7-bit weights are
         # exact integer arithmetic on every ISA; only the float epilogue may round apart.
         native = _native(int8_repository / f"{name}_int8" / "model.onnx", images[:count])
-        rms = np.sqrt(np.mean((native - emulated) ** 2)) / np.sqrt(np.mean(native**2))
+        rms = np.sqrt(np.mean((native - got) ** 2)) / np.sqrt(np.mean(native**2))
         assert rms < 1e-3, f"{name}: AVX2 and native int8 logits differ (RMS {rms:.3g})"
-        assert np.array_equal(native.argmax(1), emulated.argmax(1))
+        assert np.array_equal(native.argmax(1), got.argmax(1))
     name = "resnet20_cifar10"
     fp32 = _native(cifar_repository / name / "model.onnx", images).argmax(1)
-    int8 = np.load(f"{tmp_path / name}_int8.emulated.npy").argmax(1)
+    int8 = emulated.logits[name].argmax(1)
     acc32, acc8 = float(np.mean(fp32 == labels)), float(np.mean(int8 == labels))
     agreement = float(np.mean(fp32 == int8))
     record_property("resnet20_avx2_int8_top1", acc8)
@@ -140,46 +175,12 @@ def test_int8_keeps_its_accuracy_on_an_avx2_cpu_without_vnni(
     assert agreement >= 0.98
 
 
-@pytest.fixture(scope="module")
-def weight_bits_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """resnet20_cifar10 in int8 with 7-bit (portable) and 8-bit (VNNI-only) weights."""
-    repo = tmp_path_factory.mktemp("bits")
-    variant = get_variant("resnet20_cifar10")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TORCH_HOME", str(WEIGHTS_HOME))
-        weights = resolve(variant, "default")
-        for bits in (7, 8):
-            export_variant(
-                variant, weights, repo, name=f"r20_int8_w{bits}", precision="int8",
-                calibration=CIFAR_TRAIN, int8_weight_bits=bits,
-            )  # fmt: skip
-    # The bounds an export records are what its own CPU measured, and an AVX2-only host
-    # running this suite measures the saturated 8-bit graph. So that the verdict does not
-    # depend on the host, the 8-bit model gets the 7-bit model's bounds: on a CPU that does
-    # not saturate, 8-bit weights are the more accurate of the two (docs/precision.md).
-    meta7 = json.loads((repo / "r20_int8_w7" / "model.json").read_text())
-    path8 = repo / "r20_int8_w8" / "model.json"
-    meta8 = json.loads(path8.read_text())
-    for key in ("min_top1_agreement", "max_logits_rms_rel_err"):
-        meta8["self_check"][key] = meta7["self_check"][key]
-    path8.write_text(json.dumps(meta8))
-    return repo
-
-
 def test_the_self_check_refuses_8bit_weights_on_avx2_and_accepts_7bit(
-    weight_bits_repository: Path, tmp_path: Path
+    emulated: Emulated,
 ) -> None:
-    seven, eight = tmp_path / "seven", tmp_path / "eight"
-    for dst, name in ((seven, "r20_int8_w7"), (eight, "r20_int8_w8")):
-        dst.mkdir()
-        shutil.copytree(weight_bits_repository / name, dst / name)
-    # Natively (whatever this CPU is) the 7-bit model passes; on the emulated AVX2 CPU it
-    # passes too, and the 8-bit model, which saturates there, is refused with its reason.
-    result = _emulated(LOAD, str(seven), str(eight))
-    accepted = result[str(seven)]
-    assert accepted["r20_int8_w7"]["passed"] is True
-    assert "AVX512" not in accepted["r20_int8_w7"]["cpu"]
-    refused = result[str(eight)]["refused"]
+    accepted = emulated.loads["seven"]["resnet20_cifar10_int8"]
+    assert accepted["passed"] is True and "AVX512" not in accepted["cpu"]
+    refused = emulated.loads["eight"]["refused"]
     assert "model r20_int8_w8 (int8) failed its self-check" in refused
     assert "logits RMS error" in refused and "ISA: AVX2, FMA3" in refused
     assert "AVX512" not in refused
