@@ -71,13 +71,13 @@ class CifarResNet(nn.Module):
             self.in_planes = planes
         return nn.Sequential(*layers)
 
-    stages: tuple[str, ...] = ("layer1", "layer2", "layer3")
+    stage_names: tuple[str, ...] = ("layer1", "layer2", "layer3")
 
     def forward_stages(self, x: Tensor, keep: tuple[str, ...] = ()) -> tuple[Tensor, list[Tensor]]:
         """Pooled features ``[N, 64]`` and the maps of the stages in ``keep``."""
         x = F.relu(self.bn1(self.conv1(x)))
         maps = []
-        for name in self.stages:
+        for name in self.stage_names:
             x = getattr(self, name)(x)
             if name in keep:
                 maps.append(x)

@@ -133,13 +133,13 @@ class ResNet(nn.Module):
         ]
         return nn.Sequential(*layers)
 
-    stages: tuple[str, ...] = ("layer1", "layer2", "layer3", "layer4")
+    stage_names: tuple[str, ...] = ("layer1", "layer2", "layer3", "layer4")
 
     def forward_stages(self, x: Tensor, keep: tuple[str, ...] = ()) -> tuple[Tensor, list[Tensor]]:
         """Pooled features ``[N, embedding_dim]`` and the maps of the stages in ``keep``."""
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         maps = []
-        for name in self.stages:
+        for name in self.stage_names:
             x = getattr(self, name)(x)
             if name in keep:
                 maps.append(x)
