@@ -117,6 +117,10 @@ def load_local(path: Path) -> Weights:
 def resolve(variant: Variant, weights: str, progress: bool = False) -> Weights:
     """``default`` | ``random`` | a path."""
     if weights == "default":
+        from models import hub
+
+        if variant.weights is not None and hub.is_hub_url(variant.weights.url):
+            return hub.load_hub_default(variant, progress=progress)
         return load_default(variant, progress=progress)
     if weights == "random":
         return Weights(None, f"random:seed={RANDOM_SEED}", None, pretrained=False)

@@ -9,10 +9,12 @@ IMAGENET = [
     "resnext101_32x8d", "resnext101_64x4d", "wide_resnet50_2", "wide_resnet101_2",
 ]  # fmt: skip
 CIFAR = [f"resnet{d}_cifar10" for d in (20, 32, 44, 56, 110, 1202)]
+PREACT_CIFAR = [f"preact_resnet{d}_cifar10" for d in (110, 164, 1001)]
+TIMM = ["resnet18.a1_in1k", "resnet50.a1_in1k", "resnet101.a1h_in1k", "resnetv2_50", "resnetv2_101"]
 
 
 def test_every_named_variant_is_in_the_catalog() -> None:
-    assert set(VARIANTS) == set(IMAGENET + CIFAR)
+    assert set(VARIANTS) == set(IMAGENET + CIFAR + PREACT_CIFAR + TIMM)
 
 
 @pytest.mark.parametrize("name", IMAGENET + CIFAR)
