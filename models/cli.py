@@ -33,6 +33,13 @@ def _parser() -> argparse.ArgumentParser:
         "'random' (seeded, pretrained: false) or a path to a .pth/.th/.safetensors file",
     )
     p.add_argument(
+        "--ema",
+        action="store_true",
+        help="with --weights PATH to a training checkpoint of timm's or torchvision's reference "
+        "scripts (*.pth.tar, model_N.pth): its EMA weights (state_dict_ema, model_ema) instead "
+        "of the trained ones (state_dict, model)",
+    )
+    p.add_argument(
         "--name",
         help="repository name for the model (one NAME only; default: NAME for fp32, "
         "NAME_int8 / NAME_fp16 otherwise)",
@@ -121,6 +128,8 @@ def _usage_error(args: argparse.Namespace) -> str | None:
         return "give NAME [NAME ...] and --repository DIR (or --list)"
     if args.name and len(args.names) != 1:
         return "--name needs exactly one NAME"
+    if args.ema and args.weights in ("default", "random"):
+        return "--ema picks the EMA weights of a training checkpoint: give --weights PATH"
     int8_only = {
         "--calibration": args.calibration,
         "--calibration-method": args.calibration_method,
@@ -183,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     for variant in bar:
         bar.set_postfix_str(variant.name)
         try:
-            weights = resolve(variant, args.weights, progress=sys.stderr.isatty())
+            weights = resolve(variant, args.weights, progress=sys.stderr.isatty(), ema=args.ema)
             out = export_variant(
                 variant,
                 weights,

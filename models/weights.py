@@ -6,6 +6,7 @@ exactly those (hash-checked) or the export stops with a message that says what t
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import urllib.error
 from collections.abc import Mapping
@@ -19,7 +20,12 @@ from torch import Tensor, nn
 from models.catalog import Variant
 
 RANDOM_SEED = 0
-LOCAL_SUFFIXES = (".pth", ".pt", ".th", ".bin", ".safetensors")
+# .tar: timm's train.py names its checkpoints *.pth.tar.
+LOCAL_SUFFIXES = (".pth", ".pt", ".th", ".bin", ".tar", ".safetensors")
+# Where training scripts keep the weights in a checkpoint: timm's train.py (state_dict,
+# state_dict_ema) and torchvision's references/classification/train.py (model, model_ema).
+MODEL_KEYS = ("state_dict", "model")
+EMA_KEYS = ("state_dict_ema", "model_ema")
 
 
 class WeightsError(Exception):
@@ -45,17 +51,29 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def unwrap_state_dict(obj: Any) -> dict[str, Tensor]:
-    """A bare state dict, or one held under ``state_dict``/``model``, minus ``module.``."""
+def unwrap_state_dict(obj: Any, ema: bool = False) -> dict[str, Tensor]:
+    """A bare state dict, or one held under ``state_dict``/``model`` (with ``ema``:
+    ``state_dict_ema``/``model_ema``), minus ``module.``."""
     if not isinstance(obj, Mapping):
         raise WeightsError(f"expected a state dict or a checkpoint dict, got {type(obj).__name__}")
-    for key in ("state_dict", "model"):
-        if isinstance(obj.get(key), Mapping):
-            obj = obj[key]
-            break
+    held = next(
+        (k for k in (EMA_KEYS if ema else MODEL_KEYS) if isinstance(obj.get(k), Mapping)), None
+    )
+    if held is not None:
+        obj = obj[held]
+    elif ema:
+        raise WeightsError(
+            f"--ema: the checkpoint holds no EMA weights (no {' or '.join(EMA_KEYS)} entry; "
+            f"it has {', '.join(sorted(map(str, obj))) or 'nothing'})"
+        )
     tensors = {k: v for k, v in obj.items() if isinstance(v, Tensor)}
     if not tensors:
         raise WeightsError("the checkpoint holds no tensors")
+    # torchvision's EMA model is an AveragedModel: its counter sits beside module.<key>.
+    if "n_averaged" in tensors and all(
+        k.startswith("module.") for k in tensors if k != "n_averaged"
+    ):
+        del tensors["n_averaged"]
     # DataParallel/DDP checkpoints prefix every key; strip it only when all keys have it.
     if all(k.startswith("module.") for k in tensors):
         tensors = {k[len("module.") :]: v for k, v in tensors.items()}
@@ -97,7 +115,7 @@ def load_default(variant: Variant, progress: bool = False) -> Weights:
     return Weights(unwrap_state_dict(obj), spec.url, digest, pretrained=True)
 
 
-def load_local(path: Path) -> Weights:
+def load_local(path: Path, ema: bool = False) -> Weights:
     if not path.is_file():
         raise WeightsError(f"weights file not found: {path}")
     if path.suffix not in LOCAL_SUFFIXES:
@@ -108,14 +126,20 @@ def load_local(path: Path) -> Weights:
 
             obj: Any = load_file(str(path), device="cpu")
         else:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            # Training checkpoints of timm and torchvision keep their argparse arguments.
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # any unreadable file is the user's input, reported plainly
         raise WeightsError(f"cannot read weights from {path}: {exc}") from None
-    return Weights(unwrap_state_dict(obj), str(path.resolve()), sha256_file(path), pretrained=True)
+    # The source names the EMA entry, so model.json tells EMA and raw weights apart.
+    source = f"{path.resolve()}#ema" if ema else str(path.resolve())
+    return Weights(unwrap_state_dict(obj, ema), source, sha256_file(path), pretrained=True)
 
 
-def resolve(variant: Variant, weights: str, progress: bool = False) -> Weights:
-    """``default`` | ``random`` | a path."""
+def resolve(variant: Variant, weights: str, progress: bool = False, ema: bool = False) -> Weights:
+    """``default`` | ``random`` | a path (``ema``: a checkpoint's EMA weights)."""
+    if ema and weights in ("default", "random"):
+        raise WeightsError(f"EMA weights come from a checkpoint file, not from {weights!r}")
     if weights == "default":
         from models import hub
 
@@ -124,7 +148,7 @@ def resolve(variant: Variant, weights: str, progress: bool = False) -> Weights:
         return load_default(variant, progress=progress)
     if weights == "random":
         return Weights(None, f"random:seed={RANDOM_SEED}", None, pretrained=False)
-    return load_local(Path(weights))
+    return load_local(Path(weights), ema)
 
 
 def build_model(variant: Variant, weights: Weights, num_classes: int | None = None) -> nn.Module:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import pytest
@@ -56,3 +57,15 @@ def cifar_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
         else:
             os.environ["TORCH_HOME"] = old
     return repo
+
+
+@pytest.fixture(scope="session")
+def timm() -> ModuleType:
+    """timm's own code (tools/timm_source.py), its wheel fetched once into .cache/."""
+    pytest.importorskip("torch")
+    from tools.timm_source import Unavailable, load_timm
+
+    try:
+        return load_timm()
+    except Unavailable as exc:
+        pytest.skip(str(exc))
