@@ -166,11 +166,11 @@ def _list() -> None:
     )
     for v in VARIANTS.values():
         pre = v.preprocess
+        # Without published weights (or a published top-1) no accuracy is claimed: null.
+        top1 = "null" if v.weights is None else str(v.weights.reported_top1 or "null")
         if v.weights is None:
-            # No published checkpoint, so no accuracy is claimed for these.
-            top1, source = "null", "none published: --weights PATH or random"
+            source = "none published: --weights PATH or random"
         else:
-            top1 = f"{v.weights.reported_top1}"
             source = f"{v.weights.url} ({v.weights.publisher}, {v.dataset}"
             if v.test_preprocess is not None:
                 source += f"; {v.weights.test_top1} at {v.test_preprocess.crop} with --test-size"
