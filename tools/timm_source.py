@@ -1,10 +1,11 @@
 """timm's own model and transform code, for the tests and for the state dict manifest.
 
 timm imports torchvision, whose package ``__init__`` loads compiled ops that the CPU torch
-build used here cannot load. What timm's ResNet/ResNetV2 modules and its eval transforms
-use of torchvision is pure Python (transforms, ops.misc), so torchvision is registered as
-a bare package over its unpacked wheel, as tools/torchvision_manifest.py does, and timm is
-then imported unchanged from its own unpacked wheel: the code that runs is timm's.
+build used here cannot load. The torchvision modules timm imports (transforms, datasets,
+models, the Python side of ops) load without them, so only that ``__init__`` is skipped:
+torchvision is registered as a bare package over its unpacked wheel, as
+tools/torchvision_manifest.py does, and timm is then imported unchanged, ``__init__``
+included, from its own unpacked wheel. The code that runs is timm's.
 
 Regenerate tests/data/timm_resnetv2_state_dict_manifest.json with
 
