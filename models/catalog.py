@@ -7,8 +7,9 @@ table run anywhere. Builders are named as ``module:function`` and resolved lazil
 from __future__ import annotations
 
 import importlib
+import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,18 @@ class Preprocess:
     std: tuple[float, float, float] = IMAGENET_STD
     interpolation: str = "bilinear"
 
+    @classmethod
+    def from_crop_pct(
+        cls,
+        crop: int,
+        crop_pct: float,
+        interpolation: str,
+        mean: tuple[float, float, float],
+        std: tuple[float, float, float],
+    ) -> Preprocess:
+        """timm's eval transform: the shorter side resized to ``floor(crop / crop_pct)``."""
+        return cls(math.floor(crop / crop_pct), crop, mean, std, interpolation)
+
     def to_json(self) -> dict[str, Any]:
         return {
             "resize": self.resize,
@@ -49,10 +62,24 @@ class WeightsSpec:
     sha256_prefix: str
     # Top-1 that the weights' publisher reports; shown by --list, never asserted here.
     reported_top1: float | None = None
+    # What timm reports at its test input size (Variant.test_preprocess), where it has one.
+    test_top1: float | None = None
 
     @property
     def filename(self) -> str:
         return self.url.rsplit("/", 1)[-1]
+
+    @property
+    def publisher(self) -> str:
+        return next((who for url, who in _PUBLISHERS if self.url.startswith(url)), self.url)
+
+
+_PUBLISHERS = (
+    ("https://download.pytorch.org/models/", "torchvision"),
+    ("https://github.com/akamaster/", "akamaster/pytorch_resnet_cifar10"),
+    ("https://huggingface.co/timm/", "timm, Hugging Face Hub"),
+    ("https://github.com/rwightman/pytorch-image-models/", "timm, GitHub release"),
+)
 
 
 @dataclass(frozen=True)
@@ -65,6 +92,15 @@ class Variant:
     preprocess: Preprocess
     weights: WeightsSpec | None
     dataset: str
+    # timm's test_input_size/test_crop_pct where they differ (resnet-export --test-size).
+    test_preprocess: Preprocess | None = None
+
+    def at_test_size(self) -> Variant:
+        """This variant with its test-size preprocessing and the top-1 reported there."""
+        if self.test_preprocess is None or self.weights is None:
+            raise ValueError(f"{self.name} has no separate test input size")
+        weights = replace(self.weights, reported_top1=self.weights.test_top1, test_top1=None)
+        return replace(self, preprocess=self.test_preprocess, test_preprocess=None, weights=weights)
 
     def build_fn(self) -> Callable[..., Any]:
         module, func = self.builder.split(":")
@@ -116,36 +152,96 @@ _CIFAR = [
 ]
 
 
+# Pre-activation ResNets (He et al. 2016) for CIFAR-10, as in the paper. No checkpoint of
+# them is published in a loadable form (the paper's code is Lua Torch), so they come without
+# default weights and no accuracy is claimed: top-1 null, --weights PATH or random.
+_PREACT_CIFAR = [f"preact_resnet{depth}_cifar10" for depth in (110, 164, 1001)]
+
+# timm's weights (github.com/huggingface/pytorch-image-models), each with the preprocessing
+# of its pretrained_cfg: bicubic, crop 224 at crop_pct 0.95 and a test size of 288 at
+# crop_pct 1.0 for all of these, and its mean/std. Top-1 on ImageNet-1K as timm's
+# results/results-imagenet.csv reports it at 224 and at 288. The Hub's safetensors are
+# checked against the sha256 of the Hub's LFS pointer. For resnetv2_50/101 that hash could
+# not be confirmed, so they use the same weights' first publication, timm's GitHub release,
+# whose file name carries its sha256 prefix (checked as torchvision's are).
+_HF_TIMM = "https://huggingface.co/timm/{}/resolve/main/model.safetensors"
+_RSB = "https://github.com/rwightman/pytorch-image-models/releases/download/v0.1-rsb-weights/"
+_INCEPTION = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+_TIMM = [
+    # name, builder, family, weights URL, sha256 (prefix), (mean, std), top-1 @224, @288
+    ("resnet18.a1_in1k", "models.resnet:resnet18", "basic", _HF_TIMM.format("resnet18.a1_in1k"),
+     "80c49dee3da4822c009c5a7fe591e9223c5a2cfcf95a4067ca4dfb5a7b89c612",
+     (IMAGENET_MEAN, IMAGENET_STD), 71.504, 73.164),
+    ("resnet50.a1_in1k", "models.resnet:resnet50", "bottleneck",
+     _HF_TIMM.format("resnet50.a1_in1k"),
+     "773525d5821de224f8f30c33377b7a795d7863e08522698200d3217d3f2a41bb",
+     (IMAGENET_MEAN, IMAGENET_STD), 80.382, 81.240),
+    ("resnet101.a1h_in1k", "models.resnet:resnet101", "bottleneck",
+     _HF_TIMM.format("resnet101.a1h_in1k"),
+     "1a076c0384295e7d3704f201c5711ff245507db934230bab72ff3014a95f90fe",
+     (IMAGENET_MEAN, IMAGENET_STD), 81.950, 82.796),
+    ("resnetv2_50", "models.preact:resnetv2_50", "preact", _RSB + "resnetv2_50_a1h-000cdf49.pth",
+     "000cdf49", _INCEPTION, 80.410, 81.406),
+    ("resnetv2_101", "models.preact:resnetv2_101", "preact",
+     _RSB + "resnetv2_101_a1h-5d01f016.pth", "5d01f016", _INCEPTION, 82.042, 83.002),
+]  # fmt: skip
+
+
 def _sha_prefix(filename: str) -> str:
     return filename.rsplit("-", 1)[-1].split(".")[0]
 
 
+def _imagenet(
+    name: str,
+    builder: str,
+    family: str,
+    pre: Preprocess,
+    weights: WeightsSpec,
+    test_preprocess: Preprocess | None = None,
+) -> Variant:
+    return Variant(
+        name, builder, family, 1000, "imagenet_classes.txt", pre, weights, "ImageNet-1K",
+        test_preprocess,
+    )  # fmt: skip
+
+
+def _cifar10(name: str, module: str, family: str, weights: WeightsSpec | None) -> Variant:
+    return Variant(
+        name, f"{module}:{name}", family, 10, "cifar10_classes.txt", _CIFAR_PRE, weights, "CIFAR-10"
+    )
+
+
 VARIANTS: dict[str, Variant] = {
     **{
-        name: Variant(
-            name=name,
-            builder=f"models.resnet:{name}",
-            family=family,
-            num_classes=1000,
-            labels_file="imagenet_classes.txt",
-            preprocess=pre,
-            weights=WeightsSpec(_TV + fname, _sha_prefix(fname), top1),
-            dataset="ImageNet-1K",
+        name: _imagenet(
+            name,
+            f"models.resnet:{name}",
+            family,
+            pre,
+            WeightsSpec(_TV + fname, _sha_prefix(fname), top1),
         )
         for name, family, fname, pre, top1 in _IMAGENET
     },
     **{
-        name: Variant(
-            name=name,
-            builder=f"models.cifar:{name}",
-            family="cifar",
-            num_classes=10,
-            labels_file="cifar10_classes.txt",
-            preprocess=_CIFAR_PRE,
-            weights=WeightsSpec(_AKAMASTER + fname, _sha_prefix(fname), top1),
-            dataset="CIFAR-10",
+        name: _cifar10(
+            name,
+            "models.cifar",
+            "cifar",
+            WeightsSpec(_AKAMASTER + fname, _sha_prefix(fname), top1),
         )
         for name, fname, top1 in _CIFAR
+    },
+    **{name: _cifar10(name, "models.preact", "preact_cifar", None) for name in _PREACT_CIFAR},
+    **{
+        name: _imagenet(
+            name,
+            builder,
+            family,
+            Preprocess.from_crop_pct(224, 0.95, "bicubic", mean, std),
+            WeightsSpec(url, sha256, top1, test_top1),
+            Preprocess.from_crop_pct(288, 1.0, "bicubic", mean, std),
+        )
+        for name, builder, family, url, sha256, (mean, std), top1, test_top1 in _TIMM
     },
 }
 

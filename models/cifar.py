@@ -11,9 +11,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from models.backbone import Backbone
 
 
 class PadShortcut(nn.Module):
@@ -46,7 +47,7 @@ class CifarBasicBlock(nn.Module):
         return F.relu(out + self.shortcut(x))
 
 
-class CifarResNet(nn.Module):
+class CifarResNet(Backbone):
     def __init__(self, depth: int, num_classes: int = 10) -> None:
         super().__init__()
         if (depth - 2) % 6 != 0:
@@ -71,27 +72,19 @@ class CifarResNet(nn.Module):
             self.in_planes = planes
         return nn.Sequential(*layers)
 
-    stages: tuple[str, ...] = ("layer1", "layer2", "layer3")
+    stage_names: tuple[str, ...] = ("layer1", "layer2", "layer3")
 
     def forward_stages(self, x: Tensor, keep: tuple[str, ...] = ()) -> tuple[Tensor, list[Tensor]]:
-        """Pooled features ``[N, 64]`` and the maps of the stages in ``keep``."""
         x = F.relu(self.bn1(self.conv1(x)))
         maps = []
-        for name in self.stages:
+        for name in self.stage_names:
             x = getattr(self, name)(x)
             if name in keep:
                 maps.append(x)
-        return torch.flatten(F.adaptive_avg_pool2d(x, 1), 1), maps
-
-    def forward_features(self, x: Tensor) -> Tensor:
-        """Globally pooled backbone features, ``[N, 64]``."""
-        return self.forward_stages(x)[0]
+        return self.pool(x), maps
 
     def forward_head(self, features: Tensor) -> Tensor:
         return self.linear(features)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 def resnet20_cifar10(**kwargs: Any) -> CifarResNet:

@@ -33,6 +33,19 @@ def _parser() -> argparse.ArgumentParser:
         "'random' (seeded, pretrained: false) or a path to a .pth/.th/.safetensors file",
     )
     p.add_argument(
+        "--ema",
+        action="store_true",
+        help="with --weights PATH to a training checkpoint of timm's or torchvision's reference "
+        "scripts (*.pth.tar, model_N.pth): its EMA weights (state_dict_ema, model_ema) instead "
+        "of the trained ones (state_dict, model)",
+    )
+    p.add_argument(
+        "--test-size",
+        action="store_true",
+        help="timm's weights: export at timm's test input size and crop (288 at crop_pct 1.0 "
+        "instead of 224 at 0.95; --list shows the top-1 at both)",
+    )
+    p.add_argument(
         "--name",
         help="repository name for the model (one NAME only; default: NAME for fp32, "
         "NAME_int8 / NAME_fp16 otherwise)",
@@ -123,6 +136,8 @@ def _usage_error(args: argparse.Namespace) -> str | None:
         return "give NAME [NAME ...] and --repository DIR (or --list)"
     if args.name and len(args.names) != 1:
         return "--name needs exactly one NAME"
+    if args.ema and args.weights in ("default", "random"):
+        return "--ema picks the EMA weights of a training checkpoint: give --weights PATH"
     int8_only = {
         "--calibration": args.calibration,
         "--calibration-method": args.calibration_method,
@@ -146,13 +161,25 @@ def _usage_error(args: argparse.Namespace) -> str | None:
 
 
 def _list() -> None:
-    print(f"{'name':22} {'family':10} {'classes':>7} {'resize':>6} {'crop':>4}  weights")
+    width = max(map(len, VARIANTS))
+    print(
+        f"{'name':{width}} {'family':12} {'classes':>7} {'resize':>6} {'crop':>4} "
+        f"{'interp':8} {'top-1':>6}  weights"
+    )
     for v in VARIANTS.values():
-        top1 = f" (reported top-1 {v.weights.reported_top1} on {v.dataset})" if v.weights else ""
-        url = v.weights.url if v.weights else "-"
+        pre = v.preprocess
+        # Without published weights (or a published top-1) no accuracy is claimed: null.
+        top1 = "null" if v.weights is None else str(v.weights.reported_top1 or "null")
+        if v.weights is None:
+            source = "none published: --weights PATH or random"
+        else:
+            source = f"{v.weights.url} ({v.weights.publisher}, {v.dataset}"
+            if v.test_preprocess is not None:
+                source += f"; {v.weights.test_top1} at {v.test_preprocess.crop} with --test-size"
+            source += ")"
         print(
-            f"{v.name:22} {v.family:10} {v.num_classes:>7} {v.preprocess.resize:>6} "
-            f"{v.preprocess.crop:>4}  {url}{top1}"
+            f"{v.name:{width}} {v.family:12} {v.num_classes:>7} {pre.resize:>6} {pre.crop:>4} "
+            f"{pre.interpolation:8} {top1:>6}  {source}"
         )
 
 
@@ -167,7 +194,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     try:
         variants = [get_variant(n) for n in args.names]
-    except UnknownVariantError as exc:
+        if args.test_size:
+            variants = [v.at_test_size() for v in variants]
+    except (UnknownVariantError, ValueError) as exc:
         print(f"resnet-export: {exc}", file=sys.stderr)
         return EXIT_USAGE
     labels = read_labels(args.labels) if args.labels else None
@@ -185,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     for variant in bar:
         bar.set_postfix_str(variant.name)
         try:
-            weights = resolve(variant, args.weights, progress=sys.stderr.isatty())
+            weights = resolve(variant, args.weights, progress=sys.stderr.isatty(), ema=args.ema)
             names = class_labels(variant, weights, labels)
             if labels is None and len(names) != variant.num_classes:
                 tqdm.write(

@@ -47,13 +47,13 @@ class ServingGraph(nn.Module):
     ) -> None:
         super().__init__()
         self.model = model
-        unknown = [f for f in features if f not in model.stages]
+        unknown = [f for f in features if f not in model.stage_names]
         if unknown:
             raise ExportError(
-                f"no stage {', '.join(unknown)}; this model has {', '.join(model.stages)}"
+                f"no stage {', '.join(unknown)}; this model has {', '.join(model.stage_names)}"
             )
         # In the backbone's order, whatever order they were asked in.
-        self.features = tuple(f for f in model.stages if f in features)
+        self.features = tuple(f for f in model.stage_names if f in features)
         mean = torch.tensor(preprocess.mean, dtype=torch.float32)
         std = torch.tensor(preprocess.std, dtype=torch.float32)
         # (x / 255 - mean) / std == x * scale + shift, one Mul and one Add in the graph.

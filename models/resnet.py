@@ -12,6 +12,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from models.backbone import Backbone
+
 
 def conv3x3(in_planes: int, out_planes: int, stride: int = 1, groups: int = 1) -> nn.Conv2d:
     return nn.Conv2d(
@@ -84,7 +86,7 @@ class Bottleneck(nn.Module):
         return self.relu(out + identity)
 
 
-class ResNet(nn.Module):
+class ResNet(Backbone):
     def __init__(
         self,
         block: type[BasicBlock | Bottleneck],
@@ -133,27 +135,19 @@ class ResNet(nn.Module):
         ]
         return nn.Sequential(*layers)
 
-    stages: tuple[str, ...] = ("layer1", "layer2", "layer3", "layer4")
+    stage_names: tuple[str, ...] = ("layer1", "layer2", "layer3", "layer4")
 
     def forward_stages(self, x: Tensor, keep: tuple[str, ...] = ()) -> tuple[Tensor, list[Tensor]]:
-        """Pooled features ``[N, embedding_dim]`` and the maps of the stages in ``keep``."""
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         maps = []
-        for name in self.stages:
+        for name in self.stage_names:
             x = getattr(self, name)(x)
             if name in keep:
                 maps.append(x)
         return torch.flatten(self.avgpool(x), 1), maps
 
-    def forward_features(self, x: Tensor) -> Tensor:
-        """Globally pooled backbone features, ``[N, embedding_dim]``."""
-        return self.forward_stages(x)[0]
-
     def forward_head(self, features: Tensor) -> Tensor:
         return self.fc(features)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 def _resnet(block: type[BasicBlock | Bottleneck], layers: list[int], **kwargs: Any) -> ResNet:

@@ -6,6 +6,7 @@ exactly those (hash-checked) or the export stops with a message that says what t
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import os
 import urllib.error
@@ -20,7 +21,12 @@ from torch import Tensor, nn
 from models.catalog import Variant
 
 RANDOM_SEED = 0
-LOCAL_SUFFIXES = (".pth", ".pt", ".th", ".bin", ".safetensors")
+# .tar: timm's train.py names its checkpoints *.pth.tar.
+LOCAL_SUFFIXES = (".pth", ".pt", ".th", ".bin", ".tar", ".safetensors")
+# Where training scripts keep the weights in a checkpoint: timm's train.py (state_dict,
+# state_dict_ema) and torchvision's references/classification/train.py (model, model_ema).
+MODEL_KEYS = ("state_dict", "model")
+EMA_KEYS = ("state_dict_ema", "model_ema")
 # The torch hub cache beside this checkout (``../shared/weights``): it holds some of the
 # catalog's checkpoints (the CIFAR ResNet-20/32/44/56), not all of them.
 SHARED_WEIGHTS = Path(__file__).resolve().parents[2] / "shared" / "weights"
@@ -49,17 +55,29 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def unwrap_state_dict(obj: Any) -> dict[str, Tensor]:
-    """A bare state dict, or one held under ``state_dict``/``model``, minus ``module.``."""
+def unwrap_state_dict(obj: Any, ema: bool = False) -> dict[str, Tensor]:
+    """A bare state dict, or one held under ``state_dict``/``model`` (with ``ema``:
+    ``state_dict_ema``/``model_ema``), minus ``module.``."""
     if not isinstance(obj, Mapping):
         raise WeightsError(f"expected a state dict or a checkpoint dict, got {type(obj).__name__}")
-    for key in ("state_dict", "model"):
-        if isinstance(obj.get(key), Mapping):
-            obj = obj[key]
-            break
+    held = next(
+        (k for k in (EMA_KEYS if ema else MODEL_KEYS) if isinstance(obj.get(k), Mapping)), None
+    )
+    if held is not None:
+        obj = obj[held]
+    elif ema:
+        raise WeightsError(
+            f"--ema: the checkpoint holds no EMA weights (no {' or '.join(EMA_KEYS)} entry; "
+            f"it has {', '.join(sorted(map(str, obj))) or 'nothing'})"
+        )
     tensors = {k: v for k, v in obj.items() if isinstance(v, Tensor)}
     if not tensors:
         raise WeightsError("the checkpoint holds no tensors")
+    # torchvision's EMA model is an AveragedModel: its counter sits beside module.<key>.
+    if "n_averaged" in tensors and all(
+        k.startswith("module.") for k in tensors if k != "n_averaged"
+    ):
+        del tensors["n_averaged"]
     # DataParallel/DDP checkpoints prefix every key; strip it only when all keys have it.
     if all(k.startswith("module.") for k in tensors):
         tensors = {k[len("module.") :]: v for k, v in tensors.items()}
@@ -111,7 +129,7 @@ def load_default(variant: Variant, progress: bool = False) -> Weights:
     return Weights(unwrap_state_dict(obj), spec.url, digest, pretrained=True)
 
 
-def load_local(path: Path) -> Weights:
+def load_local(path: Path, ema: bool = False) -> Weights:
     if not path.is_file():
         raise WeightsError(f"weights file not found: {path}")
     if path.suffix not in LOCAL_SUFFIXES:
@@ -122,34 +140,54 @@ def load_local(path: Path) -> Weights:
 
             obj: Any = load_file(str(path), device="cpu")
         else:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            # Training checkpoints of timm and torchvision keep their argparse arguments.
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # any unreadable file is the user's input, reported plainly
         raise WeightsError(f"cannot read weights from {path}: {exc}") from None
-    return Weights(unwrap_state_dict(obj), str(path.resolve()), sha256_file(path), pretrained=True)
+    # The source names the EMA entry, so model.json tells EMA and raw weights apart.
+    source = f"{path.resolve()}#ema" if ema else str(path.resolve())
+    return Weights(unwrap_state_dict(obj, ema), source, sha256_file(path), pretrained=True)
 
 
-def resolve(variant: Variant, weights: str, progress: bool = False) -> Weights:
-    """``default`` | ``random`` | a path."""
+def resolve(variant: Variant, weights: str, progress: bool = False, ema: bool = False) -> Weights:
+    """``default`` | ``random`` | a path (``ema``: a checkpoint's EMA weights)."""
+    if ema and weights in ("default", "random"):
+        raise WeightsError(f"EMA weights come from a checkpoint file, not from {weights!r}")
     if weights == "default":
+        from models import hub
+
+        if variant.weights is not None and hub.is_hub_url(variant.weights.url):
+            return hub.load_hub_default(variant, progress=progress)
         return load_default(variant, progress=progress)
     if weights == "random":
         return Weights(None, f"random:seed={RANDOM_SEED}", None, pretrained=False)
-    return load_local(Path(weights))
+    return load_local(Path(weights), ema)
 
 
-def classifier_key(variant: Variant) -> str:
-    """The state-dict key of the classifier's weight ``[classes, embedding]``: ``linear``
-    in the CIFAR nets (as in their reference checkpoints), ``fc`` in torchvision's."""
+# The classifier's weight ``[classes, embedding(, 1, 1)]`` in each layout of the catalog:
+# torchvision's ResNets (``fc``), the CIFAR nets' reference checkpoints (``linear``), timm's
+# ResNetV2 (``head.fc``, a 1x1 convolution).
+CLASSIFIER_KEYS = ("fc.weight", "linear.weight", "head.fc.weight")
+
+
+def classifier_key(variant: Variant, weights: Weights | None = None) -> str:
+    """The state-dict key of the classifier's weight: the one the checkpoint has, else the
+    variant's family's usual one (for messages)."""
+    if weights is not None and weights.state_dict is not None:
+        for key in CLASSIFIER_KEYS:
+            if key in weights.state_dict:
+                return key
     return "linear.weight" if variant.family == "cifar" else "fc.weight"
 
 
 def checkpoint_classes(variant: Variant, weights: Weights) -> int | None:
     """How many classes the checkpoint's classifier has; None for random weights, or a
-    checkpoint without that key (loading it then says what is wrong)."""
+    checkpoint without such a key (loading it then says what is wrong)."""
     if weights.state_dict is None:
         return None
-    w = weights.state_dict.get(classifier_key(variant))
-    return int(w.shape[0]) if w is not None and w.ndim == 2 else None
+    w = weights.state_dict.get(classifier_key(variant, weights))
+    return int(w.shape[0]) if w is not None and w.ndim in (2, 4) else None
 
 
 def class_labels(variant: Variant, weights: Weights, labels: list[str] | None) -> list[str]:
@@ -161,7 +199,7 @@ def class_labels(variant: Variant, weights: Weights, labels: list[str] | None) -
         if n is not None and len(labels) != n:
             raise WeightsError(
                 f"--labels has {len(labels)} names, but the checkpoint's classifier "
-                f"({classifier_key(variant)}) has {n} classes: give one name per class"
+                f"({classifier_key(variant, weights)}) has {n} classes: give one name per class"
             )
         return labels
     if n is None or n == variant.num_classes:
@@ -176,8 +214,8 @@ def build_model(variant: Variant, weights: Weights, num_classes: int | None = No
     if found is not None and found != num_classes:
         # Said plainly: PyTorch's size-mismatch report is a page long.
         raise WeightsError(
-            f"the checkpoint's classifier ({classifier_key(variant)}) has {found} classes, "
-            f"the model was asked for {num_classes}"
+            f"the checkpoint's classifier ({classifier_key(variant, weights)}) has {found} "
+            f"classes, the model was asked for {num_classes}"
         )
     # Seeding before construction makes "random" weights the same on every machine.
     torch.manual_seed(RANDOM_SEED)

@@ -12,6 +12,7 @@ import tempfile
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import pytest
@@ -173,3 +174,18 @@ def torchvision_src() -> Path:
             pytest.fail(f"RESNET_SERVE_TORCHVISION_SRC={given} holds no unpacked torchvision")
         return Path(given)
     return cached(f"torchvision-{TORCHVISION_VERSION}", _unpack_torchvision)
+
+
+@pytest.fixture(scope="session")
+def timm() -> ModuleType:
+    """timm's own code (tools/timm_source.py), its wheel fetched once into .cache/."""
+    pytest.importorskip("torch")
+    from tools.timm_source import Unavailable, load_timm
+
+    try:
+        return load_timm()
+    except Unavailable as exc:
+        # Like the suite's other fetches: under CI a missing check is a failure, not a pass.
+        if os.environ.get("CI"):
+            pytest.fail(str(exc))
+        pytest.skip(str(exc))

@@ -25,10 +25,16 @@ NAMES = [
 ]  # fmt: skip
 
 
-def load_torchvision_resnet(unpacked_wheel: Path) -> ModuleType:
+def register_torchvision(unpacked_wheel: Path) -> None:
+    """Make ``torchvision.*`` importable from an unpacked wheel without running the
+    package's ``__init__`` (which loads the compiled ops)."""
     pkg = types.ModuleType("torchvision")
     pkg.__path__ = [str(unpacked_wheel / "torchvision")]
     sys.modules.setdefault("torchvision", pkg)
+
+
+def load_torchvision_resnet(unpacked_wheel: Path) -> ModuleType:
+    register_torchvision(unpacked_wheel)
     return importlib.import_module("torchvision.models.resnet")
 
 

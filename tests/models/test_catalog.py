@@ -9,10 +9,12 @@ IMAGENET = [
     "resnext101_32x8d", "resnext101_64x4d", "wide_resnet50_2", "wide_resnet101_2",
 ]  # fmt: skip
 CIFAR = [f"resnet{d}_cifar10" for d in (20, 32, 44, 56, 110, 1202)]
+PREACT_CIFAR = [f"preact_resnet{d}_cifar10" for d in (110, 164, 1001)]
+TIMM = ["resnet18.a1_in1k", "resnet50.a1_in1k", "resnet101.a1h_in1k", "resnetv2_50", "resnetv2_101"]
 
 
 def test_every_named_variant_is_in_the_catalog() -> None:
-    assert set(VARIANTS) == set(IMAGENET + CIFAR)
+    assert set(VARIANTS) == set(IMAGENET + CIFAR + PREACT_CIFAR + TIMM)
 
 
 @pytest.mark.parametrize("name", IMAGENET + CIFAR)
@@ -54,3 +56,48 @@ def test_cifar_variant() -> None:
 def test_unknown_variant_names_the_known_ones() -> None:
     with pytest.raises(UnknownVariantError, match="resnet18"):
         get_variant("resnet19")
+
+
+@pytest.mark.parametrize("name", TIMM)
+def test_timm_variants(name: str) -> None:
+    v = get_variant(name)
+    assert v.num_classes == len(v.labels()) == 1000 and v.labels()[207] == "golden retriever"
+    # timm's eval transform: resize floor(224 / 0.95) = 235, crop 224; at test size 288 / 1.0.
+    assert (v.preprocess.resize, v.preprocess.crop, v.preprocess.interpolation) == (
+        235, 224, "bicubic",
+    )  # fmt: skip
+    test = v.at_test_size()
+    assert (test.preprocess.resize, test.preprocess.crop) == (288, 288)
+    assert test.weights.reported_top1 == v.weights.test_top1 > v.weights.reported_top1
+    assert test.weights.url == v.weights.url and test.test_preprocess is None
+    if v.weights.url.startswith("https://huggingface.co/"):
+        assert re.fullmatch(r"[0-9a-f]{64}", v.weights.sha256_prefix)
+    else:
+        assert v.weights.filename.split("-")[-1].startswith(v.weights.sha256_prefix)
+
+
+def test_variants_without_a_test_size_refuse_one() -> None:
+    with pytest.raises(ValueError, match="no separate test input size"):
+        get_variant("resnet50").at_test_size()
+
+
+def test_list_shows_every_source_and_published_top1(capsys) -> None:
+    from models.cli import main
+
+    assert main(["--list"]) == 0
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()[1:]}
+    assert set(lines) == set(VARIANTS)
+    assert "(torchvision, ImageNet-1K)" in lines["resnet50"]
+    line = lines["resnet50.a1_in1k"]
+    assert " bicubic  80.382 " in line and "timm, Hugging Face Hub" in line
+    assert "81.24 at 288 with --test-size" in line
+    assert "timm, GitHub release" in lines["resnetv2_50"]
+    for name in PREACT_CIFAR:  # no published weights: no accuracy claimed
+        assert "  null  none published" in lines[name]
+
+
+def test_test_size_of_a_variant_without_one_is_a_usage_error(tmp_path, capsys) -> None:
+    from models.cli import main
+
+    assert main(["resnet20_cifar10", "--test-size", "--repository", str(tmp_path)]) == 2
+    assert "no separate test input size" in capsys.readouterr().err

@@ -24,7 +24,7 @@ def _hooked_stage_outputs(model, images: np.ndarray, mean, std) -> dict[str, np.
         getattr(model, name).register_forward_hook(
             lambda _m, _i, out, name=name: captured.__setitem__(name, out.detach().numpy())
         )
-        for name in model.stages
+        for name in model.stage_names
     ]
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
     x = (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
@@ -46,24 +46,24 @@ def test_stage_maps_equal_pytorch_intermediate_outputs(tmp_path: Path, name, str
     else:  # a state dict in torchvision's layout
         weights = Weights(random_state_dict(manifest()[name]), "test", None, False)
     model = build_model(variant, weights).eval()
-    out = export_variant(variant, weights, tmp_path, features=tuple(model.stages))
+    out = export_variant(variant, weights, tmp_path, features=tuple(model.stage_names))
     meta = json.loads((out / "model.json").read_text())
-    assert [f["name"] for f in meta["features"]] == list(model.stages)
+    assert [f["name"] for f in meta["features"]] == list(model.stage_names)
     assert [f["stride"] for f in meta["features"]] == strides
     crop = variant.preprocess.crop
     images = np.random.default_rng(3).integers(0, 256, (2, crop, crop, 3), dtype=np.uint8)
     session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
-    assert names == ["logits", "embedding", *model.stages]
+    assert names == ["logits", "embedding", *model.stage_names]
     got = dict(zip(names, session.run(names, {"images": images}), strict=True))
     expected = _hooked_stage_outputs(model, images, variant.preprocess.mean, variant.preprocess.std)
-    for stage, spec in zip(model.stages, meta["features"], strict=True):
+    for stage, spec in zip(model.stage_names, meta["features"], strict=True):
         assert got[stage].shape == expected[stage].shape == (2, *spec["shape"][1:])
         assert spec["channels"] == expected[stage].shape[1]
         assert relative_error(expected[stage], got[stage]) < 1e-4
     # The pooled embedding is the average of the last stage's map.
     np.testing.assert_allclose(
-        got[model.stages[-1]].mean(axis=(2, 3)), got["embedding"], rtol=1e-4, atol=1e-5
+        got[model.stage_names[-1]].mean(axis=(2, 3)), got["embedding"], rtol=1e-4, atol=1e-5
     )
 
 
