@@ -15,6 +15,7 @@ from tests.deploy.conftest import (
     COMPOSE_FILE,
     DASHBOARD,
     DEPLOY,
+    RULES,
     drain_timeout_s,
     load_yaml_docs,
     run,
@@ -128,6 +129,21 @@ def test_prometheus_scrapes_the_service(compose: dict[str, Any], dockerfile: Doc
         svc = compose["services"][name]
         aliases = svc.get("networks", {}).get("default", {}).get("aliases", [])
         assert host in (name, *aliases), f"{name} is not reachable as {host}"
+
+
+def test_prometheus_loads_the_rules(compose: dict[str, Any]) -> None:
+    """rule_files resolve, relative to the config, to the mounted rules.yml in the container
+    as in the repository (where promtool checks them: tests/deploy/test_prometheus.py)."""
+    prom = compose["services"]["prometheus"]
+    mounts = _bind_mounts(prom)
+    config_arg = next(a for a in prom["command"] if a.startswith("--config.file="))
+    config_path = config_arg.split("=", 1)[1]
+    (config,) = load_yaml_docs(mounts[config_path])
+    assert config["rule_files"], "no rule_files"
+    for rule_file in config["rule_files"]:
+        in_container = str(Path(config_path).parent / rule_file)
+        assert mounts.get(in_container) == RULES, (rule_file, mounts)
+        assert (mounts[config_path].parent / rule_file).resolve() == RULES.resolve()
 
 
 def test_grafana_provisioning(compose: dict[str, Any]) -> None:
