@@ -49,3 +49,19 @@ def hold_decoding(runtime: Runtime) -> threading.Event:
 
     runtime._preprocess_one = held  # type: ignore[method-assign]
     return gate
+
+
+def hold_runs(model: ServedModel) -> tuple[threading.Event, threading.Event]:
+    """Every run of ``model``'s sessions waits for the second event (the gate) once it
+    has set the first (entered): a test can fill the queue behind a run it knows started."""
+    entered, gate = threading.Event(), threading.Event()
+    for worker in model.pool.workers:
+        real: Callable[..., Any] = worker.run
+
+        def run(*args: Any, real: Callable[..., Any] = real) -> Any:
+            entered.set()
+            gate.wait(30)
+            return real(*args)
+
+        worker.run = run  # type: ignore[method-assign]
+    return entered, gate
