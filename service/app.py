@@ -6,6 +6,7 @@ import asyncio
 import itertools
 import logging
 import os
+import re
 import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -23,7 +24,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from service import logs
 from service.auth import AuthMiddleware
 from service.errors import InvalidParameterError, ServeError
-from service.metrics import Metrics
+from service.metrics import Metrics, status_class
 from service.responses import FastJSONResponse, error_response
 from service.routes import router
 from service.runtime import Runtime
@@ -45,16 +46,79 @@ class Traffic:
     answered: int = 0
 
 
+# The `endpoint` label of every route, by path template: a fixed set of values whatever
+# paths clients send. No route matched: UNKNOWN. (A test checks that every route is here.)
+ENDPOINTS = {
+    "/v1/classify": "classify",
+    "/v1/models/{model}/classify": "classify",
+    "/v1/embed": "embed",
+    "/v1/models/{model}/embed": "embed",
+    "/v1/models": "models",
+    "/v1/models/{model}": "model",
+    "/healthz": "healthz",
+    "/readyz": "readyz",
+    "/metrics": "metrics",
+    "/v2": "v2_server",
+    "/v2/health/live": "v2_health",
+    "/v2/health/ready": "v2_health",
+    "/v2/models/{model}": "v2_model",
+    "/v2/models/{model}/versions/{version}": "v2_model",
+    "/v2/models/{model}/ready": "v2_model",
+    "/v2/models/{model}/versions/{version}/ready": "v2_model",
+    "/v2/models/{model}/infer": "v2_infer",
+    "/v2/models/{model}/versions/{version}/infer": "v2_infer",
+    "/openapi.json": "docs",
+    "/docs": "docs",
+    "/docs/oauth2-redirect": "docs",
+    "/redoc": "docs",
+}
+UNKNOWN = "unknown"
+# Probes and scrapes: counted, but access-logged only when they fail (4xx, 5xx); every few
+# seconds from each prober, their successes would drown the log.
+QUIET = frozenset({"healthz", "readyz", "v2_health", "metrics"})
+MAX_LOGGED_PATH = 256
+# Matched here, from the table alone, rather than taken from the router's match: answers
+# given before routing (401) have none, and the router's internals differ between FastAPI
+# versions. A path parameter matches one path segment, as Starlette's does.
+_STATIC = {path: label for path, label in ENDPOINTS.items() if "{" not in path}
+_TEMPLATES = [
+    (re.compile("^" + re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", path) + "$"), label)
+    for path, label in ENDPOINTS.items()
+    if "{" in path
+]
+
+
+def endpoint_of(path: str) -> tuple[str, str | None]:
+    """(endpoint label, the path's ``{model}`` if it has one) of a request path."""
+    label = _STATIC.get(path)
+    if label is not None:
+        return label, None
+    for pattern, label in _TEMPLATES:
+        if m := pattern.match(path):
+            return label, m.groupdict().get("model")
+    return UNKNOWN, None
+
+
 class RequestMiddleware:
-    """Request IDs, the per-request metrics and the access log, for every endpoint that
-    names itself (``request.state.endpoint``), whatever the outcome. Plain ASGI: no
-    per-request task."""
+    """Request IDs, the per-request metrics and the access log, for every answer, whatever
+    the outcome and wherever it was given (the routes, FastAPI's validation, the auth
+    middleware, no route at all). Plain ASGI: no per-request task."""
 
     def __init__(self, app: ASGIApp, metrics: Metrics, access_log: bool, traffic: Traffic) -> None:
         self.app = app
         self.metrics = metrics
         self.access_log = access_log
         self.traffic = traffic
+
+    @staticmethod
+    def _model(scope: Scope, state: dict[str, Any], named: str | None) -> str:
+        """The served model the request named: set by the route once it resolved the
+        model, else the path's ``{model}`` if it is served (never an arbitrary string)."""
+        model = state.get("model")
+        if model is not None:
+            return str(model)
+        runtime = getattr(getattr(scope.get("app"), "state", None), "runtime", None)
+        return named if runtime is not None and named in runtime.models else ""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -92,18 +156,19 @@ class RequestMiddleware:
             if api:
                 self.traffic.answered += 1
             self.metrics.in_flight.dec()
-            endpoint = state.get("endpoint")
-            if endpoint:
-                model = state.get("model", "")
-                duration = time.perf_counter() - start
-                self.metrics.requests.labels(endpoint, model, str(status)).inc()
-                self.metrics.request_duration.labels(endpoint, model).observe(duration)
-                if self.access_log:
-                    logs.access.info(
-                        "%s %s %d", scope["method"], scope["path"], status,
-                        extra={"status": status, "endpoint": endpoint, "model": model,
-                               "duration_ms": round(duration * 1000, 3)},
-                    )  # fmt: skip
+            duration = time.perf_counter() - start
+            endpoint, named = endpoint_of(scope["path"])
+            model = self._model(scope, state, named)
+            self.metrics.requests.labels(endpoint, model, str(status)).inc()
+            if api and endpoint != UNKNOWN:
+                histogram = self.metrics.request_duration
+                histogram.labels(endpoint, model, status_class(status)).observe(duration)
+            if self.access_log and (status >= 400 or endpoint not in QUIET):
+                logs.access.info(
+                    "%s %s %d", scope["method"], scope["path"][:MAX_LOGGED_PATH], status,
+                    extra={"status": status, "endpoint": endpoint, "model": model,
+                           "duration_ms": round(duration * 1000, 3)},
+                )  # fmt: skip
             logs.request_id.reset(token)
 
 

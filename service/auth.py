@@ -43,6 +43,5 @@ class AuthMiddleware:
         if presented and key_matches(presented, self.keys):
             await self.app(scope, receive, send)
             return
-        scope.setdefault("state", {})["endpoint"] = "auth"
         response = error_response(scope["path"], UnauthorizedError())
         await response(scope, receive, send)

@@ -2,10 +2,16 @@
 
 Names follow Triton and text-embeddings-inference: per-stage durations (queue,
 preprocess, inference), a batch-size histogram with power-of-two buckets and a queue
-gauge, all prefixed ``resnet_serve_``.
+gauge, all prefixed ``resnet_serve_``. Every per-model series exists, at 0, from the
+start (``add_model``): a panel or an ``increase()`` alert sees the first event, not only
+the second.
 """
 
 from __future__ import annotations
+
+import platform
+from collections.abc import Callable
+from importlib import metadata
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -15,6 +21,26 @@ LATENCY_BUCKETS = (
     1.0, 2.5, 5.0, 10.0, 30.0,
 )  # fmt: skip
 BATCH_BUCKETS = tuple(float(2**i) for i in range(13))  # 1 .. 4096
+# The endpoints that run a model, and the statuses each answers; their series are created
+# at 0 for every served model. /v2 turns /v1's 422 into a 400.
+INFERENCE_STATUSES = {
+    "classify": ("200", "400", "413", "415", "422", "500", "503", "504"),
+    "embed": ("200", "400", "413", "415", "422", "500", "503", "504"),
+    "v2_infer": ("200", "400", "413", "415", "500", "503", "504"),
+}
+REJECT_REASONS = ("queue_full", "cancelled", "client_gone")
+
+
+def status_class(status: int) -> str:
+    """200 -> "2xx": the latency histogram's label, a handful of values."""
+    return f"{status // 100}xx"
+
+
+def _version(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "unknown"
 
 
 class Metrics:
@@ -22,59 +48,146 @@ class Metrics:
         self.registry = registry or CollectorRegistry()
         r = self.registry
         p = "resnet_serve_"
-        self.requests = Counter(
-            p + "requests_total", "HTTP requests by endpoint, model and status code",
-            ["endpoint", "model", "status"], registry=r,
-        )  # fmt: skip
-        self.request_duration = Histogram(
-            p + "request_duration_seconds", "HTTP request duration, receipt to response",
-            ["endpoint", "model"], buckets=LATENCY_BUCKETS, registry=r,
-        )  # fmt: skip
-        self.images = Counter(
-            p + "images_total", "Images received for inference", ["endpoint", "model"], registry=r
+
+        def gauge(name: str, doc: str, labels: tuple[str, ...] = ("model",)) -> Gauge:
+            return Gauge(p + name, doc, list(labels), registry=r)
+
+        def counter(name: str, doc: str, labels: tuple[str, ...] = ("model",)) -> Counter:
+            return Counter(p + name, doc, list(labels), registry=r)
+
+        def histogram(
+            name: str,
+            doc: str,
+            labels: tuple[str, ...] = ("model",),
+            buckets: tuple[float, ...] = LATENCY_BUCKETS,
+        ) -> Histogram:
+            return Histogram(p + name, doc, list(labels), buckets=buckets, registry=r)
+
+        self.requests = counter(
+            "requests_total",
+            "HTTP answers by endpoint, model and status code: every answer, probes and "
+            'unknown paths (endpoint="unknown") included',
+            ("endpoint", "model", "status"),
         )
-        self.queue_wait = Histogram(
-            p + "queue_wait_seconds", "Time an image waits in the queue before its batch runs",
-            ["model"], buckets=LATENCY_BUCKETS, registry=r,
-        )  # fmt: skip
-        self.preprocess_duration = Histogram(
-            p + "preprocess_duration_seconds", "Decode + resize + crop of one image",
-            ["model"], buckets=LATENCY_BUCKETS, registry=r,
-        )  # fmt: skip
-        self.inference_duration = Histogram(
-            p + "inference_duration_seconds", "onnxruntime run of one batch",
-            ["model"], buckets=LATENCY_BUCKETS, registry=r,
-        )  # fmt: skip
-        self.batch_size = Histogram(
-            p + "batch_size", "Images per executed batch (padding excluded)",
-            ["model"], buckets=BATCH_BUCKETS, registry=r,
-        )  # fmt: skip
-        self.batch_padding = Counter(
-            p + "batch_padding_images_total", "Padding images added to reach a bucket size",
-            ["model"], registry=r,
-        )  # fmt: skip
-        self.in_flight = Gauge(p + "requests_in_flight", "HTTP requests being handled", registry=r)
-        self.queue_depth = Gauge(
-            p + "queue_depth", "Images waiting for inference", ["model"], registry=r
+        self.request_duration = histogram(
+            "request_duration_seconds",
+            "HTTP request duration, receipt to response, of the /v1 and /v2 endpoints; "
+            'status_class="2xx" for successful answers alone',
+            ("endpoint", "model", "status_class"),
         )
-        self.rejected = Counter(
-            p + "rejected_images_total", "Images refused or dropped before inference, by reason",
-            ["model", "reason"], registry=r,
-        )  # fmt: skip
-        self.inference_failures = Counter(
-            p + "inference_failures_total", "Batches whose inference raised",
-            ["model"], registry=r,
-        )  # fmt: skip
-        self.model_self_check = Gauge(
-            p + "model_self_check",
+        self.images = counter(
+            "images_total", "Images received for inference", ("endpoint", "model")
+        )
+        self.queue_wait = histogram(
+            "queue_wait_seconds", "Time an image waits in the queue before its batch runs"
+        )
+        self.preprocess_duration = histogram(
+            "preprocess_duration_seconds", "Decode + resize + crop of one image"
+        )
+        self.inference_duration = histogram(
+            "inference_duration_seconds", "onnxruntime run of one batch"
+        )
+        self.batch_size = histogram(
+            "batch_size", "Images per executed batch (padding excluded)", buckets=BATCH_BUCKETS
+        )
+        self.batch_padding = counter(
+            "batch_padding_images_total", "Padding images added to reach a bucket size"
+        )
+        self.in_flight = gauge("requests_in_flight", "HTTP requests being handled", ())
+        self.queue_depth = gauge("queue_depth", "Images waiting for inference")
+        self.admitted = gauge(
+            "admitted_images",
+            "Images admitted and not yet in a batch: being decoded or queued (what "
+            "--max-queue-images limits; queue_depth counts only the queued ones)",
+        )
+        self.max_queue_images = gauge(
+            "max_queue_images", "Images admitted at most (--max-queue-images); beyond, 503"
+        )
+        self.max_batch_size = gauge(
+            "max_batch_size", "Images per batch at most (the largest batch bucket)"
+        )
+        self.sessions = gauge(
+            "sessions", "onnxruntime sessions of the model (devices x sessions per device)"
+        )
+        self.sessions_healthy = gauge(
+            "sessions_healthy",
+            "Sessions able to run; a session that failed and could not be recreated is "
+            "retired, and at 0 the model is not ready",
+        )
+        self.rejected = counter(
+            "rejected_images_total",
+            "Images refused or dropped before inference, by reason",
+            ("model", "reason"),
+        )
+        self.inference_failures = counter(
+            "inference_failures_total", "Batches whose inference raised"
+        )
+        self.model_self_check = gauge(
+            "model_self_check",
             "1 when the model's outputs on its reference images are within the bounds "
             "recorded at export, 0 when not (served only with --self-check warn)",
-            ["model"], registry=r,
-        )  # fmt: skip
-        self.time_to_ready = Gauge(
-            p + "time_to_ready_seconds",
-            "Seconds from the process start until every model was warmed up", registry=r,
-        )  # fmt: skip
-        self.model_ready = Gauge(
-            p + "model_ready", "1 when the model is loaded and warmed up", ["model"], registry=r
         )
+        self.time_to_ready = gauge(
+            "time_to_ready_seconds",
+            "Seconds from the process start until every model was warmed up",
+            (),
+        )
+        self.model_ready = gauge(
+            "model_ready", "1 when the model is warmed up and has a healthy session, else 0"
+        )
+        self.model_info = gauge(
+            "model_info",
+            "Always 1: the model's precision (fp32, fp16, int8)",
+            ("model", "precision"),
+        )
+        self.build_info = gauge(
+            "build_info",
+            "Always 1: the service's version, onnxruntime's, the execution provider in use "
+            "and Python's",
+            ("version", "onnxruntime", "provider", "python"),
+        )
+        self.latency_slo = gauge(
+            "latency_slo_seconds",
+            "The p99 latency objective of successful inference requests (--latency-slo-ms), "
+            "for the latency alert to compare with",
+            (),
+        )
+
+    def set_build_info(self, provider: str) -> None:
+        self.build_info.labels(
+            _version("resnet-serve"), _version("onnxruntime"), provider,
+            platform.python_version(),
+        ).set(1)  # fmt: skip
+
+    def add_model(
+        self,
+        name: str,
+        *,
+        precision: str,
+        max_queue_images: int,
+        max_batch_size: int,
+        sessions: int,
+        admitted: Callable[[], float],
+        healthy_sessions: Callable[[], float],
+        ready: Callable[[], float],
+    ) -> None:
+        """A served model's limits and state, and every one of its counters and histograms
+        at 0. The callables are read at each scrape."""
+        self.model_info.labels(name, precision).set(1)
+        self.max_queue_images.labels(name).set(max_queue_images)
+        self.max_batch_size.labels(name).set(max_batch_size)
+        self.sessions.labels(name).set(sessions)
+        self.admitted.labels(name).set_function(admitted)
+        self.sessions_healthy.labels(name).set_function(healthy_sessions)
+        self.model_ready.labels(name).set_function(ready)
+        self.queue_depth.labels(name).set(0)
+        for endpoint, statuses in INFERENCE_STATUSES.items():
+            self.images.labels(endpoint, name)
+            self.request_duration.labels(endpoint, name, "2xx")
+            for status in statuses:
+                self.requests.labels(endpoint, name, status)
+        for reason in REJECT_REASONS:
+            self.rejected.labels(name, reason)
+        for family in (self.queue_wait, self.preprocess_duration, self.inference_duration,
+                       self.batch_size, self.batch_padding, self.inference_failures):  # fmt: skip
+            family.labels(name)

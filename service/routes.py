@@ -207,7 +207,6 @@ async def _infer_request(
     """The common path of the inference endpoints: model, body, parameters, results
     (``outputs(params)``: the graph outputs the answer needs)."""
     runtime = _runtime(request)
-    request.state.endpoint = endpoint
     model = runtime.get(model_name)
     request.state.model = model.name
     # Announced before the body is read, so that batches forming now wait for it.
@@ -349,7 +348,6 @@ async def embed(request: Request, model: str, query: EmbedQuery) -> Response:
 )  # fmt: skip
 async def list_models(request: Request) -> Response:
     runtime = _runtime(request)
-    request.state.endpoint = "models"
     models = [
         {**m.spec.summary(), **m.status(), "default": name == runtime.default_model}
         for name, m in runtime.models.items()
@@ -362,7 +360,6 @@ async def list_models(request: Request) -> Response:
 )
 async def get_model(request: Request, model: str) -> Response:
     runtime = _runtime(request)
-    request.state.endpoint = "model"
     served = runtime.get(model)
     request.state.model = served.name
     return FastJSONResponse({**served.spec.metadata, **served.status()})

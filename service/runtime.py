@@ -170,9 +170,26 @@ class Runtime:
                 metrics=self.metrics,
             )
             m.batcher.start()
-            self.metrics.model_ready.labels(m.name).set(0)
+            self._export(m, m.batcher)
+        self.metrics.latency_slo.set(s.latency_slo_ms / 1000.0)
+        first = next(iter(self.models.values())).pool.workers[0]
+        self.metrics.set_build_info(first.session.get_providers()[0])
         # Warm up in the background: /healthz and /readyz answer meanwhile.
         self._warmup = asyncio.create_task(self._warm_all(), name="warmup")
+
+    def _export(self, m: ServedModel, batcher: Batcher) -> None:
+        """The model's limits, its live state (read at each scrape) and its series at 0."""
+        pool = m.pool
+        self.metrics.add_model(
+            m.name,
+            precision=str(m.spec.metadata.get("precision", "fp32")),
+            max_queue_images=batcher.max_queue_images,
+            max_batch_size=batcher.max_batch_size,
+            sessions=len(pool.workers),
+            admitted=lambda: batcher.pending,
+            healthy_sessions=lambda: pool.healthy,
+            ready=lambda: 1.0 if m.serving else 0.0,
+        )
 
     async def _warm_all(self) -> None:
         names = list(self.models)
@@ -206,7 +223,6 @@ class Runtime:
             if self._stop_warmup.is_set():
                 return
             m.ready = True
-            self.metrics.model_ready.labels(m.name).set(1)
             log.info("%s: warmed up in %.2fs", m.name, time.perf_counter() - t)
         elapsed = process_age_s()
         self.metrics.time_to_ready.set(elapsed)

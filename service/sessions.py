@@ -134,9 +134,14 @@ class SessionPool:
         self._retired: set[Worker] = set()
 
     @property
+    def healthy(self) -> int:
+        """Workers not retired: able to run."""
+        return len(self.workers) - len(self._retired)
+
+    @property
     def broken(self) -> bool:
         """No worker left that can run: the model cannot serve."""
-        return len(self._retired) == len(self.workers)
+        return self.healthy == 0
 
     async def recover(self, worker: Worker) -> bool:
         """Recreate a worker's session after a failure, on its own thread. A worker

@@ -86,6 +86,12 @@ class Settings(BaseSettings):
         "a request with more images on its own",
     )
     request_timeout_ms: float = Field(30_000, gt=0, description="per request; beyond it 504")
+    latency_slo_ms: float = Field(
+        1000,
+        gt=0,
+        description="p99 latency objective of successful inference requests: exported as "
+        "resnet_serve_latency_slo_seconds, which the latency alert compares p99 with",
+    )
     decode_workers: int = Field(0, ge=0, description="image decoding threads (0: one per core)")
     jpeg_draft: bool = Field(True, description="JPEG DCT-domain downscale before resizing")
     max_body_bytes: int = Field(32 * 1024 * 1024, ge=1, description="request body, at most")
@@ -116,7 +122,9 @@ class Settings(BaseSettings):
     log_format: Literal["json", "text"] = Field(
         "json", description="json: one object per line, with request IDs"
     )
-    access_log: bool = Field(True, description="log one line per inference/model request")
+    access_log: bool = Field(
+        True, description="log one line per answer (probes and scrapes: only failed ones)"
+    )
 
     @field_validator(
         "models", "batch_buckets", "api_keys", "cors_origins", "image_formats", mode="before"

@@ -473,10 +473,9 @@ def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
 router = APIRouter(tags=["v2"])
 
 
-def _served(request: Request, name: str, endpoint: str) -> ServedModel:
-    """The model (and version) of the path; the request is labelled for the metrics
-    and the access log first, so that a 404 is counted too."""
-    request.state.endpoint = endpoint
+def _served(request: Request, name: str) -> ServedModel:
+    """The model (and version) of the path; the request is labelled with the model for
+    the metrics and the access log once it is known to be served."""
     served = _runtime(request).get(name)
     version = request.path_params.get("version")
     if version is not None and version != VERSION:
@@ -515,7 +514,7 @@ async def server_ready(request: Request) -> Response:
     summary="Model metadata: inputs and outputs with datatype and shape",
 )  # fmt: skip
 async def get_model_metadata(request: Request, model: str) -> Response:
-    served = _served(request, model, "v2_model")
+    served = _served(request, model)
     return FastJSONResponse(model_metadata(served.spec))
 
 
@@ -525,7 +524,7 @@ async def get_model_metadata(request: Request, model: str) -> Response:
     summary="200 when the model can serve; 400 while warming up or draining",
 )  # fmt: skip
 async def model_ready(request: Request, model: str) -> Response:
-    served = _served(request, model, "v2_model")
+    served = _served(request, model)
     if not served.serving or _runtime(request).draining:
         return FastJSONResponse({"error": f"model {served.name} is not ready"}, status_code=400)
     return FastJSONResponse({"name": served.name, "ready": True})
@@ -537,7 +536,7 @@ async def model_ready(request: Request, model: str) -> Response:
 @router.post("/v2/models/{model}/infer", include_in_schema=False)
 async def infer(request: Request, model: str) -> Response:
     runtime = _runtime(request)
-    served = _served(request, model, ENDPOINT)
+    served = _served(request, model)
     # Announced before the body is read, so that batches forming now wait for it.
     expectation = runtime.batcher(served).expect()
     try:

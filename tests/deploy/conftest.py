@@ -21,6 +21,7 @@ DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "k8s"
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "resnet-serve.json"
+RULES = DEPLOY / "prometheus" / "rules.yml"
 RUNTIME_STAGES = ("runtime-cpu", "runtime-gpu")
 # The Prometheus Operator's API types for node, pinned by package-lock.json.
 SERVICEMONITOR = Path(__file__).parent / "servicemonitor"

@@ -58,3 +58,33 @@ def dashboard_queries(dashboard: dict) -> list[tuple[str, str]]:  # type: ignore
             q = var["query"]
             out.append((f"variable {var['name']!r}", q["query"] if isinstance(q, dict) else q))
     return out
+
+
+# Labels Prometheus attaches to every series of a scrape target (and the Prometheus
+# Operator's relabelling on Kubernetes): not the service's to export.
+TARGET_LABELS = {"job", "instance", "namespace", "pod", "service", "container"}
+
+
+def recording_rules(rules: dict) -> dict[str, str]:  # type: ignore[type-arg]
+    """record name -> expression, of a Prometheus rule file."""
+    return {r["record"]: r["expr"] for g in rules["groups"] for r in g["rules"] if "record" in r}
+
+
+def raw_references(expr: str, recorded: dict[str, str]) -> tuple[set[str], set[str]]:
+    """references(), with each recorded series replaced by what its rule reads (and the
+    labels that rule uses), down to the exported metrics."""
+    metrics, labels = references(expr)
+    out: set[str] = set()
+    for name in metrics:
+        if name in recorded:
+            inner, inner_labels = raw_references(recorded[name], recorded)
+            out |= inner
+            labels |= inner_labels
+        else:
+            out.add(name)
+    return out, labels
+
+
+def grafana_to_promql(expr: str, rate_interval: str) -> str:
+    """A dashboard query as Grafana sends it with every model selected."""
+    return expr.replace("$__rate_interval", rate_interval).replace("$model", ".*")

@@ -15,13 +15,14 @@ from tests.deploy.conftest import (
     COMPOSE_FILE,
     DASHBOARD,
     DEPLOY,
+    RULES,
     drain_timeout_s,
     load_yaml_docs,
     run,
     tool,
 )
 from tests.deploy.dockerfile import Dockerfile
-from tests.deploy.promql import dashboard_queries, references
+from tests.deploy.promql import dashboard_queries, raw_references, recording_rules, references
 
 SERVE = {"resnet-serve": ("gpu", "runtime-gpu"), "resnet-serve-cpu": ("cpu", "runtime-cpu")}
 
@@ -130,6 +131,21 @@ def test_prometheus_scrapes_the_service(compose: dict[str, Any], dockerfile: Doc
         assert host in (name, *aliases), f"{name} is not reachable as {host}"
 
 
+def test_prometheus_loads_the_rules(compose: dict[str, Any]) -> None:
+    """rule_files resolve, relative to the config, to the mounted rules.yml in the container
+    as in the repository (where promtool checks them: tests/deploy/test_prometheus.py)."""
+    prom = compose["services"]["prometheus"]
+    mounts = _bind_mounts(prom)
+    config_arg = next(a for a in prom["command"] if a.startswith("--config.file="))
+    config_path = config_arg.split("=", 1)[1]
+    (config,) = load_yaml_docs(mounts[config_path])
+    assert config["rule_files"], "no rule_files"
+    for rule_file in config["rule_files"]:
+        in_container = str(Path(config_path).parent / rule_file)
+        assert mounts.get(in_container) == RULES, (rule_file, mounts)
+        assert (mounts[config_path].parent / rule_file).resolve() == RULES.resolve()
+
+
 def test_grafana_provisioning(compose: dict[str, Any]) -> None:
     graf = compose["services"]["grafana"]
     mounts = _bind_mounts(graf)
@@ -146,10 +162,17 @@ def test_grafana_provisioning(compose: dict[str, Any]) -> None:
     home = graf["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
     assert home == f"{dash_dir}/{DASHBOARD.name}"
     dashboard = json.loads(DASHBOARD.read_text(encoding="utf-8"))
+    # Every panel, query and query variable uses the datasource variable, whose default is
+    # the provisioned datasource: imported into another Grafana, the user picks theirs.
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    var = variables["datasource"]
+    assert var["type"] == "datasource" and var["query"] == ds["type"]
+    assert var["current"]["value"] == ds["uid"]
     panels = [p for p in dashboard["panels"] if p["type"] != "row"]
     queries = [t for p in panels for t in p["targets"]]
-    uids = {x["datasource"]["uid"] for x in (*panels, *queries)}
-    assert uids == {ds["uid"]}, "every panel and query uses the provisioned datasource"
+    queried = [v for v in variables.values() if v["type"] == "query"]
+    refs = {json.dumps(x["datasource"], sort_keys=True) for x in (*panels, *queries, *queried)}
+    assert refs == {json.dumps({"type": ds["type"], "uid": "${datasource}"}, sort_keys=True)}
 
 
 def test_host_paths_exist(compose: dict[str, Any]) -> None:
@@ -161,20 +184,46 @@ def test_host_paths_exist(compose: dict[str, Any]) -> None:
             assert (ROOT / src).is_dir(), f"{name}: build context {ctx}={src} is missing"
 
 
+# Series without a model label: a process or a scrape target, not a model.
+PROCESS_WIDE = {"up", "resnet_serve_requests_in_flight", "resnet_serve_time_to_ready_seconds",
+                "resnet_serve_latency_slo_seconds"}  # fmt: skip
+
+
 def test_dashboard_shows_what_operators_need() -> None:
     dashboard = json.loads(DASHBOARD.read_text(encoding="utf-8"))
+    (rules,) = load_yaml_docs(RULES)
+    recorded = recording_rules(rules)
     queries = dashboard_queries(dashboard)
     exprs = [e for _, e in queries]
-    used = set().union(*(references(e)[0] for e in exprs))
+    used = set().union(*(raw_references(e, recorded)[0] for e in exprs))
     for metric in ("images_total", "requests_total", "request_duration_seconds_bucket",
-                   "queue_depth", "batch_size_bucket"):  # fmt: skip
+                   "queue_depth", "batch_size_bucket", "admitted_images", "max_queue_images",
+                   "inference_failures_total", "requests_in_flight", "sessions_healthy",
+                   "rejected_images_total"):  # fmt: skip
         assert f"resnet_serve_{metric}" in used, metric
-    assert any("histogram_quantile(0.5," in e for e in exprs), "p50"
-    assert any("histogram_quantile(0.99," in e for e in exprs), "p99"
+    # The recording rules the dashboard reads, and what they compute.
+    read = {m for e in exprs for m in references(e)[0] if m in recorded}
+    assert read, "the heavy panels read recorded series"
+    while more := {m for r in read for m in references(recorded[r])[0] if m in recorded} - read:
+        read |= more  # and the recorded series those rules read
+    rule_exprs = [recorded[m] for m in read]
+    assert any("histogram_quantile(0.5," in e for e in rule_exprs), "p50"
+    assert any("histogram_quantile(0.99," in e for e in rule_exprs), "p99"
+    assert any('status_class="2xx"' in e for e in rule_exprs), "successful requests' latency"
     assert any(re.search(r"by \(status\b", e) for e in exprs), "errors by status code"
+    # Server and client errors apart: a 4xx is not the service's failure.
     panels = [p for p in dashboard["panels"] if p["type"] != "row"]
+    stats = {p["title"]: p["targets"][0]["expr"] for p in panels if p["type"] == "stat"}
+    assert 'status=~"5.."' in stats["Server errors (5xx)"]
+    assert 'status=~"4.."' in stats["Client errors (4xx)"]
+    assert not any('"[45].."' in e for e in stats.values())
     assert any(p["type"] == "heatmap" and "batch_size" in p["targets"][0]["expr"] for p in panels)
-    # Per model: every query of the service's metrics follows the model selector.
+    # Per model: every query of a per-model series follows the model selector.
     for where, expr in queries:
-        if any(m.startswith("resnet_serve_") for m in references(expr)[0]):
-            assert 'model=~"$model"' in expr or where.startswith("variable"), where
+        metrics = references(expr)[0]
+        if metrics - PROCESS_WIDE and not where.startswith("variable"):
+            assert 'model=~"$model"' in expr, where
+    # The model variable lists the served models from the start (a series every model has
+    # at once, not one that appears with the first request).
+    (var,) = [v for v in dashboard["templating"]["list"] if v["name"] == "model"]
+    assert var["query"]["query"] == "label_values(resnet_serve_model_ready, model)"

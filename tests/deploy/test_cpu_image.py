@@ -38,9 +38,9 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import ROOT, WEIGHTS_HOME
-from tests.deploy.conftest import DASHBOARD, drain_timeout_s
+from tests.deploy.conftest import DASHBOARD, RULES, drain_timeout_s, load_yaml_docs
 from tests.deploy.dockerfile import Dockerfile, Instruction, healthcheck_command, parse
-from tests.deploy.promql import dashboard_queries, references
+from tests.deploy.promql import TARGET_LABELS, dashboard_queries, raw_references, recording_rules
 
 MODEL = "resnet20_cifar10"
 IMAGE_ROOTS = ("opt", "src", "models", "cache")
@@ -300,9 +300,16 @@ def _exported(text: str) -> dict[str, set[str] | None]:
 def dashboard_problems(
     dashboard: dict[str, Any], exported: dict[str, set[str] | None]
 ) -> list[str]:
+    """Names and labels of the dashboard's queries, and of the recording rules (and alerts)
+    of deploy/prometheus/rules.yml, that the live service does not export. A recorded
+    series stands for what its rule reads."""
+    (rules,) = load_yaml_docs(RULES)
+    recorded = recording_rules(rules)
+    alerts = [(f"alert {r['alert']}", r["expr"]) for g in rules["groups"] for r in g["rules"]
+              if "alert" in r]  # fmt: skip
     problems = []
-    for where, expr in dashboard_queries(dashboard):
-        metrics, labels = references(expr)
+    for where, expr in [*dashboard_queries(dashboard), *recorded.items(), *alerts]:
+        metrics, labels = raw_references(expr, recorded)
         own = metrics - PROMETHEUS_GENERATED
         if not metrics:
             problems.append(f"{where}: no metric in {expr!r}")
@@ -310,7 +317,7 @@ def dashboard_problems(
             problems.append(f"{where}: {m} is not exported")
         label_sets = [exported.get(m) for m in own]
         if own and all(ls is not None for ls in label_sets):
-            known = set().union(*(ls for ls in label_sets if ls is not None))
+            known = set().union(*(ls for ls in label_sets if ls is not None)) | TARGET_LABELS
             for label in sorted(labels - known):
                 problems.append(f"{where}: label {label!r} is on none of {sorted(own)}")
     return problems
@@ -335,7 +342,7 @@ def test_dashboard_queries_name_exported_metrics(server: Server) -> None:
     broken = json.loads(
         DASHBOARD.read_text(encoding="utf-8")
         .replace("resnet_serve_queue_depth", "resnet_serve_queue_length")
-        .replace("sum by (status, model)", "sum by (status_code, model)")
+        .replace("sum by (status, endpoint, model)", "sum by (status_code, endpoint, model)")
     )
     found = "\n".join(dashboard_problems(broken, exported))
     assert "resnet_serve_queue_length is not exported" in found

@@ -1,6 +1,7 @@
 """deploy/k8s: every manifest validated offline (kubernetes-validate --strict; the
-ServiceMonitor CRD with the Prometheus Operator's API types), the kustomizations rendered
-by a real kustomize, and the settings that must agree with the image and each other."""
+ServiceMonitor and PrometheusRule CRDs with the Prometheus Operator's API types), the
+kustomizations rendered by a real kustomize, and the settings that must agree with the
+image and each other."""
 
 from __future__ import annotations
 
@@ -25,13 +26,17 @@ from tests.deploy.conftest import (
     tool,
 )
 from tests.deploy.dockerfile import Dockerfile
+from tools import prometheus_rule
 
 BASE = K8S / "base"
 OVERLAYS = sorted(p.parent for p in (K8S / "overlays").glob("*/kustomization.yaml"))
 KUSTOMIZATIONS = [BASE, *OVERLAYS]
 # Oldest and newest Kubernetes the manifests must be valid for.
 K8S_VERSIONS = ("1.29.0", "1.37.0")
-CRD_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor")}
+CRD_KINDS = {
+    ("monitoring.coreos.com/v1", "ServiceMonitor"),
+    ("monitoring.coreos.com/v1", "PrometheusRule"),
+}
 SERVICEMONITOR_JS = SERVICEMONITOR / "validate.mjs"
 
 
@@ -88,12 +93,10 @@ def test_strict_validation_fails_on_an_unknown_field(tmp_path: Path) -> None:
     assert rc != 0 and any("terminationGraceSeconds" in ln for ln in lines), lines
 
 
-# --- ServiceMonitor: a CRD, validated with the Prometheus Operator's API types --------
+# --- ServiceMonitor, PrometheusRule: CRDs, validated with the Operator's API types -----
 
 
-def _validate_servicemonitors(
-    node: tuple[str, Path], objs: list[dict[str, Any]]
-) -> list[dict[str, Any]]:
+def _validate_crds(node: tuple[str, Path], objs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """``node``: the servicemonitor_node fixture (tests/deploy/conftest.py)."""
     binary, prefix = node
     proc = subprocess.run(
@@ -109,10 +112,16 @@ def _servicemonitor() -> dict[str, Any]:
     return doc
 
 
-def test_servicemonitor_validates_against_the_operator_types(
-    servicemonitor_node: tuple[str, Path],
+def _prometheusrule() -> dict[str, Any]:
+    (doc,) = load_yaml_docs(BASE / "prometheusrule.yaml")
+    return doc
+
+
+@pytest.mark.parametrize("read", [_servicemonitor, _prometheusrule], ids=lambda f: f.__name__[1:])
+def test_crds_validate_against_the_operator_types(
+    servicemonitor_node: tuple[str, Path], read: Any
 ) -> None:
-    (result,) = _validate_servicemonitors(servicemonitor_node, [_servicemonitor()])
+    (result,) = _validate_crds(servicemonitor_node, [read()])
     assert result["ok"], result["errors"]
 
 
@@ -130,7 +139,7 @@ def test_servicemonitor_check_fails_on_a_broken_one(
     for key in path[:-1]:
         node = node[key]
     node[path[-1]] = value
-    (result,) = _validate_servicemonitors(servicemonitor_node, [doc])
+    (result,) = _validate_crds(servicemonitor_node, [doc])
     assert not result["ok"]
 
 
@@ -144,6 +153,39 @@ def test_servicemonitor_selects_the_service() -> None:
     ports = {p["name"] for p in svc["spec"]["ports"]}
     for ep in sm["spec"]["endpoints"]:
         assert ep["port"] in ports and ep["path"] == "/metrics"
+
+
+def _break_first_alert(doc: dict[str, Any], key: str, value: Any) -> dict[str, Any]:
+    alerts = [r for g in doc["spec"]["groups"] for r in g["rules"] if "alert" in r]
+    if value is None:
+        del alerts[0][key]
+    else:
+        alerts[0][key] = value
+    return doc
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("for", "5 minutes"), ("expr", None), ("labels", {"severity": 1}),
+     ("apiVersion", "monitoring.coreos.com/v1beta1")],
+)  # fmt: skip
+def test_prometheusrule_check_fails_on_a_broken_one(
+    servicemonitor_node: tuple[str, Path], key: str, value: Any
+) -> None:
+    doc = _prometheusrule()
+    doc = {**doc, key: value} if key == "apiVersion" else _break_first_alert(doc, key, value)
+    (result,) = _validate_crds(servicemonitor_node, [doc])
+    assert not result["ok"]
+
+
+def test_prometheusrule_holds_the_rules_compose_loads() -> None:
+    """The same groups as deploy/prometheus/rules.yml, as tools/prometheus_rule.py renders
+    them (the file is generated, not edited by hand)."""
+    assert (BASE / "prometheusrule.yaml").read_text(encoding="utf-8") == prometheus_rule.render()
+    (rules,) = load_yaml_docs(prometheus_rule.RULES)
+    assert _prometheusrule()["spec"]["groups"] == rules["groups"]
+    sm = _servicemonitor()
+    assert _prometheusrule()["metadata"]["labels"] == sm["metadata"]["labels"]
 
 
 # --- kustomize ------------------------------------------------------------------------
@@ -196,6 +238,7 @@ def test_kustomization_renders_valid_manifests(
         "Deployment",
         "HorizontalPodAutoscaler",
         "PodDisruptionBudget",
+        "PrometheusRule",
         "Service",
         "ServiceMonitor",
     ]
@@ -204,8 +247,10 @@ def test_kustomization_renders_valid_manifests(
     out.write_text(yaml.safe_dump_all(docs), encoding="utf-8")
     rc, lines = _kubernetes_validate([out])
     _check_validate_output(rc, lines, docs)
-    sms = [d for d in docs if d["kind"] == "ServiceMonitor"]
-    assert all(r["ok"] for r in _validate_servicemonitors(servicemonitor_node, sms))
+    crds = [d for d in docs if (d["apiVersion"], d["kind"]) in CRD_KINDS]
+    assert len(crds) == len(CRD_KINDS)
+    results = _validate_crds(servicemonitor_node, crds)
+    assert all(r["ok"] for r in results), results
 
 
 def test_every_k8s_file_is_used() -> None:
