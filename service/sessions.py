@@ -203,14 +203,18 @@ class SessionPool:
         each run."""
         total, done = len(self.workers) * len(sizes), 0
         for worker in self.workers:
-            # Start the worker's thread, or its first request pays for its creation (~4 ms,
-            # measured). The runs below stay on this thread: shutdown waits for the workers'
-            # threads, never for a warmup run.
-            worker.executor.submit(int).result()
-            for b in sizes:
+            for i, b in enumerate(sizes):
                 if stop is not None and stop.is_set():
                     return False
-                worker.run(np.zeros((b, *shape), dtype=np.uint8))
+                batch = np.zeros((b, *shape), dtype=np.uint8)
+                if i == 0:
+                    # The first run on the worker's own thread, which serves every batch:
+                    # it starts that thread and fills its thread-local state (onnxruntime's
+                    # per-thread buffers); measured, the first request otherwise took ~2x a
+                    # warm one on a small model.
+                    worker.executor.submit(worker.run, batch).result()
+                else:
+                    worker.run(batch)
                 done += 1
                 if progress is not None:
                     progress(done, total)
@@ -239,5 +243,7 @@ class SessionPool:
             self._idle.put_nowait(worker)
 
     def close(self) -> None:
+        """After the drain: a run still in progress (past the drain timeout, or a warmup
+        run) is not waited for, so it cannot hold the shutdown."""
         for w in self.workers:
-            w.executor.shutdown(wait=True)
+            w.executor.shutdown(wait=False, cancel_futures=True)
