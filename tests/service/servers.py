@@ -27,6 +27,10 @@ from service.metrics import Metrics
 from service.runtime import Runtime
 from service.settings import Settings
 
+# How long a held run waits at most when nobody releases it: far beyond any bound a test
+# sets on what it waits for, so that only a test that forgot to release waits this long.
+HOLD_TIMEOUT_S = 120.0
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -85,6 +89,7 @@ class ThreadServer:
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.url = f"http://127.0.0.1:{self.port}"
+        self.gate: Hold | None = None  # busy_server's hold on the sessions
 
     def start(self, wait_ready: bool = True) -> ThreadServer:
         self.thread.start()
@@ -108,10 +113,39 @@ def thread_server(repository: Path, wait_ready: bool = True, **options) -> Itera
         server.stop()
 
 
-class ProcessServer:
-    """`resnet-serve` as users run it, configured through the environment."""
+# A `resnet-serve` process started with ``holdable=True`` imports this first (as its
+# sitecustomize): while the hold file exists, every onnxruntime run that starts waits for it
+# to be removed (at most HOLD_TIMEOUT_S), having created the entered file first.
+_HOLD_HOOK = f"""
+import os
+import time
+from pathlib import Path
 
-    def __init__(self, repository: Path, **env: str) -> None:
+from service import sessions
+
+_hold = Path(os.environ["SERVERS_PY_HOLD_FILE"])
+_entered = Path(os.environ["SERVERS_PY_ENTERED_FILE"])
+_run = sessions.Worker.run
+
+
+def _held_run(self, *args, **kwargs):
+    if _hold.exists():
+        _entered.touch()
+        end = time.monotonic() + {HOLD_TIMEOUT_S}
+        while _hold.exists() and time.monotonic() < end:
+            time.sleep(0.005)
+    return _run(self, *args, **kwargs)
+
+
+sessions.Worker.run = _held_run
+"""
+
+
+class ProcessServer:
+    """`resnet-serve` as users run it, configured through the environment. With
+    ``holdable=True`` a test can hold its sessions: ``hold()``, ``entered()``, ``release()``."""
+
+    def __init__(self, repository: Path, *, holdable: bool = False, **env: str) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {
@@ -125,6 +159,31 @@ class ProcessServer:
         # A file, not a pipe: nobody reads a pipe while the server runs, and a full one
         # would block the server's logging.
         self.log = tempfile.NamedTemporaryFile(prefix="resnet-serve-", suffix=".log")  # noqa: SIM115
+        self._hooks: tempfile.TemporaryDirectory[str] | None = None
+        if holdable:
+            self._hooks = tempfile.TemporaryDirectory(prefix="resnet-serve-hooks-")
+            hooks = Path(self._hooks.name)
+            (hooks / "sitecustomize.py").write_text(_HOLD_HOOK)
+            path = [str(hooks), *filter(None, [os.environ.get("PYTHONPATH")])]
+            self.env["PYTHONPATH"] = os.pathsep.join(path)
+            self.env["SERVERS_PY_HOLD_FILE"] = str(hooks / "hold")
+            self.env["SERVERS_PY_ENTERED_FILE"] = str(hooks / "entered")
+
+    def _hook_file(self, name: str) -> Path:
+        assert self._hooks is not None, "only a ProcessServer(..., holdable=True) can be held"
+        return Path(self._hooks.name) / name
+
+    def hold(self) -> None:
+        """Every onnxruntime run that starts from now on waits until ``release()``."""
+        self._hook_file("entered").unlink(missing_ok=True)
+        self._hook_file("hold").touch()
+
+    def entered(self) -> bool:
+        """Whether a run started, and was held, since ``hold()``."""
+        return self._hook_file("entered").exists()
+
+    def release(self) -> None:
+        self._hook_file("hold").unlink(missing_ok=True)
 
     def output(self) -> str:
         return Path(self.log.name).read_text(errors="replace")
@@ -157,14 +216,25 @@ class ProcessServer:
             return self.proc.wait()
 
 
-def hold(runtime: Runtime, what: str = "run") -> threading.Event:
+class Hold(threading.Event):
+    """Set it to release the held runs. ``entered`` is set as soon as a held run starts, so
+    that a test waits for the work to be stuck instead of sleeping and hoping it is."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entered = threading.Event()
+
+
+def hold(runtime: Runtime, what: str = "run", timeout: float = HOLD_TIMEOUT_S) -> Hold:
     """Make every session's ``run`` (or every model's ``warmup``) wait until the returned
-    event is set, so a test can look at the service while work is stuck."""
-    gate = threading.Event()
+    event is set (or ``timeout`` passed), so a test can look at the service while work is
+    stuck."""
+    gate = Hold()
 
     def held(real):  # type: ignore[no-untyped-def]
         def wrapper(*args):  # type: ignore[no-untyped-def]
-            gate.wait(30)
+            gate.entered.set()
+            gate.wait(timeout)
             return real(*args)
 
         return wrapper
@@ -183,24 +253,33 @@ def busy_server(
     repository: Path, image: bytes, **options
 ) -> Iterator[tuple[ThreadServer, list[httpx.Response]]]:  # type: ignore[no-untyped-def]
     """A server whose only session is held by one request for ``image``, sent first; it
-    is released (and that request answered, into the yielded list) when the block ends."""
+    is released (and that request answered, into the yielded list) when the block ends,
+    or earlier by ``srv.gate.set()``. The block starts once the holder's image is in the
+    session, so whatever the test sends then queues behind it."""
     settings = Settings(repository=repository, **options)
     srv = ThreadServer(settings)
     srv.start()
-    gate = hold(srv.runtime)
+    gate = srv.gate = hold(srv.runtime)
     answers: list[httpx.Response] = []
     holder = threading.Thread(
         target=lambda: answers.append(
             httpx.post(srv.url + "/v1/classify", content=image,
-                       headers={"content-type": "image/png"}, timeout=30)
+                       headers={"content-type": "image/png"}, timeout=HOLD_TIMEOUT_S + 30)
         )
     )  # fmt: skip
     holder.start()
-    time.sleep(0.1)  # the holder's image is in the session before anything else is sent
+
+    def entered() -> bool:
+        if not gate.entered.is_set() and not holder.is_alive():
+            got = f"{answers[0].status_code} {answers[0].text}" if answers else "no answer"
+            raise RuntimeError(f"the holder's request ended before its run started: {got}")
+        return gate.entered.is_set()
+
     try:
+        wait_until(entered, timeout=60)
         yield srv, answers
         gate.set()
-        holder.join(30)
+        holder.join(HOLD_TIMEOUT_S + 30)
     finally:
         gate.set()
         srv.stop()

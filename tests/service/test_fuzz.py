@@ -66,11 +66,25 @@ def test_damaged_real_images_give_an_image_or_a_typed_error(seed, edits, cut) ->
     _check(bytes(data[:cut] if cut is not None else data))
 
 
+# Warnings left out, being about luck rather than the service. The schema can only say
+# "binary" of an image body, and the {model} of a path is any string: most generated
+# requests are refused, rightly (400, 404, 415, 422), and whether some phase happens to send a
+# decodable image to a served model varies from run to run even with a fixed seed (the
+# cases generated depend on the answers and on how long they took: fewer are generated
+# when the service is slow). When none does, these two warn.
+UNLUCKY_GENERATION_WARNINGS = {"validation_mismatch", "missing_test_data"}
+
+
 def test_openapi_schema_fuzzed_with_schemathesis(r20_repository) -> None:
     """Generated requests for every operation: no 5xx, answers match the schema."""
     exe = shutil.which("schemathesis", path=str(Path(sys.executable).parent))
     if exe is None:
         pytest.fail("schemathesis is not installed (it is in the dev extra)")
+    from schemathesis.config import SchemathesisWarning
+
+    # Every warning schemathesis shows by default (low_valid_rate is opt-in), less those.
+    shown = [w.value for w in SchemathesisWarning if w.value != "low_valid_rate"]
+    shown = [w for w in shown if w not in UNLUCKY_GENERATION_WARNINGS]
     srv = ProcessServer(r20_repository, log_level="error").start()
     try:
         proc = subprocess.run(
@@ -80,10 +94,10 @@ def test_openapi_schema_fuzzed_with_schemathesis(r20_repository) -> None:
              # On a loaded CI machine generation can be slow; that is not the service's
              # fault, so hypothesis' speed health checks must not fail the run.
              "--suppress-health-check", "too_slow,filter_too_much",
-             "--request-timeout", "60"],
+             "--request-timeout", "60", "--warnings", ",".join(shown)],
             capture_output=True, text=True, timeout=300,
         )  # fmt: skip
         assert proc.returncode == 0, proc.stdout[-4000:]
-        assert "No issues found" in proc.stdout
+        assert "No issues found" in proc.stdout, proc.stdout[-4000:]
     finally:
         assert srv.stop() == 0

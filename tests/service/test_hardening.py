@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import aiohttp
@@ -24,6 +23,7 @@ from service.metrics import Metrics
 from service.runtime import Runtime
 from service.settings import Settings
 from tests.service.servers import (
+    HOLD_TIMEOUT_S,
     ProcessServer,
     ThreadServer,
     busy_server,
@@ -180,13 +180,14 @@ def test_cors_is_off_by_default_and_configurable(r20_repository) -> None:
 
 
 def test_request_deadline_header(r20_repository, cifar_pngs) -> None:
-    with busy_server(r20_repository, cifar_pngs[0]) as (srv, answers):
-        t = time.perf_counter()
+    # The server's own limit is longer than the hold and than the client waits, so a 504
+    # can only come from the header's deadline.
+    with busy_server(r20_repository, cifar_pngs[0], request_timeout_ms=600_000) as (srv, answers):
         headers = {**PNG, "x-request-timeout-ms": "150"}
-        r = httpx.post(srv.url + "/v1/classify", content=cifar_pngs[1], headers=headers)
-        assert r.status_code == 504 and time.perf_counter() - t < 5
+        r = httpx.post(srv.url + "/v1/classify", content=cifar_pngs[1], headers=headers, timeout=60)
+        assert r.status_code == 504
         bad = {**PNG, "x-request-timeout-ms": "soon"}
-        r = httpx.post(srv.url + "/v1/classify", content=cifar_pngs[1], headers=bad)
+        r = httpx.post(srv.url + "/v1/classify", content=cifar_pngs[1], headers=bad, timeout=60)
         assert r.status_code == 422
     assert answers[0].status_code == 200
     # Only the holder's image ran; the expired one was skipped before inference.
@@ -219,7 +220,7 @@ def test_inference_failure_fails_only_its_batch_and_the_session_is_recreated(
         r = httpx.post(srv.url + "/v1/classify", content=cifar_pngs[0], headers=PNG)
         assert r.status_code == 503 and r.json()["error"]["code"] == "inference_failed"
         # The error is answered first; the session is recreated right after.
-        wait_until(lambda: worker.session is not original_session, timeout=10)
+        wait_until(lambda: worker.session is not original_session, timeout=60)
         r = httpx.post(srv.url + "/v1/classify", content=cifar_pngs[0], headers=PNG)
         assert r.status_code == 200
         assert httpx.get(srv.url + "/readyz").status_code == 200
@@ -291,13 +292,16 @@ def _rss_kib(pid: int) -> int:
 def test_flood_of_ten_times_capacity_is_shed_and_the_service_stays_healthy(
     r20_repository, cifar_pngs
 ) -> None:
-    srv = ProcessServer(r20_repository, max_queue_images="16", max_batch_size="8").start()
+    srv = ProcessServer(
+        r20_repository, holdable=True, max_queue_images="16", max_batch_size="8"
+    ).start()
     assert srv.proc is not None
     try:
         files_payload = cifar_pngs[:8]
 
         async def flood() -> dict[int, int]:
             counts: dict[int, int] = {}
+            refused = asyncio.Event()
             async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as s:
 
                 async def one() -> None:
@@ -309,20 +313,33 @@ def test_flood_of_ten_times_capacity_is_shed_and_the_service_stays_healthy(
                         counts[r.status] = counts.get(r.status, 0) + 1
                         if r.status == 503:
                             assert int(r.headers["Retry-After"]) >= 1
+                            refused.set()
 
                 # 160 requests x 8 images at once: 80 x the admission limit of 16 images.
-                await asyncio.gather(*(one() for _ in range(160)))
+                # The session is held until one is refused, so the overload is certain
+                # however fast this machine would have worked the queue off: while held, at
+                # most one batch (8 images) runs and 16 wait; every other request must be
+                # refused at once, not queued.
+                srv.hold()
+                try:
+                    requests = [asyncio.ensure_future(one()) for _ in range(160)]
+                    await asyncio.wait_for(refused.wait(), timeout=60)
+                finally:
+                    srv.release()
+                await asyncio.gather(*requests)
             return counts
 
         rss_before = _rss_kib(srv.proc.pid)
         for _ in range(3):
             counts = asyncio.run(flood())
             assert set(counts) <= {200, 503}, counts
+            # At least the first two requests fit the queue; at least one was refused.
             assert counts.get(200, 0) >= 2 and counts.get(503, 0) > 0, counts
+            assert sum(counts.values()) == 160
         rss_after = _rss_kib(srv.proc.pid)
         assert rss_after < rss_before + 200 * 1024, (rss_before, rss_after)
         assert httpx.get(srv.url + "/readyz").status_code == 200
-        r = httpx.post(srv.url + "/v1/classify", content=cifar_pngs[0], headers=PNG)
+        r = httpx.post(srv.url + "/v1/classify", content=cifar_pngs[0], headers=PNG, timeout=60)
         assert r.status_code == 200
         text = httpx.get(srv.url + "/metrics").text
         assert metric_value(text, "resnet_serve_queue_depth") == 0
@@ -376,17 +393,30 @@ def test_sigterm_mid_flight_loses_no_accepted_request(r20_repository, cifar_pngs
 
 
 def test_decode_time_and_format_limits(r20_repository, cifar_test) -> None:
-    big = Image.fromarray(cifar_test["images"][0]).resize((3000, 2000))
-    jpeg, png_bytes = _save(big, "JPEG"), _save(big, "PNG")
-    settings = Settings(repository=r20_repository, decode_timeout_ms=1, image_formats=["PNG"])
+    img = Image.fromarray(cifar_test["images"][0])
+    jpeg, png_bytes = _save(img, "JPEG"), _save(img, "PNG")
+    # A limit the JPEG's format check (well under a millisecond) cannot reach on any machine.
+    settings = Settings(repository=r20_repository, decode_timeout_ms=1000, image_formats=["PNG"])
     srv = ThreadServer(settings).start()
+    release = threading.Event()
     try:
         r = httpx.post(
-            srv.url + "/v1/classify", content=jpeg, headers={"content-type": "image/jpeg"}
-        )
+            srv.url + "/v1/classify", content=jpeg, headers={"content-type": "image/jpeg"},
+            timeout=60,
+        )  # fmt: skip
         assert r.status_code == 415 and "JPEG" in r.json()["error"]["message"]
-        r = httpx.post(srv.url + "/v1/classify", content=png_bytes, headers=PNG)
+        # From here decoding waits until released: longer than the limit, however fast
+        # this machine would have decoded.
+        real = srv.runtime._preprocess_one
+
+        def slow(*args):  # type: ignore[no-untyped-def]
+            release.wait(HOLD_TIMEOUT_S)
+            return real(*args)
+
+        srv.runtime._preprocess_one = slow  # type: ignore[method-assign]
+        r = httpx.post(srv.url + "/v1/classify", content=png_bytes, headers=PNG, timeout=60)
         assert r.status_code == 400
         assert "image 0: decoding took longer" in r.json()["error"]["message"]
     finally:
+        release.set()
         srv.stop()

@@ -61,8 +61,45 @@ def test_846_png_images_from_32_concurrent_clients(server: ProcessServer, cifar_
     total = metric_value(after, "resnet_serve_batch_size_sum", model=R20) - metric_value(
         before, "resnet_serve_batch_size_sum", model=R20
     )
-    assert total == len(cifar_pngs)
-    assert total / count > 1.5, f"mean executed batch {total / count:.2f}"
+    assert count > 0 and total == len(cifar_pngs)  # each image ran once
+    # How many batches they took depends on this machine's speed and cores: that the
+    # service batches requests is shown, deterministically, by the test below.
+
+
+def test_requests_queued_behind_a_busy_session_run_as_one_batch(
+    server: ProcessServer, r20_repository, cifar_pngs
+) -> None:
+    n = 8
+    got: dict[int, httpx.Response] = {}
+    with busy_server(r20_repository, cifar_pngs[0]) as (srv, answers):
+        assert srv.gate is not None
+
+        def client(i: int) -> None:
+            got[i] = httpx.post(
+                srv.url + "/v1/classify", content=cifar_pngs[i], headers=PNG, timeout=60
+            )
+
+        clients = [threading.Thread(target=client, args=(i,)) for i in range(1, n + 1)]
+        for c in clients:
+            c.start()
+        wait_until(
+            lambda: (
+                metric_value(httpx.get(srv.url + "/metrics").text, "resnet_serve_queue_depth") == n
+            ),
+            timeout=60,
+        )
+        srv.gate.set()  # all n wait in the queue: the session is free again
+        for c in clients:
+            c.join(60)
+        registry = srv.runtime.metrics.registry
+        batches = registry.get_sample_value("resnet_serve_batch_size_count", {"model": R20})
+        images = registry.get_sample_value("resnet_serve_batch_size_sum", {"model": R20})
+    assert answers[0].status_code == 200
+    # The holder's batch, then one for the n requests that queued behind it.
+    assert (batches, images) == (2, n + 1)
+    # Each answer is its own image's, as the same image alone gets it.
+    for i in range(1, n + 1):
+        assert _top1(got[i]) == _top1(_raw(server, cifar_pngs[i])), i
 
 
 def _classify(server: ProcessServer, path: str = "/v1/classify", **kwargs) -> httpx.Response:  # type: ignore[no-untyped-def]
@@ -321,16 +358,18 @@ def test_503_when_the_queue_is_full_for_now(r20_repository, cifar_pngs) -> None:
     with busy_server(r20_repository, cifar_pngs[0], max_queue_images=2) as (srv, answers):
         files = [("file", (f"{i}.png", cifar_pngs[i])) for i in range(2)]
         queued = threading.Thread(
-            target=lambda: answers.append(httpx.post(srv.url + "/v1/classify", files=files))
+            target=lambda: answers.append(
+                httpx.post(srv.url + "/v1/classify", files=files, timeout=60)
+            )
         )
         queued.start()
         wait_until(
             lambda: (
                 metric_value(httpx.get(srv.url + "/metrics").text, "resnet_serve_queue_depth") == 2
             ),
-            timeout=10,
+            timeout=60,
         )
-        r = httpx.post(srv.url + "/v1/classify", files=files[:1])
+        r = httpx.post(srv.url + "/v1/classify", files=files[:1], timeout=60)
         _error(r, 503, "overloaded")
         assert int(r.headers["retry-after"]) >= 1
     queued.join(30)
