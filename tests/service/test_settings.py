@@ -17,6 +17,34 @@ def test_default_buckets_per_device() -> None:
     assert Settings(batch_buckets=[1, 8, 32]).buckets_for("cpu") == [1, 8, 32]
 
 
+def test_warmup_sizes_per_device() -> None:
+    # The CPU warms one batch (no batch size has a first-run cost there); CUDA every
+    # bucket (each new shape is a cuDNN search); either can be forced.
+    s = Settings()
+    assert s.warmup_sizes("cpu") == [1]
+    assert s.warmup_sizes("cuda") == [1, 2, 4, 8, 16, 32]
+    assert Settings(warmup_all_buckets=True).warmup_sizes("cpu") == list(range(1, 33))
+    assert Settings(warmup_all_buckets=False).warmup_sizes("cuda") == [1]
+
+
+def test_threads_are_divided_among_a_models_own_sessions(cifar_repository) -> None:
+    from service.metrics import Metrics
+    from service.runtime import Runtime
+    from service.settings import cpu_count
+
+    # Two models in one process: each model's session still gets every core (they run
+    # when the other is idle; a share each would halve a lone busy model).
+    rt = Runtime.load(Settings(repository=cifar_repository, self_check="off"), Metrics())
+    assert len(rt.models) == 2
+    for model in rt.models.values():
+        assert model.pool.workers[0].options.intra_op_num_threads == cpu_count()
+    # Sessions of one model run at the same time: they share the cores.
+    s = Settings(repository=cifar_repository, sessions_per_device=2, self_check="off")
+    rt = Runtime.load(s, Metrics())
+    threads = {w.options.intra_op_num_threads for m in rt.models.values() for w in m.pool.workers}
+    assert threads == {max(1, cpu_count() // 2)}
+
+
 def test_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("RESNET_SERVE_MODELS", "b, a")
     monkeypatch.setenv("RESNET_SERVE_BATCH_BUCKETS", "1,4,16")
