@@ -250,11 +250,21 @@ async def _classify(request: Request, model_name: str | None, top_k_q: int) -> R
 
 
 async def _embed(request: Request, model_name: str | None, query: dict[str, Any]) -> Response:
+    spec = _runtime(request).get(model_name).spec
+
     def outputs(params: EmbedParams) -> tuple[str, ...]:
         if params.layer is None and params.pool != "avg":
             raise InvalidParameterError(
                 "pool applies to a stage (layer=...); the default embedding is already "
                 "average-pooled"
+            )
+        vector = params.layer in spec.output_names and params.layer not in spec.features
+        if vector and params.pool != "none":
+            # logits: a vector per image, no positions to pool over.
+            stages = ", ".join(spec.features) or "none exported"
+            raise InvalidParameterError(
+                f"layer {params.layer!r} is a vector, not a feature map: pool applies "
+                f"to stages ({stages}); ask for it with pool=none"
             )
         return (params.output(),)
 
