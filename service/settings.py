@@ -96,7 +96,12 @@ class Settings(BaseSettings):
     jpeg_draft: bool = Field(True, description="JPEG DCT-domain downscale before resizing")
     max_body_bytes: int = Field(32 * 1024 * 1024, ge=1, description="request body, at most")
     max_images_per_request: int = Field(64, ge=1, description="images in one request, at most")
-    max_image_pixels: int = Field(40_000_000, ge=1, description="width x height, at most")
+    max_image_pixels: int = Field(
+        40_000_000,
+        ge=1,
+        description="width x height, at most, as sent and once resized (a thin image "
+        "grows when its shorter side is resized up)",
+    )
     decode_timeout_ms: float = Field(
         10_000, gt=0, description="decoding one image, at most; beyond it 400"
     )
