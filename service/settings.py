@@ -113,7 +113,9 @@ class Settings(BaseSettings):
         1_000_000, ge=1, description="larger answers (feature maps) are sent as .npy"
     )
     drain_timeout_s: float = Field(
-        30.0, ge=0, description="on SIGTERM or Ctrl-C, time for accepted requests to finish"
+        30.0,
+        ge=0,
+        description="on SIGTERM or Ctrl-C, time for accepted requests to finish (0: do not wait)",
     )
     api_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list,

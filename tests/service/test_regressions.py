@@ -4,6 +4,8 @@ wrong answer."""
 from __future__ import annotations
 
 import io
+import signal
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,7 +13,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from tests.service.servers import ThreadServer, thread_server
+from tests.service.servers import ProcessServer, ThreadServer, thread_server, wait_until
 
 
 @pytest.fixture(scope="module")
@@ -39,3 +41,34 @@ def test_thin_images_are_refused_before_resizing(srv, cifar_pngs) -> None:
     # Thin but within the limit once resized: still served.
     files = [("file", ("thin.png", _png(1000, 10)))]
     assert httpx.post(srv.url + "/v1/classify", files=files, timeout=60).status_code == 200
+
+
+@pytest.mark.parametrize("drain", ["0", "0.5"])
+def test_drain_timeout_below_one_second_is_honoured(r20_repository, cifar_pngs, drain) -> None:
+    # Regression: int(drain_timeout_s) or None made anything below 1 s "wait forever".
+    server = ProcessServer(r20_repository, holdable=True, drain_timeout_s=drain).start()
+    assert server.proc is not None
+    statuses: list[int] = []
+
+    def client() -> None:
+        try:
+            files = [("file", ("0.png", cifar_pngs[0]))]
+            statuses.append(
+                httpx.post(server.url + "/v1/classify", files=files, timeout=60).status_code
+            )
+        except httpx.TransportError:
+            statuses.append(-1)
+
+    server.hold()  # the request stays in its session until released (or 120 s)
+    thread = threading.Thread(target=client)
+    thread.start()
+    try:
+        wait_until(server.entered, timeout=60)
+        server.proc.send_signal(signal.SIGTERM)
+        # Exits while the request is still held: the drain did not wait for it.
+        assert server.proc.wait(30) == 0
+    finally:
+        server.release()
+        server.stop(signal.SIGKILL)
+        thread.join(60)
+    assert statuses and statuses[0] != 200
