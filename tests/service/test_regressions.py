@@ -72,3 +72,25 @@ def test_drain_timeout_below_one_second_is_honoured(r20_repository, cifar_pngs, 
         server.stop(signal.SIGKILL)
         thread.join(60)
     assert statuses and statuses[0] != 200
+
+
+def test_cors_preflight_passes_without_a_key(r20_repository) -> None:
+    # Regression: the preflight (never carries a key) was a 401 without CORS headers.
+    origin = "https://app.example"
+    with thread_server(r20_repository, api_keys=["k1"], cors_origins=[origin]) as server:
+        preflight = {
+            "origin": origin,
+            "access-control-request-method": "POST",
+            "access-control-request-headers": "authorization, content-type",
+        }
+        r = httpx.options(server.url + "/v1/classify", headers=preflight)
+        assert r.status_code == 200, r.text
+        assert r.headers["access-control-allow-origin"] == origin
+        assert "POST" in r.headers["access-control-allow-methods"]
+        # The request itself still needs the key; its 401 carries the CORS headers.
+        r = httpx.post(server.url + "/v1/classify", headers={"origin": origin}, content=b"")
+        assert r.status_code == 401 and r.json()["error"]["code"] == "unauthorized"
+        assert r.headers["access-control-allow-origin"] == origin
+        # An OPTIONS that is not a preflight is no way around the key.
+        r = httpx.options(server.url + "/v1/classify")
+        assert r.status_code == 401 and r.json()["error"]["code"] == "unauthorized"
