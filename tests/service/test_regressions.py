@@ -4,6 +4,7 @@ wrong answer."""
 from __future__ import annotations
 
 import io
+import json
 import signal
 import threading
 from collections.abc import Iterator
@@ -94,3 +95,22 @@ def test_cors_preflight_passes_without_a_key(r20_repository) -> None:
         # An OPTIONS that is not a preflight is no way around the key.
         r = httpx.options(server.url + "/v1/classify")
         assert r.status_code == 401 and r.json()["error"]["code"] == "unauthorized"
+
+
+def test_weights_source_is_served_without_the_export_machines_path(
+    cifar_repository, tmp_path
+) -> None:
+    # Regression: /v1/models showed where the exporting machine kept its checkpoint.
+    model = tmp_path / "resnet20_cifar10"
+    model.mkdir()
+    exported = cifar_repository / "resnet20_cifar10"
+    for item in exported.iterdir():
+        if item.name != "model.json":
+            (model / item.name).symlink_to(item)
+    meta = json.loads((exported / "model.json").read_text())
+    meta["weights"]["source"] = "/home/someone/checkpoints/model_4.pth#ema"
+    (model / "model.json").write_text(json.dumps(meta))
+    with thread_server(tmp_path) as server:
+        listed = httpx.get(server.url + "/v1/models").json()["models"][0]
+        one = httpx.get(server.url + "/v1/models/resnet20_cifar10").json()
+    assert listed["weights"]["source"] == one["weights"]["source"] == "model_4.pth#ema"
