@@ -3,6 +3,7 @@ wrong answer."""
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import signal
@@ -114,3 +115,53 @@ def test_weights_source_is_served_without_the_export_machines_path(
         listed = httpx.get(server.url + "/v1/models").json()["models"][0]
         one = httpx.get(server.url + "/v1/models/resnet20_cifar10").json()
     assert listed["weights"]["source"] == one["weights"]["source"] == "model_4.pth#ema"
+
+
+def _invalid_parameter(r: httpx.Response) -> None:
+    assert r.status_code == 422, r.text
+    assert r.json()["error"]["code"] == "invalid_parameter"
+
+
+def test_integers_and_numbers_are_parsed_strictly(srv, cifar_pngs) -> None:
+    image = base64.b64encode(cifar_pngs[0]).decode()
+    url = srv.url + "/v1/classify"
+    # JSON true and 1.0 were taken as top_k=1, "1_000" as 1000 ms.
+    for top_k in (True, 1.0, "1.0"):
+        _invalid_parameter(httpx.post(url, json={"images": [image], "top_k": top_k}))
+    files = [("file", ("0.png", cifar_pngs[0]))]
+    for top_k in ("1.0", "1_0", "true"):
+        _invalid_parameter(httpx.post(url, files=files, params={"top_k": top_k}))
+        _invalid_parameter(httpx.post(url, files=files, data={"top_k": top_k}))
+    for header in ("1_000", "1e3", "nan", "-5"):
+        _invalid_parameter(httpx.post(url, files=files, headers={"x-request-timeout-ms": header}))
+    # What is right still is.
+    r = httpx.post(
+        url, files=files, params={"top_k": "2"}, headers={"x-request-timeout-ms": "5000.5"}
+    )
+    assert r.status_code == 200 and len(r.json()["results"][0]["predictions"]) == 2
+    r = httpx.post(url, files=files, data={"top_k": "3"})
+    assert r.status_code == 200 and len(r.json()["results"][0]["predictions"]) == 3
+    r = httpx.post(url, json={"images": [image], "top_k": 1})
+    assert r.status_code == 200 and len(r.json()["results"][0]["predictions"]) == 1
+
+
+def test_one_answer_past_the_image_count_limit(srv, cifar_pngs) -> None:
+    # 65 files were a 413, 66 and more a 400 "Too many files" from the multipart parser.
+    limit = srv.settings.max_images_per_request
+    for count in (limit + 1, limit + 2, limit + 50):
+        files = [("file", (f"{i}.png", cifar_pngs[0])) for i in range(count)]
+        r = httpx.post(srv.url + "/v1/classify", files=files, timeout=60)
+        assert r.status_code == 413, (count, r.text)
+        error = r.json()["error"]
+        assert error["code"] == "payload_too_large" and f"limit is {limit}" in error["message"]
+
+
+def test_gem_exponent_is_bounded(srv, cifar_pngs) -> None:
+    # p=1e-300 made every x**p 1: a constant vector, whatever the image.
+    files = [("file", ("0.png", cifar_pngs[0]))]
+    for p in ("1e-300", "0.1", "21", "inf", "nan"):
+        r = httpx.post(srv.url + "/v1/embed", files=files, params={"p": p})
+        _invalid_parameter(r)
+    image = base64.b64encode(cifar_pngs[0]).decode()
+    r = httpx.post(srv.url + "/v1/embed", json={"images": [image], "p": 1e-300})
+    _invalid_parameter(r)
