@@ -146,7 +146,8 @@ def load_local(path: Path, ema: bool = False) -> Weights:
     except Exception as exc:  # any unreadable file is the user's input, reported plainly
         raise WeightsError(f"cannot read weights from {path}: {exc}") from None
     # The source names the EMA entry, so model.json tells EMA and raw weights apart.
-    source = f"{path.resolve()}#ema" if ema else str(path.resolve())
+    # The file name only: the export machine's directories are nobody's business.
+    source = f"{path.name}#ema" if ema else path.name
     return Weights(unwrap_state_dict(obj, ema), source, sha256_file(path), pretrained=True)
 
 

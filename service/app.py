@@ -251,7 +251,14 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
     app.include_router(router)
     app.include_router(v2_router)
     # Starlette runs the last added outermost: request IDs and metrics see everything,
-    # including 401s and CORS preflights.
+    # including 401s and CORS preflights. CORS is outside the keys: a browser's preflight
+    # never carries one, and a 401 needs the CORS headers for the page to read it.
+    if settings.api_keys:
+        app.add_middleware(
+            AuthMiddleware,
+            keys=settings.api_keys,
+            metrics_require_key=settings.metrics_require_key,
+        )
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -259,12 +266,6 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
             allow_methods=["GET", "POST"],
             allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
             expose_headers=["X-Request-ID", "Retry-After"],
-        )
-    if settings.api_keys:
-        app.add_middleware(
-            AuthMiddleware,
-            keys=settings.api_keys,
-            metrics_require_key=settings.metrics_require_key,
         )
     app.add_middleware(
         RequestMiddleware, metrics=metrics, access_log=settings.access_log, traffic=traffic

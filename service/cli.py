@@ -162,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
         log_level=settings.log_level,
         access_log=False,  # ours (service.access) carries request IDs and models
         log_config=None,
-        timeout_graceful_shutdown=int(settings.drain_timeout_s) or None,
+        # 0: cancel at once; fractions as given (uvicorn passes it to asyncio.wait_for).
+        timeout_graceful_shutdown=settings.drain_timeout_s,
         lifespan="on",
     )
     server = DrainingServer(config)

@@ -77,7 +77,13 @@ async def _from_multipart(request: Request, body: bytes, max_files: int) -> Payl
     try:
         form = await replayed.form(max_files=max_files + 1, max_fields=64)
     except Exception as exc:  # malformed multipart is the client's input
-        raise BadRequestError(f"invalid multipart body: {exc}") from None
+        message = str(getattr(exc, "detail", exc))
+        if message.startswith("Too many files"):
+            # One limit, one answer: the same 413 as a count just over it.
+            raise PayloadTooLargeError(
+                f"more than {max_files} images in one request; the limit is {max_files}"
+            ) from None
+        raise BadRequestError(f"invalid multipart body: {message}") from None
     images: list[bytes] = []
     params: dict[str, Any] = {}
     try:

@@ -82,6 +82,15 @@ def decode(data: bytes, index: int, spec: PreprocessSpec, options: DecodeOptions
         raise ImageTooLargeError(
             index, f"{width}x{height} exceeds the limit of {options.max_pixels} pixels"
         )
+    resized = resized_size(width, height, spec.resize)
+    if resized[0] * resized[1] > options.max_pixels:
+        # A thin image is small, but resizing its shorter side up makes it huge
+        # (1x100000 -> 32x3200000): refused before anything is decoded or allocated.
+        raise ImageTooLargeError(
+            index,
+            f"{width}x{height} would be {resized[0]}x{resized[1]} once resized, over the "
+            f"limit of {options.max_pixels} pixels",
+        )
     try:
         if fmt == "JPEG" and options.jpeg_draft and img.mode in ("RGB", "L", "YCbCr"):
             # draft() picks the largest 1/2^k scale whose both sides stay >= the requested
@@ -98,15 +107,21 @@ def decode(data: bytes, index: int, spec: PreprocessSpec, options: DecodeOptions
         raise InvalidImageError(index, f"cannot decode image ({exc})") from None
 
 
+def resized_size(w: int, h: int, resize: int) -> tuple[int, int]:
+    """``(width, height)`` once the shorter side is resized to ``resize``."""
+    short, long = (w, h) if w <= h else (h, w)
+    if short == resize:
+        return w, h
+    new_long = int(resize * long / short)
+    return (resize, new_long) if w <= h else (new_long, resize)
+
+
 def resize_crop(img: Image.Image, spec: PreprocessSpec) -> np.ndarray:
     """Resize the shorter side to ``spec.resize``, center-crop ``spec.crop``: uint8 HWC."""
-    w, h = img.size
-    short, long = (w, h) if w <= h else (h, w)
-    if short != spec.resize:
-        new_long = int(spec.resize * long / short)
-        size = (spec.resize, new_long) if w <= h else (new_long, spec.resize)
+    size = resized_size(*img.size, spec.resize)
+    if size != img.size:
         img = img.resize(size, _RESAMPLE[spec.interpolation])
-        w, h = img.size
+    w, h = size
     c = spec.crop
     if (w, h) != (c, c):
         left = round((w - c) / 2.0)

@@ -94,6 +94,20 @@ class ModelSpec:
         return {k: v for k, v in self.metadata.items() if k != "labels"}
 
 
+def _file_name_only(meta: dict[str, Any]) -> dict[str, Any]:
+    """``weights.source`` without the export machine's directories: exports before
+    ``models.weights`` recorded the file name alone wrote the absolute path of a local
+    checkpoint. URLs and ``random:...`` are kept as they are."""
+    weights = meta.get("weights")
+    if not isinstance(weights, dict) or not isinstance(weights.get("source"), str):
+        return meta
+    source: str = weights["source"]
+    if "://" in source or source.startswith("random:"):
+        return meta
+    name = source.replace("\\", "/").rsplit("/", 1)[-1]
+    return {**meta, "weights": {**weights, "source": name}}
+
+
 def load_model_spec(model_dir: Path) -> ModelSpec:
     meta_path = model_dir / "model.json"
     try:
@@ -102,6 +116,7 @@ def load_model_spec(model_dir: Path) -> ModelSpec:
         raise RepositoryError(f"{meta_path} is missing") from None
     except (OSError, ValueError) as exc:
         raise RepositoryError(f"{meta_path} is not readable JSON: {exc}") from None
+    meta = _file_name_only(meta)
     if not (model_dir / "model.onnx").is_file():
         raise RepositoryError(f"{model_dir / 'model.onnx'} is missing")
     try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import re
 import time
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, Literal
@@ -12,7 +13,7 @@ import numpy as np
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 
 from service.batcher import Result
 from service.errors import InvalidParameterError, RequestTimeoutError
@@ -61,9 +62,22 @@ class ErrorResponse(BaseModel):
     error: ErrorBody
 
 
+def _whole_number(value: Any) -> Any:
+    """An integer as written: JSON ``true`` or ``1.0``, or text ``1.0`` or ``1_0``, is
+    not one (pydantic's lax mode would take them as 1, 1 and 10)."""
+    if isinstance(value, bool | float) or (
+        isinstance(value, str) and not re.fullmatch(r"-?[0-9]+", value, re.ASCII)
+    ):
+        raise ValueError("must be an integer, written in digits")
+    return value
+
+
+WholeNumber = Annotated[int, BeforeValidator(_whole_number)]
+
+
 class ClassifyParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    top_k: int = Field(5, ge=1)
+    top_k: WholeNumber = Field(5, ge=1)
 
 
 class EmbedParams(BaseModel):
@@ -72,7 +86,9 @@ class EmbedParams(BaseModel):
     encoding: Literal["float", "base64"] = "float"
     layer: str | None = None
     pool: Literal["avg", "max", "gem", "none"] = "avg"
-    p: float = Field(3.0, gt=0, le=100)
+    # GeM's exponent where it computes: near 0 every x**p rounds to 1 (a constant vector),
+    # and past 20 it is max pooling in all but name (and x**p heads for overflow).
+    p: float = Field(3.0, ge=0.5, le=20)
 
     @field_validator("layer")
     @classmethod
@@ -159,10 +175,9 @@ def _timeout_s(request: Request, default_ms: float) -> float:
     limit_ms = default_ms
     header = request.headers.get("x-request-timeout-ms")
     if header is not None:
-        try:
-            client_ms = float(header)
-        except ValueError:
-            client_ms = -1.0
+        # Digits and one decimal point: float() would also take "1_000", "1e3" or "nan".
+        number = re.fullmatch(r"[0-9]+(\.[0-9]+)?", header.strip(), re.ASCII)
+        client_ms = float(header) if number else -1.0
         if not 0 < client_ms < float("inf"):
             raise InvalidParameterError("X-Request-Timeout-Ms must be a positive number")
         limit_ms = min(limit_ms, client_ms)
@@ -235,10 +250,11 @@ router = APIRouter()
 
 
 async def _classify(request: Request, model_name: str | None, top_k_q: int) -> Response:
+    # The query's text, not FastAPI's lax int (which takes "1.0" as 1), is validated.
+    query = {"top_k": request.query_params.get("top_k", top_k_q)}
     model, params, results = await _infer_request(
-        request, model_name, "classify", ClassifyParams, {"top_k": top_k_q},
-        lambda _: ("logits",),
-    )  # fmt: skip
+        request, model_name, "classify", ClassifyParams, query, lambda _: ("logits",)
+    )
     labels = model.spec.labels
     if _wants_npy(request):
         return Response(to_npy(np.stack([r["logits"] for r in results])), media_type=NPY)
@@ -250,11 +266,21 @@ async def _classify(request: Request, model_name: str | None, top_k_q: int) -> R
 
 
 async def _embed(request: Request, model_name: str | None, query: dict[str, Any]) -> Response:
+    spec = _runtime(request).get(model_name).spec
+
     def outputs(params: EmbedParams) -> tuple[str, ...]:
         if params.layer is None and params.pool != "avg":
             raise InvalidParameterError(
                 "pool applies to a stage (layer=...); the default embedding is already "
                 "average-pooled"
+            )
+        vector = params.layer in spec.output_names and params.layer not in spec.features
+        if vector and params.pool != "none":
+            # logits: a vector per image, no positions to pool over.
+            stages = ", ".join(spec.features) or "none exported"
+            raise InvalidParameterError(
+                f"layer {params.layer!r} is a vector, not a feature map: pool applies "
+                f"to stages ({stages}); ask for it with pool=none"
             )
         return (params.output(),)
 
@@ -315,7 +341,9 @@ def _embed_query(
     pool: Literal["avg", "max", "gem", "none"] = Query(
         "avg", description="pooling of the stage's map; none: the map itself [C, H, W]"
     ),
-    p: float = Query(3.0, gt=0, le=100, description="GeM exponent"),
+    p: float = Query(
+        3.0, ge=0.5, le=20, description="GeM exponent, 0.5 to 20 (1: average; larger: towards max)"
+    ),
 ) -> dict[str, Any]:
     return {"normalize": normalize, "encoding": encoding, "layer": layer, "pool": pool, "p": p}
 

@@ -96,7 +96,12 @@ class Settings(BaseSettings):
     jpeg_draft: bool = Field(True, description="JPEG DCT-domain downscale before resizing")
     max_body_bytes: int = Field(32 * 1024 * 1024, ge=1, description="request body, at most")
     max_images_per_request: int = Field(64, ge=1, description="images in one request, at most")
-    max_image_pixels: int = Field(40_000_000, ge=1, description="width x height, at most")
+    max_image_pixels: int = Field(
+        40_000_000,
+        ge=1,
+        description="width x height, at most, as sent and once resized (a thin image "
+        "grows when its shorter side is resized up)",
+    )
     decode_timeout_ms: float = Field(
         10_000, gt=0, description="decoding one image, at most; beyond it 400"
     )
@@ -108,7 +113,9 @@ class Settings(BaseSettings):
         1_000_000, ge=1, description="larger answers (feature maps) are sent as .npy"
     )
     drain_timeout_s: float = Field(
-        30.0, ge=0, description="on SIGTERM or Ctrl-C, time for accepted requests to finish"
+        30.0,
+        ge=0,
+        description="on SIGTERM or Ctrl-C, time for accepted requests to finish (0: do not wait)",
     )
     api_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list,

@@ -292,6 +292,11 @@ def _outputs(requested: Any, binary_default: bool, spec: ModelSpec) -> list[Requ
         k = params.get("classification", 0)
         if not _uint(k):
             raise BadRequestError(f"{where}: 'classification' must be a non-negative integer")
+        if k and name in spec.features:
+            raise BadRequestError(
+                f"{where}: 'classification' applies to vector outputs "
+                f"({', '.join(OUTPUTS)}), not to the stage map '{name}'"
+            )
         out.append(RequestedOutput(name, _flag(params, "binary_data", where, binary_default), k))
     return out
 

@@ -51,10 +51,10 @@ def torchvision_checkpoint(tmp_path: Path) -> tuple[Path, dict, dict]:
 def test_torchvision_reference_checkpoint(torchvision_checkpoint) -> None:
     path, trained, averaged = torchvision_checkpoint
     weights = resolve(V20, str(path))
-    assert weights.source == str(path.resolve())
+    assert weights.source == path.name
     assert torch.equal(build_model(V20, weights).conv1.weight, trained["conv1.weight"])
     ema = resolve(V20, str(path), ema=True)
-    assert ema.source == f"{path.resolve()}#ema" and "n_averaged" not in ema.state_dict
+    assert ema.source == f"{path.name}#ema" and "n_averaged" not in ema.state_dict
     assert torch.equal(build_model(V20, ema).conv1.weight, averaged["conv1.weight"])
 
 

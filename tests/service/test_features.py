@@ -134,3 +134,34 @@ def test_model_json_lists_features(feature_server) -> None:
     assert [(f["name"], f["channels"], f["stride"]) for f in meta["features"]] == [
         ("layer1", 16, 1), ("layer2", 32, 2), ("layer3", 64, 4),
     ]  # fmt: skip
+
+
+def test_pooling_the_logits_is_a_422(feature_server, cifar_pngs) -> None:
+    # Regression: a pool over the logits (a vector, no positions) was an AxisError, a 500.
+    files = _files(cifar_pngs, 1)
+    for pool in ("avg", "max", "gem"):
+        r = _embed(feature_server, files, layer="logits", pool=pool)
+        assert r.status_code == 422, (pool, r.text)
+        error = r.json()["error"]
+        assert error["code"] == "invalid_parameter" and "not a feature map" in error["message"]
+    image = base64.b64encode(cifar_pngs[0]).decode()
+    r = httpx.post(
+        feature_server.url + "/v1/embed",
+        json={"images": [image], "layer": "logits", "pool": "gem"},
+        timeout=30,
+    )
+    assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_parameter"
+    r = _embed(feature_server, files, layer="logits", pool="none", normalize="false")
+    assert r.status_code == 200 and r.json()["dim"] == 10
+
+
+def test_v2_classification_of_a_stage_is_a_400(feature_server, cifar_pngs) -> None:
+    # Regression: classification on a [N, C, H, W] map was a TypeError, a 500.
+    image = base64.b64encode(cifar_pngs[0]).decode()
+    request = {
+        "inputs": [{"name": "images", "datatype": "BYTES", "shape": [1], "data": [image]}],
+        "outputs": [{"name": "layer2", "parameters": {"classification": 3}}],
+    }
+    r = httpx.post(feature_server.url + f"/v2/models/{MODEL}/infer", json=request, timeout=30)
+    assert r.status_code == 400, r.text
+    assert set(r.json()) == {"error"} and "'classification'" in r.json()["error"]
