@@ -119,6 +119,9 @@ def emulated(int8_repository: Path, tmp_path_factory: pytest.TempPathFactory) ->
         export_variant(
             variant, resolve(variant, "default"), eight, name="r20_int8_w8", precision="int8",
             calibration=CIFAR_TRAIN, int8_weight_bits=8,
+            # On an AVX2-only host the export's own check runs the saturating kernels; that
+            # check is not what this test is about, so it must not decide the verdict.
+            min_agreement=0.0,
         )  # fmt: skip
     # The bounds an export records are what its own CPU measured, and an AVX2-only host
     # running this suite measures the saturated 8-bit graph. So that the verdict does not
