@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -25,7 +26,7 @@ from service.errors import (
 from service.metrics import Metrics
 from service.preprocess import DecodeOptions, preprocess, warm_decoder
 from service.repository import ModelSpec, RepositoryError, discover
-from service.selfcheck import ReferenceError, SelfCheck, load_reference, run_check
+from service.selfcheck import ReferenceSetError, SelfCheck, load_reference, run_check
 from service.sessions import DEFAULT_OUTPUTS, SessionPool, Worker
 from service.settings import Settings
 
@@ -194,7 +195,8 @@ class Runtime:
     async def _warm_all(self) -> None:
         names = list(self.models)
         loop = asyncio.get_running_loop()
-        # Every decode thread started and through its first image, for each model's sizes.
+        # As many first decodes as there are decode threads, per model: the pool starts a
+        # thread for each while none is idle, and Pillow loads its plugins on the first.
         await asyncio.gather(
             *(
                 loop.run_in_executor(self.decode_pool, warm_decoder, m.spec.preprocess, opts)
@@ -315,8 +317,6 @@ def process_age_s() -> float:
     """Seconds since this process started (Linux: from /proc, so the interpreter's own
     start and the imports count too); since this module was imported elsewhere."""
     try:
-        import os
-
         ticks = os.sysconf("SC_CLK_TCK")
         with open("/proc/self/stat", encoding="ascii") as f:
             # Field 22, counted after the parenthesised command name (which may hold spaces).
@@ -338,7 +338,7 @@ def _self_check(model: ServedModel, settings: Settings, metrics: Metrics) -> Sel
         return None
     try:
         reference = load_reference(spec.path, spec.metadata)
-    except ReferenceError as exc:
+    except ReferenceSetError as exc:
         raise RepositoryError(f"model {spec.name}: {exc}") from None
     if reference is None:
         log.info("%s: exported without a reference set; self-check skipped", spec.name)

@@ -158,7 +158,7 @@ class SelfCheck:
         }
 
 
-class ReferenceError(Exception):
+class ReferenceSetError(Exception):
     """A reference set that model.json names but that cannot be used."""
 
 
@@ -172,9 +172,9 @@ def load_reference(model_dir: Path, meta: dict[str, Any]) -> tuple[np.ndarray, n
         with np.load(path, allow_pickle=False) as data:
             images, logits = data["images"], data["logits"]
     except (OSError, KeyError, ValueError) as exc:
-        raise ReferenceError(f"{path}: unreadable reference set ({exc})") from None
+        raise ReferenceSetError(f"{path}: unreadable reference set ({exc})") from None
     if images.dtype != np.uint8 or images.ndim != 4 or len(images) != len(logits):
-        raise ReferenceError(f"{path}: images and logits do not match")
+        raise ReferenceSetError(f"{path}: images and logits do not match")
     return images, logits
 
 

@@ -203,18 +203,10 @@ class SessionPool:
         each run."""
         total, done = len(self.workers) * len(sizes), 0
         for worker in self.workers:
-            for i, b in enumerate(sizes):
+            for b in sizes:
                 if stop is not None and stop.is_set():
                     return False
-                batch = np.zeros((b, *shape), dtype=np.uint8)
-                if i == 0:
-                    # The first run on the worker's own thread, which serves every batch:
-                    # it starts that thread and fills its thread-local state (onnxruntime's
-                    # per-thread buffers); measured, the first request otherwise took ~2x a
-                    # warm one on a small model.
-                    worker.executor.submit(worker.run, batch).result()
-                else:
-                    worker.run(batch)
+                worker.run(np.zeros((b, *shape), dtype=np.uint8))
                 done += 1
                 if progress is not None:
                     progress(done, total)
