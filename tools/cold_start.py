@@ -106,10 +106,13 @@ def one_run(repository: Path, models: list[str], warm_requests: int) -> dict[str
             server_ready = float(found[1]) if found else float("nan")
             body = image_for(repository, models[0])
             endpoint = f"{url}/v1/models/{models[0]}/classify"
+            infer0 = server_seconds(url, INFERENCE)  # warmup and self-check runs excluded
             first = post_png(endpoint, body)
             server_first = server_seconds(url)
+            infer_first = server_seconds(url, INFERENCE) - infer0
             warm = statistics.median(post_png(endpoint, body) for _ in range(warm_requests))
             server_warm = (server_seconds(url) - server_first) / warm_requests
+            infer_warm = (server_seconds(url, INFERENCE) - infer0 - infer_first) / warm_requests
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(60)
@@ -122,20 +125,23 @@ def one_run(repository: Path, models: list[str], warm_requests: int) -> dict[str
         "warm_ms": warm * 1000,
         "server_first_ms": server_first * 1000,
         "server_warm_ms": server_warm * 1000,
+        "infer_first_ms": infer_first * 1000,
+        "infer_warm_ms": infer_warm * 1000,
     }
 
 
-def server_seconds(url: str) -> float:
-    """The server's own total time on successful classify requests so far (its histogram's
-    sum): what it spent, without the client's connection and parsing."""
+REQUESTS = (
+    r'^resnet_serve_request_duration_seconds_sum\{endpoint="classify"[^}]*'
+    r'status_class="2xx"[^}]*\} (\S+)$'
+)
+INFERENCE = r"^resnet_serve_inference_duration_seconds_sum\{[^}]*\} (\S+)$"
+
+
+def server_seconds(url: str, pattern: str = REQUESTS) -> float:
+    """A sum the server keeps (by default its time on successful classify requests so far:
+    what it spent, without the client's connection and parsing)."""
     text = get(url + "/metrics")[1].decode()
-    return sum(
-        float(m[1])
-        for m in re.finditer(
-            r'^resnet_serve_request_duration_seconds_sum\{endpoint="classify"[^}]*'
-            r'status_class="2xx"[^}]*\} (\S+)$', text, re.M,
-        )
-    )  # fmt: skip
+    return sum(float(m[1]) for m in re.finditer(pattern, text, re.M))
 
 
 def first_runs(repository: Path, model: str, sizes: list[int]) -> list[tuple[int, float, float]]:
@@ -174,15 +180,15 @@ def main() -> None:
     print(f"- command: python tools/cold_start.py {' '.join(sys.argv[1:])}\n")
     print("| run | /healthz (s) | /readyz (s) | server time_to_ready (s) | first request (ms) "
           "| warm median (ms) | first / warm | server: first (ms) "
-          "| server: warm mean (ms) |")  # fmt: skip
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "| server: warm mean (ms) | inference: first / warm mean (ms) |")  # fmt: skip
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for i in range(args.runs):
         r = one_run(args.repository, models, args.warm_requests)
         print(
             f"| {i + 1} | {r['healthz_s']:.2f} | {r['readyz_s']:.2f} | "
             f"{r['server_time_to_ready_s']:.2f} | {r['first_ms']:.1f} | {r['warm_ms']:.1f} | "
             f"{r['first_ms'] / r['warm_ms']:.2f} | {r['server_first_ms']:.1f} | "
-            f"{r['server_warm_ms']:.1f} |",
+            f"{r['server_warm_ms']:.1f} | {r['infer_first_ms']:.2f} / {r['infer_warm_ms']:.2f} |",
             flush=True,
         )
     if args.first_run_sizes:
