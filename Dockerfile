@@ -41,10 +41,11 @@ ENV PIP_NO_CACHE_DIR=1 \
 # and pip does not pull the CUDA build (gigabytes) from PyPI.
 RUN pip install --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"
 COPY pyproject.toml README.md /src/
+COPY contract /src/contract
 COPY models /src/models
 # The exporter checks its graph with onnxruntime (parity, int8/fp16 checks, the reference
-# set for the runtime's self-check) and shares that code with the runtime: service/ and
-# the `cpu` extra come along.
+# set for the runtime's self-check); it shares only contract/ with the runtime, but the
+# package installs as one (service/ comes along).
 COPY service /src/service
 RUN pip install "/src[export,cpu]"
 
@@ -66,8 +67,9 @@ ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     VIRTUAL_ENV=/opt/resnet-serve
 COPY pyproject.toml README.md /src/
+COPY contract /src/contract
 COPY service /src/service
-# Only service/ is copied: the runtime package has no build step and no torch.
+# Only contract/ and service/ are copied: the runtime package has no build step and no torch.
 RUN python -m venv "${VIRTUAL_ENV}" \
     && "${VIRTUAL_ENV}/bin/pip" install "/src[cpu]" "onnxruntime==${ORT_VERSION}"
 
@@ -87,6 +89,7 @@ ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     VIRTUAL_ENV=/opt/resnet-serve
 COPY pyproject.toml README.md /src/
+COPY contract /src/contract
 COPY service /src/service
 RUN python3 -m venv "${VIRTUAL_ENV}" \
     && "${VIRTUAL_ENV}/bin/pip" install "/src[gpu]" "onnxruntime-gpu==${ORT_GPU_VERSION}"

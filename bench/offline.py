@@ -28,8 +28,8 @@ from typing import Any
 
 import numpy as np
 
+from contract.preprocess import DecodeOptions, preprocess
 from service.cli import settings_from_args
-from service.preprocess import DecodeOptions, preprocess
 from service.repository import ModelSpec, load_model_spec
 from service.sessions import SessionPool, Worker
 from service.settings import Settings

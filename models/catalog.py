@@ -7,53 +7,18 @@ table run anywhere. Builders are named as ``module:function`` and resolved lazil
 from __future__ import annotations
 
 import importlib
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from functools import cache
 from pathlib import Path
 from typing import Any
 
+from contract.schema import IMAGENET_MEAN, IMAGENET_STD, PreprocessSpec
+
 DATA_DIR = Path(__file__).parent / "data"
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-@dataclass(frozen=True)
-class Preprocess:
-    """What the runtime does before the graph: resize the shorter side, center-crop.
-
-    ``mean``/``std`` are applied inside the graph; they are recorded so that users
-    and other runtimes can reproduce the model's input exactly.
-    """
-
-    resize: int
-    crop: int
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
-    interpolation: str = "bilinear"
-
-    @classmethod
-    def from_crop_pct(
-        cls,
-        crop: int,
-        crop_pct: float,
-        interpolation: str,
-        mean: tuple[float, float, float],
-        std: tuple[float, float, float],
-    ) -> Preprocess:
-        """timm's eval transform: the shorter side resized to ``floor(crop / crop_pct)``."""
-        return cls(math.floor(crop / crop_pct), crop, mean, std, interpolation)
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "resize": self.resize,
-            "crop": self.crop,
-            "mean": list(self.mean),
-            "std": list(self.std),
-            "interpolation": self.interpolation,
-        }
+# The preprocessing record is the model.json contract's own: one definition for both halves.
+Preprocess = PreprocessSpec
 
 
 @dataclass(frozen=True)

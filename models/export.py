@@ -23,11 +23,10 @@ import onnx
 import torch
 from torch import Tensor, nn
 
+from contract import schema, selfcheck
 from models.catalog import Preprocess, Variant
 from models.weights import Weights, build_model, class_labels, sha256_file
-from service import selfcheck
 
-FORMAT_VERSION = 1
 DEFAULT_OPSET = 18
 # Max error relative to the largest |value| of PyTorch's output, per output tensor.
 DEFAULT_TOLERANCE = 1e-4
@@ -168,7 +167,7 @@ def record_self_check(
     calibration: np.ndarray | None,
 ) -> dict[str, Any]:
     """The reference set the runtime checks the model against on the serving CPU
-    (service.selfcheck): the first calibration images (int8), or synthetic ones, with the
+    (contract.selfcheck): the first calibration images (int8), or synthetic ones, with the
     fp32 graph's logits and what this graph measured against them here."""
     if calibration is not None and len(calibration) >= selfcheck.REFERENCE_IMAGES:
         images, source = calibration[: selfcheck.REFERENCE_IMAGES], "calibration"
@@ -197,46 +196,32 @@ def model_json(
 ) -> dict[str, Any]:
     """``lowered``: what an int8/fp16 conversion adds (see models.quantize); ``parity_*``
     always describe the fp32 graph against PyTorch, before any conversion."""
-    crop = variant.preprocess.crop
     exporter = {"torch": torch.__version__, "onnx": onnx.__version__}
     if lowered:
         import onnxruntime
 
         exporter["onnxruntime"] = onnxruntime.__version__
-    return {
-        "format_version": FORMAT_VERSION,
-        "name": name,
-        "arch": variant.name,
-        "family": variant.family,
-        "dataset": variant.dataset,
-        "num_classes": len(labels),
-        "labels": labels,
-        "embedding_dim": embedding_dim,
-        "precision": precision,
-        "input": {
-            "name": "images",
-            "dtype": "uint8",
-            "layout": "NHWC",
-            "shape": [-1, crop, crop, 3],
-        },
-        "outputs": {
-            "logits": {"dtype": "float32", "shape": [-1, len(labels)]},
-            "embedding": {"dtype": "float32", "shape": [-1, embedding_dim]},
-            **{f["name"]: {"dtype": "float32", "shape": f["shape"]} for f in features or []},
-        },
-        "features": features or [],
-        "preprocess": variant.preprocess.to_json(),
-        "weights": weights.to_json(),
-        "opset": opset,
-        "parity_max_abs_err": parity.max_abs_err,
-        "parity_max_rel_err": parity.max_rel_err,
-        "parity_tolerance": tolerance,
+    return schema.document(
+        name=name,
+        labels=labels,
+        embedding_dim=embedding_dim,
+        preprocess=variant.preprocess,
+        features=[schema.FeatureSpec.from_json(f) for f in features or []],
+        arch=variant.name,
+        family=variant.family,
+        dataset=variant.dataset,
+        precision=precision,
+        weights=weights.to_json(),
+        opset=opset,
+        parity_max_abs_err=parity.max_abs_err,
+        parity_max_rel_err=parity.max_rel_err,
+        parity_tolerance=tolerance,
         **(lowered or {}),
         **({"self_check": self_check} if self_check else {}),
-        "onnx_sha256": onnx_sha256,
-        "exported_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "exporter": exporter,
-    }
+        onnx_sha256=onnx_sha256,
+        exported_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        exporter=exporter,
+    )
 
 
 def export_variant(
@@ -318,7 +303,9 @@ def export_variant(
             features=graph.feature_specs(crop),
             self_check=self_check,
         )
-        (staging / "model.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        (staging / schema.METADATA_FILE).write_text(
+            json.dumps(meta, indent=2) + "\n", encoding="utf-8"
+        )
         os.chmod(staging, 0o755)
         target = repository / name
         if target.exists():

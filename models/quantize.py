@@ -7,7 +7,7 @@ the fp32 ONNX graph it was made from instead (see ``PrecisionCheck`` and docs/pr
 
 - int8: onnxruntime static quantization, QDQ format, uint8 activations and per-channel
   int8 weights (U8S8) in 7 bits by default, calibrated on images that went through the
-  runtime's own resize and crop (``service.preprocess``), so the ranges describe what the
+  runtime's own resize and crop (``contract.preprocess``), so the ranges describe what the
   server will feed. 7-bit weights keep the int16 sums of AVX2's ``vpmaddubsw`` from
   saturating, so one file computes the same on AVX2, AVX-512 VNNI and AMX CPUs (measured
   in docs/precision.md); 8-bit weights are for CPUs known to have VNNI.
@@ -30,12 +30,10 @@ import onnx
 import onnxruntime as ort
 from onnxruntime.quantization import CalibrationDataReader
 
+from contract.preprocess import DecodeOptions, ImageError, preprocess_array
+from contract.preprocess import preprocess as preprocess_bytes
 from models.catalog import Preprocess
 from models.export import ExportError, relative_error
-from service.errors import ServeError
-from service.preprocess import DecodeOptions, preprocess_array
-from service.preprocess import preprocess as preprocess_bytes
-from service.repository import PreprocessSpec
 
 PRECISIONS = ("fp32", "int8", "fp16")
 CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
@@ -101,11 +99,6 @@ class PrecisionCheck:
         }
 
 
-def runtime_spec(preprocess: Preprocess) -> PreprocessSpec:
-    """The runtime's view of a variant's preprocessing, as it will read it from model.json."""
-    return PreprocessSpec.from_json(preprocess.to_json())
-
-
 def _npz_images(path: Path) -> np.ndarray:
     try:
         with np.load(path, allow_pickle=False) as data:
@@ -132,7 +125,7 @@ def _image_files(path: Path) -> list[Path]:
 def load_calibration(source: Path, preprocess: Preprocess, limit: int | None = None) -> Calibration:
     """Images from an .npz (``images`` uint8 ``[N, H, W, 3]``) or a directory of image files,
     resized and cropped by the runtime's own code; the first ``limit`` if given."""
-    spec = runtime_spec(preprocess)
+    spec = preprocess
     if source.is_dir():
         files = _image_files(source)[:limit]
         if not files:
@@ -144,7 +137,7 @@ def load_calibration(source: Path, preprocess: Preprocess, limit: int | None = N
         for i, f in enumerate(files):
             try:
                 out.append(preprocess_bytes(f.read_bytes(), i, spec, options))
-            except ServeError as exc:
+            except ImageError as exc:
                 raise CalibrationError(f"calibration file {f}: {exc.message}") from None
     elif source.is_file():
         arrays = _npz_images(source)[:limit]

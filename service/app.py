@@ -14,21 +14,16 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from fastapi import routing as fastapi_routing
-from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
-from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
-from starlette.requests import ClientDisconnect
-from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import logs
 from service.auth import AuthMiddleware
-from service.errors import InvalidParameterError, ServeError
 from service.metrics import Metrics, status_class
-from service.responses import FastJSONResponse, error_response
+from service.responses import FastJSONResponse, add_error_handlers
 from service.routes import router
 from service.runtime import Runtime
 from service.settings import Settings
@@ -271,36 +266,5 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
         RequestMiddleware, metrics=metrics, access_log=settings.access_log, traffic=traffic
     )
 
-    @app.exception_handler(ServeError)
-    async def serve_error(request: Request, exc: ServeError) -> Any:
-        return error_response(request.url.path, exc)
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(request: Request, exc: RequestValidationError) -> Any:
-        detail = "; ".join(
-            f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg', '')}"
-            for e in exc.errors()
-        )
-        return error_response(request.url.path, InvalidParameterError(detail or "invalid request"))
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, exc: StarletteHTTPException) -> Any:
-        error = ServeError(str(exc.detail), headers=getattr(exc, "headers", None))
-        error.status = exc.status_code
-        error.code = {404: "not_found", 405: "method_not_allowed"}.get(
-            exc.status_code, "http_error"
-        )
-        return error_response(request.url.path, error)
-
-    @app.exception_handler(ClientDisconnect)
-    async def client_gone(request: Request, exc: ClientDisconnect) -> Any:
-        # The client left while sending its body: nobody to answer. 499 is nginx's code
-        # for it, and what the metrics and access log record.
-        return Response(status_code=499)
-
-    @app.exception_handler(Exception)
-    async def unexpected(request: Request, exc: Exception) -> Any:
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return error_response(request.url.path, ServeError("internal error"))
-
+    add_error_handlers(app)
     return app

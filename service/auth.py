@@ -8,7 +8,7 @@ import hmac
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.errors import UnauthorizedError
-from service.responses import error_response
+from service.responses import error_response, protocol_of
 
 OPEN_PATHS = frozenset(
     {"/healthz", "/readyz", "/v2/health/live", "/v2/health/ready", "/docs", "/openapi.json"}
@@ -43,5 +43,5 @@ class AuthMiddleware:
         if presented and key_matches(presented, self.keys):
             await self.app(scope, receive, send)
             return
-        response = error_response(scope["path"], UnauthorizedError())
+        response = error_response(UnauthorizedError(), protocol_of(scope["path"]))
         await response(scope, receive, send)

@@ -9,7 +9,7 @@ Admission is explicit: past ``max_queue_images`` a request is refused at once (5
 one that could never fit, having more images than that on its own, is too large (413).
 
 Waiting for more images only pays when more are coming: a request announces itself
-(``expect``) as soon as it arrives, before its body is read and decoded, and a batch
+(``admission``) as soon as it arrives, before its body is read and decoded, and a batch
 waits for its delay only while announced requests have not submitted yet. A lone
 client's image runs at once; under concurrency batches fill up.
 """
@@ -32,7 +32,7 @@ from service.errors import (
     PayloadTooLargeError,
 )
 from service.metrics import Metrics
-from service.sessions import DEFAULT_OUTPUTS, SessionPool, Worker
+from service.sessions import DEFAULT_OUTPUTS, Runner, SessionPool
 
 log = logging.getLogger(__name__)
 
@@ -49,19 +49,68 @@ class _Item:
     outputs: tuple[str, ...]
 
 
-class Expectation:
-    """A request announced to the batcher; ``done`` (idempotent) once it submitted or
-    failed, so that batches stop waiting for it."""
+class Ticket:
+    """One request's admission, from its arrival to its images being queued.
 
-    __slots__ = ("_batcher",)
+    Created by ``Batcher.admission()``: the request is announced at once (batches forming
+    now wait for it while it reads and decodes its body). ``admit(n)`` admits its images
+    or refuses them (503, 413); ``submit`` queues them. ``close()`` (the ``with`` block's
+    end) ends the announcement and gives back whatever was admitted and never queued,
+    except images ``hold``-ed (still being decoded), which count until ``let_go``.
+    Every step is idempotent or counted, so no path through a request can leak."""
+
+    __slots__ = ("_admitted", "_announced", "_batcher", "_held")
 
     def __init__(self, batcher: Batcher) -> None:
-        self._batcher: Batcher | None = batcher
+        self._batcher = batcher
+        self._announced = True
+        self._admitted = 0
+        self._held = 0
+        batcher._expected += 1
 
-    def done(self) -> None:
-        if self._batcher is not None:
+    def __enter__(self) -> Ticket:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _arrived(self) -> None:
+        if self._announced:
+            self._announced = False
             self._batcher._arrived()
-            self._batcher = None
+
+    def admit(self, n: int) -> None:
+        self._batcher._reserve(n)
+        self._admitted += n
+
+    def submit(
+        self, images: list[np.ndarray], outputs: tuple[str, ...] = DEFAULT_OUTPUTS
+    ) -> list[asyncio.Future[Result]]:
+        """Queue admitted images; one future each, in order, for the named outputs."""
+        if len(images) > self._admitted - self._held:
+            raise RuntimeError(f"{len(images)} images submitted, {self._admitted} admitted")
+        self._admitted -= len(images)
+        self._batcher._incoming -= len(images)
+        futures = self._batcher._enqueue(images, outputs)
+        self._arrived()
+        return futures
+
+    def hold(self, n: int) -> None:
+        """``n`` admitted images whose decoding cannot be stopped: they stay counted
+        after ``close`` until ``let_go`` (called once each ends)."""
+        self._held += n
+
+    def let_go(self, n: int = 1) -> None:
+        n = min(n, self._held)
+        self._held -= n
+        self._admitted -= n
+        self._batcher._incoming -= n
+
+    def close(self) -> None:
+        self._arrived()
+        free = self._admitted - self._held
+        self._admitted -= free
+        self._batcher._incoming -= free
 
 
 class Batcher:
@@ -106,20 +155,24 @@ class Batcher:
         """Images admitted: queued, or reserved and still being decoded."""
         return len(self._queue) + self._incoming
 
+    @property
+    def announced(self) -> int:
+        """Requests admitted to the batcher whose images are not queued yet."""
+        return self._expected
+
     def start(self) -> None:
         self.pool.start()
         self._task = asyncio.create_task(self._loop(), name=f"batcher-{self.model}")
 
-    def expect(self) -> Expectation:
-        """Announce a request whose images are on their way."""
-        self._expected += 1
-        return Expectation(self)
+    def admission(self) -> Ticket:
+        """Announce a request whose images are on their way; see ``Ticket``."""
+        return Ticket(self)
 
     def _arrived(self) -> None:
         self._expected -= 1
         self._arrival.set()  # a waiting batch may be waiting for this request
 
-    def reserve(self, n: int) -> None:
+    def _reserve(self, n: int) -> None:
         """Admit ``n`` images that are about to be decoded, or refuse them now: 503 while
         the queue is too full for them, 413 if they exceed the limit on their own."""
         if self._closing:
@@ -139,15 +192,9 @@ class Batcher:
             )
         self._incoming += n
 
-    def unreserve(self, n: int) -> None:
-        """Reserved images that will not come (decoding failed, client gone)."""
-        self._incoming -= n
-
-    def submit(
-        self, images: list[np.ndarray], outputs: tuple[str, ...] = DEFAULT_OUTPUTS
+    def _enqueue(
+        self, images: list[np.ndarray], outputs: tuple[str, ...]
     ) -> list[asyncio.Future[Result]]:
-        """Queue reserved images; one future each, in order, for the named outputs."""
-        self._incoming -= len(images)
         loop = asyncio.get_running_loop()
         now = time.perf_counter()
         futures: list[asyncio.Future[Result]] = []
@@ -204,7 +251,7 @@ class Batcher:
         self._depth.set(len(self._queue))
         return items
 
-    async def _execute(self, worker: Worker, items: list[_Item]) -> None:
+    async def _execute(self, worker: Runner, items: list[_Item]) -> None:
         try:
             start = time.perf_counter()
             for item in items:

@@ -1,12 +1,16 @@
-"""Model outputs -> answers: softmax top-k with labels, L2-normalised embeddings."""
+"""Model outputs -> answers, the same for every protocol: softmax, top-k, pooling of
+stage maps, L2 normalisation, and ``Outputs``, the result of one inference request."""
 
 from __future__ import annotations
 
 import base64
 import io
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+from contract.schema import LOGITS, POOLS, PROBABILITIES
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -15,21 +19,16 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=-1, keepdims=True)
 
 
-def top_k(logits: np.ndarray, k: int, labels: tuple[str, ...]) -> list[dict[str, Any]]:
-    """The ``k`` most probable classes of one image, most probable first."""
-    probs = softmax(logits)
-    k = min(k, probs.shape[-1])
-    idx = np.argpartition(-probs, k - 1)[:k] if k < probs.shape[-1] else np.arange(k)
-    idx = idx[np.argsort(-probs[idx], kind="stable")]
-    return [{"index": int(i), "label": labels[i], "score": float(probs[i])} for i in idx]
+def top_k(values: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per row, the indices and values of the ``k`` highest, highest first (ties: the
+    lower index first)."""
+    order = np.argsort(-values, axis=-1, kind="stable")[..., :k]
+    return order, np.take_along_axis(values, order, axis=-1)
 
 
 def l2_normalize(vectors: np.ndarray) -> np.ndarray:
     norms = np.linalg.norm(vectors, axis=-1, keepdims=True)
     return vectors / np.maximum(norms, np.finfo(np.float32).tiny)
-
-
-POOLS = ("avg", "max", "gem", "none")
 
 
 def pool_maps(maps: np.ndarray, how: str, p: float = 3.0) -> np.ndarray:
@@ -59,3 +58,43 @@ def encode_embeddings(vectors: np.ndarray, encoding: str) -> list[Any] | np.ndar
     if encoding == "base64":
         return [base64.b64encode(row.tobytes()).decode("ascii") for row in vectors]
     return vectors
+
+
+@dataclass(frozen=True)
+class Pooling:
+    """A stage map's pooling (``how`` one of ``POOLS``; ``p``: GeM's exponent)."""
+
+    how: str = "avg"
+    p: float = 3.0
+
+
+class Outputs:
+    """One request's results: each graph output stacked over its images, in request
+    order, with what every protocol derives from them."""
+
+    def __init__(self, arrays: dict[str, np.ndarray]) -> None:
+        self.arrays = arrays
+
+    def __len__(self) -> int:
+        return len(next(iter(self.arrays.values())))
+
+    def tensor(self, name: str) -> np.ndarray:
+        """float32 ``[N, ...]``: a graph output, or the probabilities (softmax of logits)."""
+        if name == PROBABILITIES:
+            return self.probabilities().astype(np.float32)
+        return self.arrays[name].astype(np.float32, copy=False)
+
+    def probabilities(self) -> np.ndarray:
+        return softmax(self.arrays[LOGITS])
+
+    def features(
+        self, name: str, pooling: Pooling | None = None, normalize: bool = False
+    ) -> np.ndarray:
+        """A vector output or a stage map, pooled to vectors if ``pooling``; vectors
+        L2-normalised if ``normalize``."""
+        array = self.tensor(name) if name == PROBABILITIES else self.arrays[name]
+        if pooling is not None and pooling.how != "none":
+            array = pool_maps(array, pooling.how, pooling.p)
+        if array.ndim == 2 and normalize:
+            array = l2_normalize(array)
+        return array

@@ -1,5 +1,5 @@
-"""The served models and the work of one inference request: decode in a thread pool,
-queue on the model's batcher, wait for the results."""
+"""The served models and their lifecycle: load (sessions, self-check), start (batchers,
+warmup in the background), stop (drain). Requests go through ``engine.Engine``."""
 
 from __future__ import annotations
 
@@ -16,18 +16,14 @@ from typing import Any
 
 import numpy as np
 
-from service.batcher import Batcher, Expectation, Result
-from service.errors import (
-    InvalidImageError,
-    InvalidParameterError,
-    ModelNotFoundError,
-    NotReadyError,
-)
+from contract.preprocess import DecodeOptions, warm_decoder
+from contract.schema import LOGITS
+from contract.selfcheck import ReferenceSetError, SelfCheck, load_reference, run_check
+from service.batcher import Batcher
+from service.engine import Engine
 from service.metrics import Metrics
-from service.preprocess import DecodeOptions, preprocess, warm_decoder
 from service.repository import ModelSpec, RepositoryError, discover
-from service.selfcheck import ReferenceSetError, SelfCheck, load_reference, run_check
-from service.sessions import DEFAULT_OUTPUTS, SessionPool, Worker
+from service.sessions import Runner, SessionPool
 from service.settings import Settings
 
 # Progress lines during a long warmup (every bucket on CUDA), at most this often.
@@ -110,6 +106,7 @@ class Runtime:
     models: dict[str, ServedModel]
     decode_options: DecodeOptions
     decode_pool: ThreadPoolExecutor = field(init=False)
+    engine: Engine = field(init=False)
     draining: bool = False
     _warmup: asyncio.Task[None] | None = None
     _stop_warmup: threading.Event = field(default_factory=threading.Event)
@@ -118,6 +115,7 @@ class Runtime:
         self.decode_pool = ThreadPoolExecutor(
             max_workers=self.settings.decode_threads, thread_name_prefix="decode"
         )
+        self.engine = Engine(self)
 
     @classmethod
     def load(cls, settings: Settings, metrics: Metrics) -> Runtime:
@@ -151,12 +149,6 @@ class Runtime:
     @property
     def ready(self) -> bool:
         return not self.draining and all(m.serving for m in self.models.values())
-
-    def get(self, name: str | None) -> ServedModel:
-        try:
-            return self.models[name or self.default_model]
-        except KeyError:
-            raise ModelNotFoundError(str(name), list(self.models)) from None
 
     async def start(self) -> None:
         s = self.settings
@@ -241,77 +233,6 @@ class Runtime:
                 await m.batcher.close(self.settings.drain_timeout_s)
         self.decode_pool.shutdown(wait=False, cancel_futures=True)
 
-    def _preprocess_one(self, data: bytes, index: int, model: ServedModel) -> np.ndarray:
-        t = time.perf_counter()
-        out = preprocess(data, index, model.spec.preprocess, self.decode_options)
-        self.metrics.preprocess_duration.labels(model.name).observe(time.perf_counter() - t)
-        return out
-
-    def batcher(self, model: ServedModel) -> Batcher:
-        # Not refused while draining: a request whose headers arrived before SIGTERM was
-        # accepted and gets its answer; uvicorn stops new ones from arriving.
-        if not model.serving or model.batcher is None:
-            raise NotReadyError(f"model {model.name} is not ready")
-        return model.batcher
-
-    async def _decode(self, blob: bytes, index: int, model: ServedModel) -> np.ndarray:
-        loop = asyncio.get_running_loop()
-        work = loop.run_in_executor(self.decode_pool, self._preprocess_one, blob, index, model)
-        limit_s = self.settings.decode_timeout_ms / 1000.0
-        try:
-            return await asyncio.wait_for(work, limit_s)
-        except TimeoutError:
-            # Pillow cannot be interrupted; the thread finishes on its own, bounded by the
-            # pixel limit, but the request does not wait for it.
-            raise InvalidImageError(index, f"decoding took longer than {limit_s:g}s") from None
-
-    async def infer(
-        self,
-        model: ServedModel,
-        blobs: list[bytes],
-        expectation: Expectation | None = None,
-        outputs: tuple[str, ...] = DEFAULT_OUTPUTS,
-    ) -> list[Result]:
-        """Results for every encoded image, in request order. Cancelling this cancels
-        the queued work, which the batcher then drops."""
-        batcher = self.batcher(model)
-        model.spec.check_outputs(outputs)
-        batcher.reserve(len(blobs))
-        try:
-            arrays = await asyncio.gather(
-                *(self._decode(blob, i, model) for i, blob in enumerate(blobs))
-            )
-        except BaseException:
-            batcher.unreserve(len(blobs))
-            raise
-        finally:
-            if expectation is not None:
-                expectation.done()
-        futures = batcher.submit(list(arrays), outputs)
-        return list(await asyncio.gather(*futures))
-
-    async def infer_arrays(
-        self,
-        model: ServedModel,
-        images: np.ndarray,
-        expectation: Expectation | None = None,
-        outputs: tuple[str, ...] = DEFAULT_OUTPUTS,
-    ) -> list[Result]:
-        """Results for already preprocessed uint8 ``[N, crop, crop, 3]`` images."""
-        batcher = self.batcher(model)
-        model.spec.check_outputs(outputs)
-        expected = (model.spec.input_shape, np.dtype(np.uint8))
-        if images.ndim != 4 or (images.shape[1:], images.dtype) != expected:
-            raise InvalidParameterError(
-                f"expected uint8 images of shape [N, {', '.join(map(str, expected[0]))}], "
-                f"got {images.dtype} {list(images.shape)}"
-            )
-        batcher.reserve(len(images))
-        if expectation is not None:
-            expectation.done()
-        futures = batcher.submit(list(images), outputs)
-        return list(await asyncio.gather(*futures))
-
 
 def process_age_s() -> float:
     """Seconds since this process started (Linux: from /proc, so the interpreter's own
@@ -348,8 +269,8 @@ def _self_check(model: ServedModel, settings: Settings, metrics: Metrics) -> Sel
     results = []
     for worker in model.pool.first_per_device():
 
-        def logits_of(batch: np.ndarray, w: Worker = worker) -> np.ndarray:
-            return w.run(batch, ("logits",))[0]
+        def logits_of(batch: np.ndarray, w: Runner = worker) -> np.ndarray:
+            return w.run(batch, (LOGITS,))[0]
 
         results.append(
             run_check(spec.metadata, images, logits, logits_of, batch=settings.max_batch_size)

@@ -12,16 +12,18 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 import onnxruntime as ort
 
-from service.repository import ModelSpec
+from contract.schema import GRAPH_OUTPUTS, INPUT, ModelSpec
 from service.settings import Settings, cpu_count
 
 log = logging.getLogger(__name__)
+
 # What classification and the default embedding need; stage maps are asked for by name.
-DEFAULT_OUTPUTS: tuple[str, ...] = ("logits", "embedding")
+DEFAULT_OUTPUTS: tuple[str, ...] = GRAPH_OUTPUTS
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,20 @@ def providers_for(device: Device, settings: Settings) -> list[str | tuple[str, d
     return [("CUDAExecutionProvider", cuda), "CPUExecutionProvider"]
 
 
+class Runner(Protocol):
+    """What the batcher and the pool need of a worker (``Worker``, or a test's fake)."""
+
+    name: str
+    device: Device
+    executor: ThreadPoolExecutor
+
+    def run(
+        self, images: np.ndarray, names: tuple[str, ...] = DEFAULT_OUTPUTS
+    ) -> list[np.ndarray]: ...
+
+    def recreate(self) -> None: ...
+
+
 @dataclass(eq=False)
 class Worker:
     """One session and the one thread that runs it."""
@@ -111,12 +127,12 @@ class Worker:
             # The uint8 batch goes to the device in one copy and each output comes back in
             # one copy into host memory; nothing else crosses the bus.
             binding = self.session.io_binding()
-            binding.bind_cpu_input("images", images)
+            binding.bind_cpu_input(INPUT, images)
             for name in names:
                 binding.bind_output(name, "cpu")
             self.session.run_with_iobinding(binding)
             return list(binding.copy_outputs_to_cpu())
-        return list(self.session.run(list(names), {"images": images}))
+        return list(self.session.run(list(names), {INPUT: images}))
 
     def recreate(self) -> None:
         """A fresh session after a failed run: whatever state the failure left (a CUDA
@@ -127,11 +143,11 @@ class Worker:
 class SessionPool:
     """The workers of one model; ``acquire`` hands out an idle one."""
 
-    def __init__(self, workers: list[Worker], buckets: list[int]) -> None:
+    def __init__(self, workers: list[Runner], buckets: list[int]) -> None:
         self.workers = workers
         self.buckets = buckets
-        self._idle: asyncio.Queue[Worker] | None = None
-        self._retired: set[Worker] = set()
+        self._idle: asyncio.Queue[Runner] | None = None
+        self._retired: set[Runner] = set()
 
     @property
     def healthy(self) -> int:
@@ -143,7 +159,7 @@ class SessionPool:
         """No worker left that can run: the model cannot serve."""
         return self.healthy == 0
 
-    async def recover(self, worker: Worker) -> bool:
+    async def recover(self, worker: Runner) -> bool:
         """Recreate a worker's session after a failure, on its own thread. A worker
         whose session cannot be recreated is retired (never handed out again)."""
         loop = asyncio.get_running_loop()
@@ -163,7 +179,7 @@ class SessionPool:
         # load. Other models' sessions are not counted: they are busy when this one is not,
         # and a fixed fraction each would leave a lone busy model on a fraction of the cores.
         threads = settings.intra_op_threads or max(1, cpu_count() // settings.sessions_per_device)
-        workers = []
+        workers: list[Runner] = []
         for device in devices:
             for i in range(settings.sessions_per_device):
                 opts = ort.SessionOptions()
@@ -220,10 +236,10 @@ class SessionPool:
                     progress(done, total)
         return True
 
-    def first_per_device(self) -> list[Worker]:
+    def first_per_device(self) -> list[Runner]:
         """One worker per device: what differs between devices is the kernels, not the
         sessions on one device, which run the same kernels."""
-        seen: dict[Device, Worker] = {}
+        seen: dict[Device, Runner] = {}
         for w in self.workers:
             seen.setdefault(w.device, w)
         return list(seen.values())
@@ -233,11 +249,11 @@ class SessionPool:
         for w in self.workers:
             self._idle.put_nowait(w)
 
-    async def acquire(self) -> Worker:
+    async def acquire(self) -> Runner:
         assert self._idle is not None, "start() the pool inside the event loop first"
         return await self._idle.get()
 
-    def release(self, worker: Worker) -> None:
+    def release(self, worker: Runner) -> None:
         assert self._idle is not None
         if worker not in self._retired:
             self._idle.put_nowait(worker)

@@ -99,7 +99,7 @@ def accuracy(root: Path, formats: list[str], emulate: str | None) -> None:
         cmd = ["qemu-x86_64", "-cpu", emulate, sys.executable, *argv]
         subprocess.run(cmd, check=True, stderr=subprocess.DEVNULL)
         return
-    from service.selfcheck import cpu_description, logits_error
+    from contract.selfcheck import cpu_description, logits_error
 
     with np.load(SHARED / "data" / "cifar10-test-846.npz") as d:
         images, labels = d["images"], d["labels"]
@@ -119,7 +119,7 @@ def accuracy(root: Path, formats: list[str], emulate: str | None) -> None:
 def speed(root: Path, formats: list[str], batches: list[int], rounds: int, seconds: float) -> None:
     import onnxruntime as ort
 
-    from service.selfcheck import cpu_description
+    from contract.selfcheck import cpu_description
 
     names = ["fp32", *formats]
     sessions = {}

@@ -18,7 +18,7 @@ import numpy as np
 import onnxruntime as ort
 from PIL import Image
 
-from service.preprocess import DecodeOptions, preprocess
+from contract.preprocess import DecodeOptions, preprocess
 from service.repository import load_model_spec
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-test-846.npz"

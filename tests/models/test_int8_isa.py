@@ -46,7 +46,7 @@ import numpy as np, onnxruntime as ort
 from service.metrics import Metrics
 from service.repository import RepositoryError
 from service.runtime import Runtime
-from service.selfcheck import cpu_description
+from contract.selfcheck import cpu_description
 from service.settings import Settings
 jobs, data, repos = sys.argv[1].split(","), np.load(sys.argv[2]), sys.argv[3:]
 out = {"cpu": cpu_description(), "loads": {}}

@@ -234,8 +234,8 @@ def test_calibration_sources_are_checked(tmp_path: Path) -> None:
 
 
 def test_calibration_goes_through_the_runtime_resize_and_crop() -> None:
-    from service.preprocess import preprocess_array
-    from service.repository import PreprocessSpec
+    from contract.preprocess import preprocess_array
+    from contract.schema import PreprocessSpec
 
     pre = get_variant("resnet50").preprocess
     calib = load_calibration(CIFAR_TRAIN, pre, limit=3)

@@ -28,3 +28,14 @@ def server(cifar_repository: Path) -> Iterator[ProcessServer]:
     srv = ProcessServer(cifar_repository, models="resnet20_cifar10,resnet56_cifar10").start()
     yield srv
     assert srv.stop() == 0
+
+
+@pytest.fixture(scope="session")
+def tiny_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A repository with the tiny onnx.helper model (tests/service/tiny.py): no torch, no
+    ../shared, answers known in numpy."""
+    from tests.service import tiny
+
+    repo = tmp_path_factory.mktemp("tiny")
+    tiny.export(repo)
+    return repo

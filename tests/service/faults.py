@@ -41,13 +41,13 @@ def fail_runs(model: ServedModel, count: int) -> None:
 def hold_decoding(runtime: Runtime) -> threading.Event:
     """Every image's decoding waits until the returned event is set."""
     gate = threading.Event()
-    real = runtime._preprocess_one
+    real = runtime.engine.preprocess_one
 
     def held(*args: Any) -> Any:
         gate.wait(30)
         return real(*args)
 
-    runtime._preprocess_one = held  # type: ignore[method-assign]
+    runtime.engine.preprocess_one = held  # type: ignore[method-assign]
     return gate
 
 

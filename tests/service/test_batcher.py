@@ -17,7 +17,7 @@ import pytest
 from service.batcher import Batcher
 from service.errors import InferenceFailedError, OverloadedError
 from service.metrics import Metrics
-from service.sessions import SessionPool
+from service.sessions import Device, SessionPool
 
 SHAPE = (2, 2, 3)
 
@@ -39,6 +39,7 @@ class FakeWorker:
         self.entered = threading.Event()  # a run started
 
     name = "fake"
+    device = Device("cpu")
 
     def run(self, images: np.ndarray, names: tuple[str, ...]) -> list[np.ndarray]:
         self.entered.set()
@@ -60,7 +61,7 @@ class FakeWorker:
 def make(worker: FakeWorker, **kw) -> tuple[Batcher, Metrics]:  # type: ignore[no-untyped-def]
     metrics = Metrics()
     opts = {"buckets": [1, 2, 4, 8], "max_batch_delay_ms": 50.0, "max_queue_images": 64} | kw
-    pool = SessionPool([worker], opts["buckets"])  # type: ignore[list-item]
+    pool = SessionPool([worker], opts["buckets"])
     return Batcher("m", pool, image_shape=SHAPE, metrics=metrics, **opts), metrics
 
 
@@ -73,8 +74,9 @@ def img(v: int) -> np.ndarray:
 
 
 async def submit(b: Batcher, values: list[int]) -> list[float]:
-    b.reserve(len(values))
-    futures = b.submit([img(v) for v in values])
+    with b.admission() as ticket:
+        ticket.admit(len(values))
+        futures = ticket.submit([img(v) for v in values])
     return [float(r["logits"][0]) for r in await asyncio.gather(*futures)]
 
 
@@ -98,11 +100,11 @@ def test_batch_closes_at_max_size() -> None:
         worker = FakeWorker()
         b, _ = make(worker, max_batch_delay_ms=HOUR_MS)
         b.start()
-        e = b.expect()  # another request is on its way: the batcher would wait for it
+        e = b.admission()  # another request is on its way: the batcher would wait for it
         # Closed by size, not by the hour's delay.
         results = await asyncio.wait_for(submit(b, list(range(8))), MINUTE_S)
         assert results == [float(v) for v in range(8)]
-        e.done()
+        e.close()
         await b.close(1)
         assert worker.batches == [8]
 
@@ -114,14 +116,14 @@ def test_batch_waits_for_announced_requests() -> None:
         worker = FakeWorker()
         b, _ = make(worker, max_batch_delay_ms=HOUR_MS)
         b.start()
-        e = b.expect()
+        e = b.admission()
         first = asyncio.ensure_future(submit(b, [1]))
         # The batcher's loop runs with the first image queued: a batcher that did not wait
         # for the announced request would take it alone now.
         for _ in range(10):
             await asyncio.sleep(0)
         assert b.queued == 1
-        e.done()
+        e.close()
         second = await asyncio.wait_for(submit(b, [2]), MINUTE_S)
         assert await first == [1.0] and second == [2.0]
         assert worker.batches == [2]  # one batch for both
@@ -136,11 +138,11 @@ def test_batch_waits_for_announced_requests_only_up_to_the_delay() -> None:
         b, _ = make(worker, max_batch_delay_ms=200)
         b.start()
         # Announced but never arriving: the batch still closes, after the delay.
-        e = b.expect()
+        e = b.admission()
         t = time.perf_counter()
         assert await asyncio.wait_for(submit(b, [5]), MINUTE_S) == [5.0]
         assert time.perf_counter() - t > 0.15  # it did wait (timers never fire early)
-        e.done()
+        e.close()
         await b.close(1)
         assert worker.batches == [1]
 
@@ -165,8 +167,9 @@ def test_cancelled_work_is_not_computed() -> None:
         worker.gate.clear()  # the session is busy
         busy = asyncio.ensure_future(submit(b, [1]))
         assert await asyncio.to_thread(worker.entered.wait, MINUTE_S)  # with the first image
-        b.reserve(2)
-        gone = b.submit([img(9), img(9)])
+        with b.admission() as t:
+            t.admit(2)
+            gone = t.submit([img(9), img(9)])
         for f in gone:
             f.cancel()  # the client left while queued
         worker.gate.set()
@@ -187,12 +190,20 @@ def test_cancelled_work_is_not_computed() -> None:
 def test_admission_is_bounded() -> None:
     async def main() -> None:
         b, _ = make(FakeWorker(), max_queue_images=4)
-        b.reserve(3)
-        with pytest.raises(OverloadedError) as exc:
-            b.reserve(2)
+        first = b.admission()
+        first.admit(3)
+        with pytest.raises(OverloadedError) as exc, b.admission() as second:
+            second.admit(2)
         assert exc.value.headers["Retry-After"] == "1"
-        b.unreserve(3)
-        b.reserve(4)
+        assert b.pending == 3
+        first.close()  # what was admitted and never queued comes back
+        assert b.pending == 0
+        with b.admission() as third:
+            third.admit(4)
+            third.hold(1)  # one image's decoding cannot be stopped: still counted
+        assert b.pending == 1
+        third.let_go()
+        assert b.pending == 0
 
     asyncio.run(main())
 
@@ -236,12 +247,12 @@ def test_a_batch_fetches_the_union_of_requested_outputs() -> None:
         worker = FakeWorker()
         b, _ = make(worker, max_batch_delay_ms=200)
         b.start()
-        e = b.expect()
-        b.reserve(1)
-        (plain,) = b.submit([img(1)], ("logits",))
-        e.done()
-        b.reserve(1)
-        (feats,) = b.submit([img(2)], ("layer1", "embedding"))
+        e = b.admission()
+        e.admit(1)
+        (plain,) = e.submit([img(1)], ("logits",))
+        with b.admission() as t:
+            t.admit(1)
+            (feats,) = t.submit([img(2)], ("layer1", "embedding"))
         r1, r2 = await plain, await feats
         await b.close(1)
         assert worker.names == [("logits", "layer1", "embedding")]  # one batch, each name once

@@ -14,9 +14,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from service.errors import ServeError
-from service.preprocess import DecodeOptions, preprocess
-from service.repository import PreprocessSpec
+from contract.preprocess import DecodeOptions, preprocess
+from contract.schema import PreprocessSpec
+from service.errors import CLIENT_ERRORS, answer
 from tests.service.servers import ProcessServer
 
 SPEC = PreprocessSpec(resize=40, crop=32, mean=(0.5,) * 3, std=(0.5,) * 3)
@@ -41,8 +41,8 @@ SEEDS = _seeds()
 def _check(data: bytes) -> None:
     try:
         out = preprocess(data, 3, SPEC, OPTS)
-    except ServeError as exc:  # typed, 4xx, naming the image
-        assert 400 <= exc.status < 500 and "image 3" in exc.message
+    except CLIENT_ERRORS as exc:  # typed, 4xx, naming the image
+        assert 400 <= answer(exc).http < 500 and "image 3" in exc.message
         return
     assert out.shape == (32, 32, 3) and out.dtype == np.uint8
 

@@ -407,13 +407,13 @@ def test_decode_time_and_format_limits(r20_repository, cifar_test) -> None:
         assert r.status_code == 415 and "JPEG" in r.json()["error"]["message"]
         # From here decoding waits until released: longer than the limit, however fast
         # this machine would have decoded.
-        real = srv.runtime._preprocess_one
+        real = srv.runtime.engine.preprocess_one
 
         def slow(*args):  # type: ignore[no-untyped-def]
             release.wait(HOLD_TIMEOUT_S)
             return real(*args)
 
-        srv.runtime._preprocess_one = slow  # type: ignore[method-assign]
+        srv.runtime.engine.preprocess_one = slow  # type: ignore[method-assign]
         r = httpx.post(srv.url + "/v1/classify", content=png_bytes, headers=PNG, timeout=60)
         assert r.status_code == 400
         assert "image 0: decoding took longer" in r.json()["error"]["message"]

@@ -14,7 +14,7 @@ import httpx
 import numpy as np
 import pytest
 
-from service import selfcheck
+from contract import selfcheck
 from tests.service.servers import free_port, metric_value, thread_server
 
 R20 = "resnet20_cifar10"

@@ -23,11 +23,11 @@ from hypothesis import strategies as st
 from PIL import Image
 from tritonclient.utils import InferenceServerException
 
-from service.errors import ServeError
+from contract.preprocess import preprocess_array
+from contract.schema import ModelSpec, PreprocessSpec, load_model_spec
+from service.errors import ServeError, answer
 from service.postprocess import softmax
-from service.preprocess import preprocess_array
-from service.repository import ModelSpec, PreprocessSpec, load_model_spec
-from service.v2 import parse_request
+from service.v2_codec import parse_request
 from tests.service.servers import ProcessServer, encode, metric_value, thread_server
 
 R20, R56 = "resnet20_cifar10", "resnet56_cifar10"
@@ -501,7 +501,7 @@ def test_any_body_parses_or_is_a_typed_client_error(doc: Any, tail: bytes, heade
             spec=SPEC, max_images=4, max_body_bytes=1 << 20,
         )  # fmt: skip
     except ServeError as exc:
-        assert 400 <= exc.status < 500, exc
+        assert 400 <= answer(exc).v2_http < 500, exc
         return
     n = len(parsed.images)
     assert 1 <= n <= 4 and parsed.outputs

@@ -15,11 +15,9 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps
 
-from service.errors import ImageTooLargeError, InvalidImageError, UnsupportedImageFormatError
-from service.repository import PreprocessSpec
+from contract.schema import IMAGE_FORMATS, PreprocessSpec
 
-# Pillow's format names for what the service accepts.
-DEFAULT_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
+DEFAULT_FORMATS = IMAGE_FORMATS
 _RESAMPLE = {
     "nearest": Image.Resampling.NEAREST,
     "bilinear": Image.Resampling.BILINEAR,
@@ -29,6 +27,29 @@ _RESAMPLE = {
 # Our own pixel limit (see DecodeOptions.max_pixels) is checked from the header before
 # decoding; Pillow's global guard is only a backstop against formats that lie about it.
 Image.MAX_IMAGE_PIXELS = None
+
+
+class ImageError(ValueError):
+    """An image preprocessing refuses: the client's input. Names the image's position in
+    its request; the runtime's error table gives each subclass its status."""
+
+    def __init__(self, index: int, reason: str) -> None:
+        self.index = index
+        self.message = f"image {index}: {reason}"
+        super().__init__(self.message)
+
+
+class InvalidImageError(ImageError):
+    """Not an image, or one that cannot be decoded."""
+
+
+class ImageTooLargeError(ImageError):
+    """Over the pixel limit, as sent or once resized."""
+
+
+class UnsupportedImageFormatError(ImageError):
+    def __init__(self, index: int, fmt: str, allowed: list[str]) -> None:
+        super().__init__(index, f"format {fmt} is not accepted (accepted: {', '.join(allowed)})")
 
 
 @dataclass(frozen=True)
@@ -101,7 +122,7 @@ def decode(data: bytes, index: int, spec: PreprocessSpec, options: DecodeOptions
         # In place: without an orientation tag the copying variant would copy the whole image.
         ImageOps.exif_transpose(img, in_place=True)
         return _to_rgb(img)
-    except (InvalidImageError, ImageTooLargeError):
+    except ImageError:
         raise
     except Exception as exc:  # truncated or corrupt data: the client's input, never a 500
         raise InvalidImageError(index, f"cannot decode image ({exc})") from None

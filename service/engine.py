@@ -1,0 +1,208 @@
+"""The inference core: every protocol's requests take this one path to onnxruntime.
+
+``Engine.infer(model, parse, deadline=..., gone=...)`` owns what every protocol needs:
+readiness, admission (one ``Ticket`` that cannot leak), reading the request (``parse``,
+the codec's, run after the request is announced so that batches forming now wait for
+it), checking what it asks for against the model, decoding in the decode pool, the
+deadline, the client going away, and the outputs (``postprocess.Outputs``). It knows
+nothing of HTTP or gRPC: codecs parse into a ``Job`` and encode the ``Outputs``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from contract.preprocess import preprocess
+from contract.schema import LOGITS, PROBABILITIES, ModelSpec
+from service.batcher import Batcher, Ticket
+from service.errors import (
+    InvalidImageError,
+    InvalidParameterError,
+    ModelNotFoundError,
+    NotReadyError,
+    RequestTimeoutError,
+)
+from service.postprocess import Outputs, Pooling
+
+if TYPE_CHECKING:
+    from service.runtime import Runtime, ServedModel
+
+
+@dataclass(frozen=True)
+class Job:
+    """What a codec parsed: the images (encoded files, or preprocessed uint8
+    ``[N, crop, crop, 3]``), the outputs the answer needs (graph outputs, ``probabilities``),
+    the pooling of a stage output, and the codec's own parsed request, handed back."""
+
+    images: list[bytes] | np.ndarray
+    outputs: tuple[str, ...]
+    pooling: Pooling | None = None
+    request: Any = field(default=None, compare=False)
+
+
+@dataclass(frozen=True)
+class Result:
+    model: ServedModel
+    job: Job
+    outputs: Outputs
+
+
+Parse = Callable[[ModelSpec], Awaitable[Job]]
+
+
+def graph_outputs(spec: ModelSpec, job: Job) -> tuple[str, ...]:
+    """The graph outputs ``job`` needs, each once; 422 for one the model lacks or a
+    pooling that does not apply."""
+    known = (*spec.output_names, PROBABILITIES)
+    unknown = [n for n in job.outputs if n not in known]
+    if unknown:
+        raise InvalidParameterError(
+            f"model {spec.name} has no output {', '.join(unknown)} (outputs: {', '.join(known)})"
+        )
+    if job.pooling is not None and job.pooling.how != "none":
+        vectors = [n for n in job.outputs if n not in spec.features]
+        if vectors:
+            # A vector has no positions to pool over.
+            stages = ", ".join(spec.features) or "none exported"
+            raise InvalidParameterError(
+                f"layer {vectors[0]!r} is a vector, not a feature map: pool applies "
+                f"to stages ({stages}); ask for it with pool=none"
+            )
+    return tuple(dict.fromkeys(LOGITS if n == PROBABILITIES else n for n in job.outputs))
+
+
+class Engine:
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self.settings = runtime.settings
+        self.metrics = runtime.metrics
+
+    def model(self, name: str | None) -> ServedModel:
+        """A served model by name (None: the default one); 404 otherwise."""
+        rt = self.runtime
+        try:
+            return rt.models[name or rt.default_model]
+        except KeyError:
+            raise ModelNotFoundError(str(name), list(rt.models)) from None
+
+    def deadline(self, arrival: float, client_ms: float | None = None) -> float:
+        """``time.perf_counter()`` by which a request that arrived at ``arrival`` must be
+        answered: the server's limit or the client's shorter one."""
+        limit_ms = self.settings.request_timeout_ms
+        if client_ms is not None:
+            limit_ms = min(limit_ms, client_ms)
+        return arrival + limit_ms / 1000.0
+
+    def _batcher(self, model: ServedModel) -> Batcher:
+        # Not refused while draining: a request that arrived before SIGTERM was accepted
+        # and gets its answer; the front ends stop new ones from arriving.
+        if not model.serving or model.batcher is None:
+            raise NotReadyError(f"model {model.name} is not ready")
+        return model.batcher
+
+    async def infer(
+        self,
+        model: ServedModel,
+        parse: Parse,
+        *,
+        endpoint: str,
+        deadline: float,
+        gone: Callable[[], Awaitable[object]] | None = None,
+    ) -> Result:
+        """One request: ``parse`` reads and parses it for ``model``; the work is bounded
+        by ``deadline`` and by ``gone()`` (awaited once the request is read: completes if
+        the client leaves); either way out cancels the queued work, never computed."""
+        with self._batcher(model).admission() as ticket:
+            job = await parse(model.spec)
+            names = graph_outputs(model.spec, job)
+            n = len(job.images)
+            self.metrics.images.labels(endpoint, model.name).inc(n)
+            ticket.admit(n)
+            work = asyncio.ensure_future(self._run(model, ticket, job, names))
+            arrays = await self._guard(work, model, n, deadline, gone)
+        return Result(model, job, Outputs(arrays))
+
+    async def _guard(
+        self,
+        work: asyncio.Future[dict[str, np.ndarray]],
+        model: ServedModel,
+        images: int,
+        deadline: float,
+        gone: Callable[[], Awaitable[object]] | None,
+    ) -> dict[str, np.ndarray]:
+        timeout = max(0.0, deadline - time.perf_counter())
+        watcher = asyncio.ensure_future(gone()) if gone is not None else None
+        try:
+            waiting = {work} if watcher is None else {work, watcher}
+            done, _ = await asyncio.wait(
+                waiting, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+            )
+        except BaseException:
+            work.cancel()
+            raise
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+        if work in done:
+            return work.result()
+        work.cancel()
+        if watcher is not None and watcher in done:
+            self.metrics.rejected.labels(model.name, "client_gone").inc(images)
+            # Nobody is listening; the status is for the logs and metrics only.
+            raise RequestTimeoutError("client disconnected")
+        raise RequestTimeoutError(f"request timed out after {timeout:g}s")
+
+    async def _run(
+        self, model: ServedModel, ticket: Ticket, job: Job, names: tuple[str, ...]
+    ) -> dict[str, np.ndarray]:
+        if isinstance(job.images, np.ndarray):
+            arrays = list(self._check_preprocessed(model.spec, job.images))
+        else:
+            arrays = list(
+                await asyncio.gather(
+                    *(self._decode(blob, i, model) for i, blob in enumerate(job.images))
+                )
+            )
+        futures = ticket.submit(arrays, names)
+        try:
+            results = await asyncio.gather(*futures)
+        except BaseException:
+            for f in futures:
+                f.cancel()  # the batcher drops what is still queued
+            raise
+        return {name: np.stack([r[name] for r in results]) for name in names}
+
+    @staticmethod
+    def _check_preprocessed(spec: ModelSpec, images: np.ndarray) -> np.ndarray:
+        expected = (spec.input_shape, np.dtype(np.uint8))
+        if images.ndim != 4 or (images.shape[1:], images.dtype) != expected:
+            raise InvalidParameterError(
+                f"expected uint8 images of shape [N, {', '.join(map(str, expected[0]))}], "
+                f"got {images.dtype} {list(images.shape)}"
+            )
+        return images
+
+    def preprocess_one(self, data: bytes, index: int, model: ServedModel) -> np.ndarray:
+        """One image, on a decode thread."""
+        t = time.perf_counter()
+        out = preprocess(data, index, model.spec.preprocess, self.runtime.decode_options)
+        self.metrics.preprocess_duration.labels(model.name).observe(time.perf_counter() - t)
+        return out
+
+    async def _decode(self, blob: bytes, index: int, model: ServedModel) -> np.ndarray:
+        loop = asyncio.get_running_loop()
+        pool = self.runtime.decode_pool
+        work = loop.run_in_executor(pool, self.preprocess_one, blob, index, model)
+        limit_s = self.settings.decode_timeout_ms / 1000.0
+        try:
+            return await asyncio.wait_for(work, limit_s)
+        except TimeoutError:
+            # Pillow cannot be interrupted; the thread finishes on its own, bounded by the
+            # pixel limit, but the request does not wait for it.
+            raise InvalidImageError(index, f"decoding took longer than {limit_s:g}s") from None

@@ -1,0 +1,43 @@
+"""What the HTTP codecs take from a request for the core: its deadline (the server's
+limit or the client's ``X-Request-Timeout-Ms``, counted from its arrival) and a watch that
+completes when the client disconnects."""
+
+from __future__ import annotations
+
+import re
+import time
+
+from fastapi import Request
+
+from service.engine import Engine
+from service.errors import InvalidParameterError
+
+
+def engine_of(request: Request) -> Engine:
+    return request.app.state.runtime.engine
+
+
+def deadline(request: Request, engine: Engine) -> float:
+    client_ms: float | None = None
+    header = request.headers.get("x-request-timeout-ms")
+    if header is not None:
+        # Digits and one decimal point: float() would also take "1_000", "1e3" or "nan".
+        number = re.fullmatch(r"[0-9]+(\.[0-9]+)?", header.strip(), re.ASCII)
+        client_ms = float(header) if number else -1.0
+        if not 0 < client_ms < float("inf"):
+            raise InvalidParameterError("X-Request-Timeout-Ms must be a positive number")
+    arrival = request.scope.get("state", {}).get("start", time.perf_counter())
+    return engine.deadline(arrival, client_ms)
+
+
+def disconnect_watch(request: Request):  # type: ignore[no-untyped-def]
+    """A watch for ``Engine.infer``: with the body consumed, the next ASGI message can
+    only be the disconnect."""
+
+    async def until_disconnect() -> None:
+        while True:
+            message = await request.receive()
+            if message["type"] == "http.disconnect":
+                return
+
+    return until_disconnect
