@@ -27,6 +27,7 @@ from service.responses import FastJSONResponse, add_error_handlers
 from service.routes import router
 from service.runtime import Runtime
 from service.settings import Settings
+from service.v1 import router as v1_router
 from service.v2 import router as v2_router
 
 log = logging.getLogger(__name__)
@@ -211,6 +212,25 @@ async def _build_routes(app: FastAPI) -> None:
                     extract(route.dependant.call)
 
 
+async def _start_grpc(runtime: Runtime) -> Any:
+    """The gRPC front end on --grpc-port (0: none), in this event loop."""
+    if not runtime.settings.grpc_port:
+        return None
+    try:
+        # Imported only when on: grpcio and the protocol's stubs are the `grpc` extra.
+        from service.grpc_server import GrpcServer
+    except ImportError as exc:
+        hint = "install the `grpc` extra (pip install 'resnet-serve[grpc]')"
+        if "grpc_port" in runtime.settings.model_fields_set:
+            raise RuntimeError(f"--grpc-port: {hint}, or set it to 0: {exc}") from None
+        # The default port without the extra: HTTP alone, as before the option existed.
+        log.warning("gRPC off: %s to serve it on port %d", hint, runtime.settings.grpc_port)
+        return None
+    server = GrpcServer(runtime)
+    await server.start()
+    return server
+
+
 def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
     """The service. With ``runtime`` given (already loaded, as the CLI does to fail fast),
     the lifespan only starts and stops it; otherwise it loads it from ``settings``."""
@@ -222,10 +242,13 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
         rt = runtime or await asyncio.to_thread(Runtime.load, settings, metrics)
         app.state.runtime = rt
         await rt.start()
+        grpc = await _start_grpc(rt)
         await _build_routes(app)
         try:
             yield
         finally:
+            if grpc is not None:
+                await grpc.stop()
             await rt.stop()
             # uvicorn has waited for in-flight requests by now: the two counts must match.
             log.info(
@@ -244,6 +267,7 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.metrics = metrics
     app.include_router(router)
+    app.include_router(v1_router)
     app.include_router(v2_router)
     # Starlette runs the last added outermost: request IDs and metrics see everything,
     # including 401s and CORS preflights. CORS is outside the keys: a browser's preflight

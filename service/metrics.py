@@ -27,6 +27,9 @@ INFERENCE_STATUSES = {
     "classify": ("200", "400", "413", "415", "422", "500", "503", "504"),
     "embed": ("200", "400", "413", "415", "422", "500", "503", "504"),
     "v2_infer": ("200", "400", "413", "415", "500", "503", "504"),
+    # gRPC answers are counted with the HTTP status of V2's table row (service.errors), so
+    # that one status-class alert covers every protocol.
+    "grpc_infer": ("200", "400", "413", "415", "500", "503", "504"),
 }
 REJECT_REASONS = ("queue_full", "cancelled", "client_gone")
 

@@ -1,5 +1,5 @@
-"""Health, readiness and metrics; the protocols' routers (``service.v1``, ``service.v2``)
-are included by the application."""
+"""Health, readiness and metrics. The protocols' routers (``service.v1``, ``service.v2``)
+are included by the application beside this one."""
 
 from __future__ import annotations
 
@@ -8,10 +8,8 @@ from fastapi.responses import PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service.responses import V1, FastJSONResponse, protocol_route
-from service.v1 import router as v1_router
 
 router = APIRouter(route_class=protocol_route(V1))
-router.include_router(v1_router)
 
 
 @router.get("/healthz", tags=["health"], summary="The process is alive")

@@ -107,7 +107,9 @@ class Runtime:
     decode_options: DecodeOptions
     decode_pool: ThreadPoolExecutor = field(init=False)
     engine: Engine = field(init=False)
-    draining: bool = False
+    _draining: bool = False
+    _drain_hooks: list[Callable[[], None]] = field(default_factory=list)
+    _loop: asyncio.AbstractEventLoop | None = None
     _warmup: asyncio.Task[None] | None = None
     _stop_warmup: threading.Event = field(default_factory=threading.Event)
 
@@ -143,6 +145,23 @@ class Runtime:
         return cls(settings, metrics, models, options)
 
     @property
+    def draining(self) -> bool:
+        return self._draining
+
+    @draining.setter
+    def draining(self, value: bool) -> None:
+        """Set by the CLI's signal handler (outside any loop callback): the hooks run on
+        the loop, soon after."""
+        if value and not self._draining and self._loop is not None:
+            for hook in self._drain_hooks:
+                self._loop.call_soon_threadsafe(hook)
+        self._draining = value
+
+    def on_drain(self, hook: Callable[[], None]) -> None:
+        """``hook()`` once draining starts (SIGTERM), on the event loop."""
+        self._drain_hooks.append(hook)
+
+    @property
     def default_model(self) -> str:
         return self.settings.default_model or next(iter(self.models))
 
@@ -152,6 +171,7 @@ class Runtime:
 
     async def start(self) -> None:
         s = self.settings
+        self._loop = asyncio.get_running_loop()
         for m in self.models.values():
             m.batcher = Batcher(
                 m.name,

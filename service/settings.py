@@ -46,6 +46,13 @@ class Settings(BaseSettings):
     )
     host: str = Field("127.0.0.1", description="address to bind")
     port: int = Field(8000, ge=0, le=65535, description="port to bind")
+    grpc_port: int = Field(
+        8001,
+        ge=0,
+        le=65535,
+        description="port of the KServe V2 / Triton gRPC API on --host (0: off; needs the "
+        "`grpc` extra)",
+    )
     device: str = Field("cpu", description="cpu, cuda or cuda:0,1 (no CUDA provider: cpu, logged)")
     sessions_per_device: int = Field(1, ge=1, description="onnxruntime sessions per model/device")
     intra_op_threads: int = Field(

@@ -149,7 +149,7 @@ def _leaves(data: Any, limit: int) -> list[Any]:
     return out
 
 
-def _uint8_images(data: Any, raw: memoryview | None, shape: list[int]) -> np.ndarray:
+def uint8_images(data: Any, raw: memoryview | None, shape: list[int]) -> np.ndarray:
     where = f"input '{INPUT}'"
     count = math.prod(shape)
     if raw is not None:
@@ -169,7 +169,7 @@ def _uint8_images(data: Any, raw: memoryview | None, shape: list[int]) -> np.nda
     return values.astype(np.uint8).reshape(shape)
 
 
-def _encoded_images(data: Any, raw: memoryview | None, count: int) -> list[bytes]:
+def encoded_images(data: Any, raw: memoryview | None, count: int) -> list[bytes]:
     where = f"input '{INPUT}'"
     if raw is not None:
         items = deserialize_bytes(raw, count)
@@ -183,13 +183,10 @@ def _encoded_images(data: Any, raw: memoryview | None, count: int) -> list[bytes
     return items
 
 
-def _images(
-    inp: dict[str, Any], binary: memoryview | None, spec: ModelSpec, max_images: int
-) -> np.ndarray | list[bytes]:
+def check_input(datatype: Any, shape: list[int], spec: ModelSpec, max_images: int) -> int:
+    """The image count of input ``images`` with this datatype and shape (either
+    transport's); 400 for a datatype or shape the model does not take, 413 past the limit."""
     where = f"input '{INPUT}'"
-    datatype, shape = inp.get("datatype"), inp.get("shape")
-    if not isinstance(shape, list) or not all(_uint(d) for d in shape):
-        raise BadRequestError(f"{where}: 'shape' must be a list of non-negative integers")
     expected = "[N, {}]".format(", ".join(map(str, spec.input_shape)))
     if datatype == "UINT8":
         if len(shape) != 4 or tuple(shape[1:]) != spec.input_shape:
@@ -207,6 +204,17 @@ def _images(
         raise BadRequestError(f"{where} holds no images")
     if count > max_images:
         raise PayloadTooLargeError(f"{count} images in one request; the limit is {max_images}")
+    return count
+
+
+def _images(
+    inp: dict[str, Any], binary: memoryview | None, spec: ModelSpec, max_images: int
+) -> np.ndarray | list[bytes]:
+    where = f"input '{INPUT}'"
+    datatype, shape = inp.get("datatype"), inp.get("shape")
+    if not isinstance(shape, list) or not all(_uint(d) for d in shape):
+        raise BadRequestError(f"{where}: 'shape' must be a list of non-negative integers")
+    count = check_input(datatype, shape, spec, max_images)
     params = _parameters(inp, where)
     raw: memoryview | None = None
     if "binary_data_size" in params:
@@ -230,8 +238,8 @@ def _images(
     elif "data" not in inp:
         raise BadRequestError(f"{where} has neither 'data' nor parameters.binary_data_size")
     if datatype == "UINT8":
-        return _uint8_images(inp.get("data"), raw, shape)
-    return _encoded_images(inp.get("data"), raw, count)
+        return uint8_images(inp.get("data"), raw, shape)
+    return encoded_images(inp.get("data"), raw, count)
 
 
 def _output_names(spec: ModelSpec) -> tuple[str, ...]:
@@ -240,9 +248,8 @@ def _output_names(spec: ModelSpec) -> tuple[str, ...]:
 
 
 def _outputs(requested: Any, binary_default: bool, spec: ModelSpec) -> list[RequestedOutput]:
-    names = _output_names(spec)
-    if not requested:  # absent or empty: every output but stage maps (large, opt-in)
-        return [RequestedOutput(name, binary_default) for name in OUTPUTS]
+    if not requested:
+        return default_outputs(binary_default)
     if not isinstance(requested, list):
         raise BadRequestError("'outputs' must be a list")
     out: list[RequestedOutput] = []
@@ -250,25 +257,40 @@ def _outputs(requested: Any, binary_default: bool, spec: ModelSpec) -> list[Requ
         if not isinstance(item, dict) or not isinstance(item.get("name"), str):
             raise BadRequestError("each of 'outputs' must be an object with a string 'name'")
         name = item["name"]
-        if name not in names:
-            raise BadRequestError(
-                f"unexpected inference output {name!r} for model {spec.name!r}; "
-                f"its outputs are {', '.join(names)}"
-            )
-        if any(o.name == name for o in out):
-            raise BadRequestError(f"output {name!r} requested twice")
         where = f"output '{name}'"
         params = _parameters(item, where)
         k = params.get("classification", 0)
-        if not _uint(k):
-            raise BadRequestError(f"{where}: 'classification' must be a non-negative integer")
-        if k and name in spec.features:
-            raise BadRequestError(
-                f"{where}: 'classification' applies to vector outputs "
-                f"({', '.join(OUTPUTS)}), not to the stage map '{name}'"
-            )
-        out.append(RequestedOutput(name, _flag(params, "binary_data", where, binary_default), k))
+        binary = _flag(params, "binary_data", where, binary_default)
+        out.append(requested_output(spec, name, k, binary, out))
     return out
+
+
+def default_outputs(binary: bool) -> list[RequestedOutput]:
+    """Absent or empty ``outputs``: every output but stage maps (large, opt-in)."""
+    return [RequestedOutput(name, binary) for name in OUTPUTS]
+
+
+def requested_output(
+    spec: ModelSpec, name: str, k: Any, binary: bool, earlier: list[RequestedOutput]
+) -> RequestedOutput:
+    """One requested output, checked against the model and those ``earlier``."""
+    names = _output_names(spec)
+    if name not in names:
+        raise BadRequestError(
+            f"unexpected inference output {name!r} for model {spec.name!r}; "
+            f"its outputs are {', '.join(names)}"
+        )
+    if any(o.name == name for o in earlier):
+        raise BadRequestError(f"output {name!r} requested twice")
+    where = f"output '{name}'"
+    if not _uint(k):
+        raise BadRequestError(f"{where}: 'classification' must be a non-negative integer")
+    if k and name in spec.features:
+        raise BadRequestError(
+            f"{where}: 'classification' applies to vector outputs "
+            f"({', '.join(OUTPUTS)}), not to the stage map '{name}'"
+        )
+    return RequestedOutput(name, binary, k)
 
 
 def parse_request(

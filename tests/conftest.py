@@ -25,6 +25,10 @@ CIFAR_TRAIN = SHARED / "data" / "cifar10-train-932.npz"
 # What the suite installs for itself; never under ../shared, which it only reads.
 CACHE = ROOT / ".cache" / "tests"
 TORCHVISION_VERSION = "0.28.0"
+# Several test servers run at once (this suite's, other sessions'): none may bind the
+# default gRPC port (8001). A test that serves gRPC passes grpc_port=<a free port>; the
+# servers the suite starts as processes inherit this.
+os.environ["RESNET_SERVE_GRPC_PORT"] = "0"
 
 
 # --- ../shared is read, never written ---------------------------------------------------

@@ -5,27 +5,19 @@ protocol's shape, and admission never leaks whatever way a request ends."""
 from __future__ import annotations
 
 import base64
-import io
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
-from PIL import Image
 
 from service.errors import TABLE, InvalidParameterError, answer
 from tests.service import tiny
-from tests.service.servers import ThreadServer, thread_server
+from tests.service.servers import ThreadServer, png, thread_server
 
 RNG = np.random.default_rng(7)
 IMAGES = RNG.integers(0, 256, size=(5, tiny.CROP, tiny.CROP, 3), dtype=np.uint8)
-
-
-def png(image: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(image).save(buf, "PNG")
-    return buf.getvalue()
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,220 @@
+"""The KServe V2 / Triton ``GRPCInferenceService`` on ``--grpc-port``: grpcio's asyncio
+server in the process and event loop of the HTTP server, over the same core.
+
+Each RPC is parse (``service.grpc_codec``) -> core (``Engine.infer``) -> encode, with what
+HTTP requests get: the same limits (``--max-body-bytes`` is the largest message), API
+keys (``authorization: Bearer <key>`` metadata; liveness and readiness stay open, as
+over HTTP), the deadline (the gRPC deadline, or the server's shorter limit), the client
+cancelling, metrics (``endpoint`` label ``grpc_*``) and errors from the one table
+(``service.errors``: its gRPC status code). On SIGTERM it stops taking RPCs and lets
+those in flight finish, up to ``--drain-timeout-s``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+from tritonclient.grpc import service_pb2 as pb
+from tritonclient.grpc import service_pb2_grpc as rpc
+
+from contract.schema import ModelSpec
+from service import logs
+from service.auth import key_matches
+from service.engine import Engine, Job
+from service.errors import (
+    CLIENT_ERRORS,
+    ModelNotFoundError,
+    UnauthorizedError,
+    answer,
+    message,
+)
+from service.grpc_codec import infer_response, job, metadata_response, parse_request
+from service.metrics import status_class
+from service.runtime import Runtime, ServedModel
+from service.v2_encode import EXTENSIONS, VERSION
+
+log = logging.getLogger(__name__)
+OPEN = frozenset({"ServerLive", "ServerReady"})
+APP_VERSION = "0.1.0"
+
+
+def _unimplemented(what: str) -> Callable[..., Awaitable[Any]]:
+    async def method(self: Servicer, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{what} is not supported")
+
+    return method
+
+
+def _rpc(endpoint: str) -> Callable[..., Any]:
+    """Keys, errors (the table's gRPC code and message), metrics and access log."""
+
+    def wrap(method: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+        name = method.__name__
+
+        @functools.wraps(method)
+        async def handler(self: Servicer, request: Any, context: grpc.aio.ServicerContext) -> Any:
+            start = time.perf_counter()
+            model = getattr(request, "name", "") or getattr(request, "model_name", "")
+            status = 200
+            token = logs.request_id.set(getattr(request, "id", "") or "")
+            self.metrics.in_flight.inc()
+            try:
+                if name not in OPEN:
+                    self.authorize(context)
+                return await method(self, request, context)
+            except CLIENT_ERRORS as exc:
+                row = answer(exc)
+                status = row.v2_http
+                await context.abort(getattr(grpc.StatusCode, row.grpc), message(exc))
+            except asyncio.CancelledError:
+                status = 499  # the client cancelled, or the drain ended
+                raise
+            except Exception as exc:
+                if isinstance(exc, grpc.aio.AbortError):
+                    raise
+                status = 500
+                log.exception("unhandled error in gRPC %s", name)
+                await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+            finally:
+                self.metrics.in_flight.dec()
+                known = model if model in self.runtime.models else ""
+                self.metrics.requests.labels(endpoint, known, str(status)).inc()
+                if endpoint == "grpc_infer":
+                    duration = time.perf_counter() - start
+                    self.metrics.request_duration.labels(
+                        endpoint, known, status_class(status)
+                    ).observe(duration)
+                logs.request_id.reset(token)
+
+        return handler
+
+    return wrap
+
+
+class Servicer(rpc.GRPCInferenceServiceServicer):
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self.engine: Engine = runtime.engine
+        self.metrics = runtime.metrics
+        self.keys = [k.encode() for k in runtime.settings.api_keys]
+
+    def authorize(self, context: grpc.aio.ServicerContext) -> None:
+        if not self.keys:
+            return
+        presented = b""
+        for key, value in context.invocation_metadata() or ():
+            if key == "authorization":
+                text = value.decode() if isinstance(value, bytes) else value
+                scheme, _, token = text.partition(" ")
+                if scheme.lower() == "bearer":
+                    presented = token.strip().encode()
+                break
+        if not (presented and key_matches(presented, self.keys)):
+            raise UnauthorizedError()
+
+    def model(self, name: str, version: str = "") -> ServedModel:
+        served = self.engine.model(name or None)
+        if version and version != VERSION:
+            raise ModelNotFoundError(f"{name} version {version}", [f"{name} version {VERSION}"])
+        return served
+
+    @_rpc("grpc_health")
+    async def ServerLive(self, request: Any, context: Any) -> Any:
+        return pb.ServerLiveResponse(live=True)
+
+    @_rpc("grpc_health")
+    async def ServerReady(self, request: Any, context: Any) -> Any:
+        return pb.ServerReadyResponse(ready=self.runtime.ready)
+
+    @_rpc("grpc_model")
+    async def ModelReady(self, request: Any, context: Any) -> Any:
+        served = self.model(request.name, request.version)
+        return pb.ModelReadyResponse(ready=served.serving and not self.runtime.draining)
+
+    @_rpc("grpc_server")
+    async def ServerMetadata(self, request: Any, context: Any) -> Any:
+        return pb.ServerMetadataResponse(
+            name="resnet-serve", version=APP_VERSION, extensions=list(EXTENSIONS)
+        )
+
+    @_rpc("grpc_model")
+    async def ModelMetadata(self, request: Any, context: Any) -> Any:
+        return metadata_response(self.model(request.name, request.version).spec)
+
+    @_rpc("grpc_infer")
+    async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        served = self.model(request.model_name, request.model_version)
+        remaining = context.time_remaining()
+        client_ms = remaining * 1000.0 if remaining is not None else None
+        deadline = self.engine.deadline(time.perf_counter(), client_ms)
+        max_images = self.engine.settings.max_images_per_request
+
+        async def parse(spec: ModelSpec) -> Job:
+            return job(parse_request(request, spec, max_images))
+
+        loop = asyncio.get_running_loop()
+        gone: asyncio.Future[None] = loop.create_future()
+
+        def done(_: object) -> None:
+            if not gone.done():
+                gone.set_result(None)
+
+        context.add_done_callback(done)
+        result = await self.engine.infer(
+            served, parse, endpoint="grpc_infer", deadline=deadline, gone=lambda: gone
+        )
+        return infer_response(served.spec, result.job.request, result.outputs)
+
+    # TODO(lead, on merging the `triton` branch): answer these three from its builders
+    # (service/triton_ext.py, service/stats.py), as /v2/models/{m}/config, /stats and
+    # /v2/repository/index do over HTTP; until then they are UNIMPLEMENTED.
+    ModelConfig = _unimplemented("ModelConfig")
+    ModelStatistics = _unimplemented("ModelStatistics")
+    RepositoryIndex = _unimplemented("RepositoryIndex")
+    ModelStreamInfer = _unimplemented("ModelStreamInfer")
+
+
+class GrpcServer:
+    """The gRPC front end's lifecycle, driven by the application's lifespan."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        s = runtime.settings
+        # The largest message is the largest HTTP body: the same request, either way.
+        limit = s.max_body_bytes
+        self.runtime = runtime
+        self.drain_timeout_s = s.drain_timeout_s
+        self.server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", limit),
+                ("grpc.max_send_message_length", -1),
+                ("grpc.so_reuseport", 0),  # a port in use is an error, not a shared port
+            ]
+        )
+        rpc.add_GRPCInferenceServiceServicer_to_server(Servicer(runtime), self.server)
+        host = f"[{s.host}]" if ":" in s.host else s.host
+        try:
+            self.port = self.server.add_insecure_port(f"{host}:{s.grpc_port}")
+        except RuntimeError as exc:
+            raise OSError(f"cannot listen for gRPC on {s.host}:{s.grpc_port} ({exc})") from None
+        self._stopping: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        await self.server.start()
+        log.info("gRPC listening on %s:%d", self.runtime.settings.host, self.port)
+        self.runtime.on_drain(self.begin_stop)
+
+    def begin_stop(self) -> None:
+        """New RPCs are refused from now on; those in flight get the drain's time."""
+        if self._stopping is None:
+            self._stopping = asyncio.ensure_future(self.server.stop(self.drain_timeout_s))
+
+    async def stop(self) -> None:
+        self.begin_stop()
+        assert self._stopping is not None
+        await self._stopping

@@ -1,0 +1,243 @@
+"""The KServe V2 / Triton gRPC API with Triton's own client (``tritonclient.grpc``, sync
+and asyncio), against a real server: the same answers as /v1, the same limits, keys and
+deadlines, and a drain on SIGTERM that finishes the RPCs in flight."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from tests.service import tiny
+from tests.service.servers import (
+    ProcessServer,
+    ThreadServer,
+    free_port,
+    hold,
+    metric_value,
+    png,
+    thread_server,
+    wait_until,
+)
+
+grpcclient = pytest.importorskip("tritonclient.grpc")
+aioclient = pytest.importorskip("tritonclient.grpc.aio")
+from tritonclient.utils import InferenceServerException  # noqa: E402
+
+KEY = "grpc-test-key"
+AUTH = {"authorization": f"Bearer {KEY}"}
+IMAGES = np.random.default_rng(11).integers(0, 256, (6, tiny.CROP, tiny.CROP, 3), np.uint8)
+
+
+@pytest.fixture(scope="module")
+def srv(tiny_repository: Path) -> Iterator[ThreadServer]:
+    with thread_server(
+        tiny_repository, grpc_port=free_port(), api_keys=[KEY], max_images_per_request=8,
+        max_body_bytes=64 * 1024,
+    ) as server:  # fmt: skip
+        yield server
+
+
+def target(srv: ThreadServer) -> str:
+    return f"127.0.0.1:{srv.settings.grpc_port}"
+
+
+def uint8_input(images: np.ndarray) -> grpcclient.InferInput:
+    inp = grpcclient.InferInput("images", list(images.shape), "UINT8")
+    inp.set_data_from_numpy(images)
+    return inp
+
+
+def bytes_input(images: np.ndarray) -> grpcclient.InferInput:
+    blobs = np.array([png(i) for i in images], dtype=np.object_)
+    inp = grpcclient.InferInput("images", [len(blobs)], "BYTES")
+    inp.set_data_from_numpy(blobs)
+    return inp
+
+
+def v1(srv: ThreadServer, images: np.ndarray) -> tuple[list[int], np.ndarray]:
+    """/v1's top-1 and (not normalised) embeddings for the same images, sent as PNG."""
+    files = [("file", (f"{i}.png", png(img), "image/png")) for i, img in enumerate(images)]
+    with httpx.Client(base_url=srv.url, headers=AUTH) as c:
+        top = c.post("/v1/classify?top_k=1", files=files).json()["results"]
+        emb = c.post("/v1/embed?normalize=false", files=files).json()["embeddings"]
+    return [r["predictions"][0]["index"] for r in top], np.array(emb, np.float32)
+
+
+def outputs() -> list[grpcclient.InferRequestedOutput]:
+    return [
+        grpcclient.InferRequestedOutput("logits"),
+        grpcclient.InferRequestedOutput("embedding"),
+        grpcclient.InferRequestedOutput("probabilities", class_count=2),
+    ]
+
+
+@pytest.mark.parametrize("form", ["UINT8", "BYTES"])
+def test_sync_client_gets_what_v1_gets(srv: ThreadServer, form: str) -> None:
+    client = grpcclient.InferenceServerClient(target(srv))
+    assert client.is_server_live() and client.is_server_ready()  # open, as over HTTP
+    assert client.is_model_ready(tiny.NAME, headers=AUTH)
+    meta = client.get_model_metadata(tiny.NAME, headers=AUTH, as_json=True)
+    assert meta["inputs"] == [
+        {"name": "images", "datatype": "UINT8", "shape": ["-1", "8", "8", "3"]}
+    ]
+    assert client.get_server_metadata(headers=AUTH).name == "resnet-serve"
+    inp = uint8_input(IMAGES) if form == "UINT8" else bytes_input(IMAGES)
+    result = client.infer(tiny.NAME, [inp], outputs=outputs(), request_id="r1", headers=AUTH)
+    top1, embeddings = v1(srv, IMAGES)
+    assert result.as_numpy("logits").argmax(axis=1).tolist() == top1
+    np.testing.assert_allclose(result.as_numpy("embedding"), embeddings, atol=1e-6)
+    np.testing.assert_allclose(
+        result.as_numpy("logits"), tiny.expected(IMAGES)["logits"], atol=1e-5
+    )
+    classes = result.as_numpy("probabilities")
+    assert classes.shape == (len(IMAGES), 2)
+    assert [int(row[0].split(b":")[1]) for row in classes] == top1
+    assert result.get_response().id == "r1"
+    client.close()
+
+
+def test_aio_client_gets_what_v1_gets(srv: ThreadServer) -> None:
+    async def main() -> np.ndarray:
+        client = aioclient.InferenceServerClient(target(srv))
+        try:
+            assert await client.is_server_ready()
+            result = await client.infer(
+                tiny.NAME, [uint8_input(IMAGES)], outputs=outputs()[:2], headers=AUTH
+            )
+            return result.as_numpy("logits"), result.as_numpy("embedding")
+        finally:
+            await client.close()
+
+    logits, embeddings = asyncio.run(main())
+    top1, v1_embeddings = v1(srv, IMAGES)
+    assert logits.argmax(axis=1).tolist() == top1
+    np.testing.assert_allclose(embeddings, v1_embeddings, atol=1e-6)
+
+
+def _status(call) -> str:  # type: ignore[no-untyped-def]
+    with pytest.raises(InferenceServerException) as exc:
+        call()
+    return str(exc.value.status())
+
+
+def test_keys_limits_and_errors_are_the_tables(srv: ThreadServer) -> None:
+    client = grpcclient.InferenceServerClient(target(srv))
+    one = [uint8_input(IMAGES[:1])]
+    assert _status(lambda: client.infer(tiny.NAME, one)) == "StatusCode.UNAUTHENTICATED"
+    bad = {"authorization": "Bearer nope"}
+    assert (
+        _status(lambda: client.infer(tiny.NAME, one, headers=bad)) == "StatusCode.UNAUTHENTICATED"
+    )
+    assert _status(lambda: client.get_model_metadata(tiny.NAME)) == "StatusCode.UNAUTHENTICATED"
+    nine = [uint8_input(np.zeros((9, 8, 8, 3), np.uint8))]  # over max_images_per_request
+    assert (
+        _status(lambda: client.infer(tiny.NAME, nine, headers=AUTH))
+        == "StatusCode.RESOURCE_EXHAUSTED"
+    )
+    big = [uint8_input(np.zeros((8, 64, 64, 3), np.uint8))]  # 96 KiB: over the message limit
+    assert (
+        _status(lambda: client.infer(tiny.NAME, big, headers=AUTH))
+        == "StatusCode.RESOURCE_EXHAUSTED"
+    )
+    shape = [uint8_input(np.zeros((1, 4, 4, 3), np.uint8))]
+    assert (
+        _status(lambda: client.infer(tiny.NAME, shape, headers=AUTH))
+        == "StatusCode.INVALID_ARGUMENT"
+    )
+    junk = np.array([b"not an image"], dtype=np.object_)
+    inp = grpcclient.InferInput("images", [1], "BYTES")
+    inp.set_data_from_numpy(junk)
+    assert (
+        _status(lambda: client.infer(tiny.NAME, [inp], headers=AUTH))
+        == "StatusCode.INVALID_ARGUMENT"
+    )
+    assert _status(lambda: client.infer("nope", one, headers=AUTH)) == "StatusCode.NOT_FOUND"
+    out = [grpcclient.InferRequestedOutput("layer1", class_count=1)]
+    assert _status(
+        lambda: client.infer(tiny.NAME, one, outputs=out, headers=AUTH)
+    ) == "StatusCode.INVALID_ARGUMENT"  # fmt: skip
+    client.close()
+    text = httpx.get(srv.url + "/metrics", headers=AUTH).text
+    assert (
+        metric_value(text, "resnet_serve_requests_total", endpoint="grpc_infer", status="401") >= 2
+    )
+    assert (
+        metric_value(text, "resnet_serve_requests_total", endpoint="grpc_infer", status="413") >= 1
+    )
+    assert srv.runtime.models[tiny.NAME].batcher.pending == 0  # type: ignore[union-attr]
+
+
+def test_grpc_deadline_cancels_the_work(tiny_repository: Path) -> None:
+    with thread_server(tiny_repository, grpc_port=free_port()) as srv:
+        gate = hold(srv.runtime)
+        client = grpcclient.InferenceServerClient(target(srv))
+        try:
+            first = threading.Thread(
+                target=lambda: client.infer(tiny.NAME, [uint8_input(IMAGES[:1])]), daemon=True
+            )
+            first.start()  # holds the only session
+            assert gate.entered.wait(60)
+            status = _status(
+                lambda: client.infer(tiny.NAME, [uint8_input(IMAGES[1:2])], client_timeout=0.5)
+            )
+            assert status == "StatusCode.DEADLINE_EXCEEDED"
+            gate.set()
+            first.join(60)
+            batcher = srv.runtime.models[tiny.NAME].batcher
+            wait_until(lambda: batcher.pending == 0 and batcher.queued == 0, timeout=30)  # type: ignore[union-attr]
+        finally:
+            gate.set()
+            client.close()
+
+
+def test_sigterm_drains_rpcs_in_flight(tiny_repository: Path) -> None:
+    port = free_port()
+    srv = ProcessServer(tiny_repository, holdable=True, grpc_port=str(port))
+    srv.start()
+    results: list[object] = []
+    try:
+        srv.hold()
+        client = grpcclient.InferenceServerClient(f"127.0.0.1:{port}")
+
+        def infer() -> None:
+            try:
+                r = client.infer(tiny.NAME, [uint8_input(IMAGES[:2])], client_timeout=120)
+                results.append(r.as_numpy("logits"))
+            except InferenceServerException as exc:
+                results.append(exc)
+
+        worker = threading.Thread(target=infer, daemon=True)
+        worker.start()
+        wait_until(srv.entered, timeout=60)
+        assert srv.proc is not None
+        srv.proc.send_signal(signal.SIGTERM)
+        # Draining: new RPCs are refused (even liveness, which answers whenever it is
+        # taken) ...
+        late = grpcclient.InferenceServerClient(f"127.0.0.1:{port}")
+        wait_until(lambda: not _taken(late), timeout=30)
+        late.close()
+        srv.release()
+        worker.join(60)
+        # ... and the one in flight got its answer.
+        assert len(results) == 1 and isinstance(results[0], np.ndarray), results
+        np.testing.assert_allclose(results[0], tiny.expected(IMAGES[:2])["logits"], atol=1e-5)
+        assert srv.stop() == 0
+    finally:
+        srv.release()
+        if srv.proc is not None and srv.proc.poll() is None:
+            srv.stop(signal.SIGKILL)
+
+
+def _taken(client: grpcclient.InferenceServerClient) -> bool:
+    """Whether the server takes a new RPC at all."""
+    try:
+        return client.is_server_live(client_timeout=5)
+    except InferenceServerException:
+        return False
