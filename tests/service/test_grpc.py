@@ -241,3 +241,30 @@ def _taken(client: grpcclient.InferenceServerClient) -> bool:
         return client.is_server_live(client_timeout=5)
     except InferenceServerException:
         return False
+
+
+def test_real_model_same_top1_and_embeddings_as_v1(
+    r20_repository: Path, cifar_test: dict[str, np.ndarray]
+) -> None:
+    """The acceptance check on a real export: CIFAR ResNet-20, 16 test images, as
+    preprocessed UINT8 and as PNG files, through the sync and the asyncio client."""
+    images = cifar_test["images"][:16]
+    with thread_server(r20_repository, grpc_port=free_port()) as srv:
+        top1, embeddings = v1(srv, images)
+        client = grpcclient.InferenceServerClient(target(srv))
+        wanted = outputs()[:2]
+        for inp in (uint8_input(images), bytes_input(images)):
+            result = client.infer("resnet20_cifar10", [inp], outputs=wanted)
+            assert result.as_numpy("logits").argmax(axis=1).tolist() == top1
+            np.testing.assert_allclose(result.as_numpy("embedding"), embeddings, atol=1e-5)
+        client.close()
+
+        async def aio() -> np.ndarray:
+            c = aioclient.InferenceServerClient(target(srv))
+            try:
+                r = await c.infer("resnet20_cifar10", [uint8_input(images)], outputs=wanted)
+                return r.as_numpy("logits")
+            finally:
+                await c.close()
+
+        assert asyncio.run(aio()).argmax(axis=1).tolist() == top1
