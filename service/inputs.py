@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,6 +43,30 @@ async def read_body(request: Request, limit: int) -> bytes:
             raise PayloadTooLargeError(f"request body exceeds {limit} bytes")
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+def decode_content(body: bytes, encoding: str | None, limit: int) -> bytes:
+    """The body without its ``Content-Encoding`` (tritonclient's
+    ``request_compression_algorithm``), inflated to at most ``limit`` bytes."""
+    encoding = (encoding or "identity").strip().lower()
+    if encoding == "identity":
+        return body
+    if encoding not in ("gzip", "deflate"):
+        raise UnsupportedMediaTypeError(
+            f"Content-Encoding {encoding} is not supported (gzip, deflate)",
+            headers={"Accept-Encoding": "gzip, deflate"},
+        )
+    # HTTP's "deflate" is the zlib format (what tritonclient sends); 16+ selects gzip's.
+    inflater = zlib.decompressobj(16 + zlib.MAX_WBITS if encoding == "gzip" else zlib.MAX_WBITS)
+    try:
+        out = inflater.decompress(body, limit + 1)  # bounded: a small bomb stays small
+    except zlib.error as exc:
+        raise BadRequestError(f"invalid {encoding} body: {exc}") from None
+    if len(out) > limit:
+        raise PayloadTooLargeError(f"request body exceeds {limit} bytes once decompressed")
+    if not inflater.eof:
+        raise BadRequestError(f"truncated {encoding} body")
+    return out
 
 
 def decode_base64_image(index: int, item: Any) -> bytes:

@@ -14,16 +14,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-
 from contract.preprocess import DecodeOptions, warm_decoder
-from contract.schema import LOGITS
-from contract.selfcheck import ReferenceSetError, SelfCheck, load_reference, run_check
+from contract.selfcheck import SelfCheck
 from service.batcher import Batcher
 from service.engine import Engine
+from service.loadcheck import self_check
 from service.metrics import Metrics
 from service.repository import ModelSpec, RepositoryError, discover
-from service.sessions import Runner, SessionPool
+from service.sessions import SessionPool
 from service.settings import Settings
 
 # Progress lines during a long warmup (every bucket on CUDA), at most this often.
@@ -134,7 +132,7 @@ class Runtime:
         for spec in specs:
             t = time.perf_counter()
             model = ServedModel(spec, SessionPool.load(spec, settings))
-            model.self_check = _self_check(model, settings, metrics)
+            model.self_check = self_check(model.spec, model.pool, settings, metrics)
             models[spec.name] = model
             log.info("%s: loaded in %.2fs", spec.name, time.perf_counter() - t)
         options = DecodeOptions(
@@ -269,46 +267,3 @@ def process_age_s() -> float:
 
 
 _IMPORTED = time.perf_counter()
-
-
-def _self_check(model: ServedModel, settings: Settings, metrics: Metrics) -> SelfCheck | None:
-    """Run the model on its reference set on each device; refuse it (RepositoryError) or
-    warn when the result falls outside the bounds recorded at export."""
-    spec = model.spec
-    if settings.self_check == "off":
-        return None
-    try:
-        reference = load_reference(spec.path, spec.metadata)
-    except ReferenceSetError as exc:
-        raise RepositoryError(f"model {spec.name}: {exc}") from None
-    if reference is None:
-        log.info("%s: exported without a reference set; self-check skipped", spec.name)
-        return None
-    images, logits = reference
-    t = time.perf_counter()
-    results = []
-    for worker in model.pool.first_per_device():
-
-        def logits_of(batch: np.ndarray, w: Runner = worker) -> np.ndarray:
-            return w.run(batch, (LOGITS,))[0]
-
-        results.append(
-            run_check(spec.metadata, images, logits, logits_of, batch=settings.max_batch_size)
-        )
-    result = next((r for r in results if not r.passed), results[0])
-    metrics.model_self_check.labels(spec.name).set(1 if result.passed else 0)
-    precision = spec.metadata.get("precision", "fp32")
-    if result.passed:
-        log.info(
-            "%s: self-check passed in %.2fs: %s",
-            spec.name, time.perf_counter() - t, result.reason,
-        )  # fmt: skip
-        return result
-    message = f"model {spec.name} ({precision}) failed its self-check: {result.reason}"
-    if settings.self_check == "refuse":
-        raise RepositoryError(
-            f"{message}. Its outputs on this CPU are not those it was exported with; export "
-            "it in another format (docs/precision.md) or serve it anyway with --self-check warn"
-        )
-    log.warning("%s; served anyway (--self-check warn)", message)
-    return result

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 import struct
-import zlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,8 +20,8 @@ import orjson
 
 from contract.schema import INPUT, VECTOR_OUTPUTS, ModelSpec
 from service.engine import Job
-from service.errors import BadRequestError, PayloadTooLargeError, UnsupportedMediaTypeError
-from service.inputs import decode_base64_image
+from service.errors import BadRequestError, PayloadTooLargeError
+from service.inputs import decode_base64_image, decode_content
 
 OUTPUTS = VECTOR_OUTPUTS
 HEADER_LENGTH = "Inference-Header-Content-Length"
@@ -62,30 +61,6 @@ def _flag(params: dict[str, Any], key: str, where: str, default: bool) -> bool:
     if not isinstance(value, bool):
         raise BadRequestError(f"{where}: parameter '{key}' must be a boolean")
     return value
-
-
-def decode_content(body: bytes, encoding: str | None, limit: int) -> bytes:
-    """The body without its ``Content-Encoding`` (tritonclient's
-    ``request_compression_algorithm``), inflated to at most ``limit`` bytes."""
-    encoding = (encoding or "identity").strip().lower()
-    if encoding == "identity":
-        return body
-    if encoding not in ("gzip", "deflate"):
-        raise UnsupportedMediaTypeError(
-            f"Content-Encoding {encoding} is not supported (gzip, deflate)",
-            headers={"Accept-Encoding": "gzip, deflate"},
-        )
-    # HTTP's "deflate" is the zlib format (what tritonclient sends); 16+ selects gzip's.
-    inflater = zlib.decompressobj(16 + zlib.MAX_WBITS if encoding == "gzip" else zlib.MAX_WBITS)
-    try:
-        out = inflater.decompress(body, limit + 1)  # bounded: a small bomb stays small
-    except zlib.error as exc:
-        raise BadRequestError(f"invalid {encoding} body: {exc}") from None
-    if len(out) > limit:
-        raise PayloadTooLargeError(f"request body exceeds {limit} bytes once decompressed")
-    if not inflater.eof:
-        raise BadRequestError(f"truncated {encoding} body")
-    return out
 
 
 def split_body(body: bytes, header_length: str | None) -> tuple[dict[str, Any], memoryview | None]:
