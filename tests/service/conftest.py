@@ -39,3 +39,16 @@ def tiny_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     repo = tmp_path_factory.mktemp("tiny")
     tiny.export(repo)
     return repo
+
+
+@pytest.fixture(scope="session")
+def tiny_images() -> np.ndarray:
+    """64 images of the tiny model's input size, uint8 ``[64, 8, 8, 3]``."""
+    from tests.service import tiny
+
+    return np.random.default_rng(3).integers(0, 256, (64, tiny.CROP, tiny.CROP, 3), np.uint8)
+
+
+@pytest.fixture(scope="session")
+def tiny_pngs(tiny_images: np.ndarray) -> list[bytes]:
+    return [png(img) for img in tiny_images]

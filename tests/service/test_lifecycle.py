@@ -16,6 +16,7 @@ import pytest
 from service.metrics import Metrics
 from service.runtime import Runtime
 from service.settings import Settings
+from tests.service import tiny
 from tests.service.servers import (
     ProcessServer,
     ThreadServer,
@@ -29,30 +30,30 @@ from tests.service.servers import (
 PNG = {"content-type": "image/png"}
 
 
-def test_readiness_before_and_after_warmup(r20_repository, cifar_pngs) -> None:
-    settings = Settings(repository=r20_repository)
+def test_readiness_before_and_after_warmup(tiny_repository, tiny_pngs) -> None:
+    settings = Settings(repository=tiny_repository)
     runtime = Runtime.load(settings, Metrics())
     gate = hold(runtime, "warmup")
     srv = ThreadServer(settings, runtime).start(wait_ready=False)
     try:
         assert httpx.get(srv.url + "/healthz").status_code == 200
         r = httpx.get(srv.url + "/readyz")
-        assert r.status_code == 503 and r.json()["models"] == {"resnet20_cifar10": False}
-        r = httpx.post(srv.url + "/v1/classify", content=cifar_pngs[0], headers=PNG)
+        assert r.status_code == 503 and r.json()["models"] == {tiny.NAME: False}
+        r = httpx.post(srv.url + "/v1/classify", content=tiny_pngs[0], headers=PNG)
         assert r.status_code == 503 and r.json()["error"]["code"] == "not_ready"
         assert "retry-after" in r.headers
         gate.set()
         wait_until(lambda: httpx.get(srv.url + "/readyz").status_code == 200, timeout=30)
-        r = httpx.post(srv.url + "/v1/classify", content=cifar_pngs[0], headers=PNG)
+        r = httpx.post(srv.url + "/v1/classify", content=tiny_pngs[0], headers=PNG)
         assert r.status_code == 200
     finally:
         gate.set()
         srv.stop()
 
 
-def test_warmup_stops_between_batch_sizes(r20_repository) -> None:
-    runtime = Runtime.load(Settings(repository=r20_repository), Metrics())
-    model = runtime.models["resnet20_cifar10"]
+def test_warmup_stops_between_batch_sizes(tiny_repository) -> None:
+    runtime = Runtime.load(Settings(repository=tiny_repository), Metrics())
+    model = runtime.models[tiny.NAME]
     (worker,) = model.pool.workers
     stop, sizes = threading.Event(), []
     real = worker.run
@@ -68,8 +69,8 @@ def test_warmup_stops_between_batch_sizes(r20_repository) -> None:
     assert sizes == [1, 2, 3]
 
 
-def test_stopping_during_warmup_does_not_wait_for_it(r20_repository) -> None:
-    settings = Settings(repository=r20_repository)
+def test_stopping_during_warmup_does_not_wait_for_it(tiny_repository) -> None:
+    settings = Settings(repository=tiny_repository)
     runtime = Runtime.load(settings, Metrics())
     gate = hold(runtime, "run")  # the first warmup run lasts HOLD_TIMEOUT_S (120 s)
     srv = ThreadServer(settings, runtime).start(wait_ready=False)
@@ -81,11 +82,11 @@ def test_stopping_during_warmup_does_not_wait_for_it(r20_repository) -> None:
         gate.set()
 
 
-def test_504_and_timed_out_work_is_dropped(r20_repository, cifar_pngs) -> None:
+def test_504_and_timed_out_work_is_dropped(tiny_repository, tiny_pngs) -> None:
     # The holder must reach the session within the timeout too (a few ms, normally): 2 s
     # leaves a busy machine ample room, and is still far less than the hold lasts.
-    with busy_server(r20_repository, cifar_pngs[0], request_timeout_ms=2000) as (srv, answers):
-        r = httpx.post(srv.url + "/v1/classify", content=cifar_pngs[1], headers=PNG, timeout=60)
+    with busy_server(tiny_repository, tiny_pngs[0], request_timeout_ms=2000) as (srv, answers):
+        r = httpx.post(srv.url + "/v1/classify", content=tiny_pngs[1], headers=PNG, timeout=60)
         assert r.status_code == 504 and r.json()["error"]["code"] == "timeout"
     assert answers[0].status_code == 504  # the holder too: held until after that 504
     # The second request's image was still queued when it timed out: never computed.
@@ -95,9 +96,9 @@ def test_504_and_timed_out_work_is_dropped(r20_repository, cifar_pngs) -> None:
     assert metric_value(text, "resnet_serve_requests_total", status="504") == 2
 
 
-def test_work_of_a_disconnected_client_is_dropped(r20_repository, cifar_pngs) -> None:
-    with busy_server(r20_repository, cifar_pngs[0]) as (srv, _):
-        body = cifar_pngs[1]
+def test_work_of_a_disconnected_client_is_dropped(tiny_repository, tiny_pngs) -> None:
+    with busy_server(tiny_repository, tiny_pngs[0]) as (srv, _):
+        body = tiny_pngs[1]
         with socket.create_connection(("127.0.0.1", srv.port)) as sock:
             sock.sendall(
                 b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
@@ -128,10 +129,10 @@ def _metrics_after(srv: ThreadServer) -> str:
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "ctrl-c"])
-def test_signal_finishes_accepted_requests_and_exits_0(r20_repository, cifar_test, sig) -> None:
-    srv = ProcessServer(r20_repository, holdable=True).start()
+def test_signal_finishes_accepted_requests_and_exits_0(tiny_repository, tiny_images, sig) -> None:
+    srv = ProcessServer(tiny_repository, holdable=True).start()
     assert srv.proc is not None
-    images = [png(np.ascontiguousarray(im)) for im in cifar_test["images"][:64]]
+    images = [png(np.ascontiguousarray(im)) for im in tiny_images[:64]]
     results: list[int] = []
 
     def client(i: int) -> None:
