@@ -35,12 +35,13 @@ from service.errors import (
     message,
 )
 from service.grpc_codec import infer_response, job, metadata_response, parse_request
-from service.metrics import status_class
+from service.metrics import GRPC_ENDPOINTS, status_class
 from service.runtime import Runtime, ServedModel
 from service.v2_encode import EXTENSIONS, VERSION
 
 log = logging.getLogger(__name__)
 OPEN = frozenset({"ServerLive", "ServerReady"})
+INFER, MODEL, SERVER, HEALTH = GRPC_ENDPOINTS
 APP_VERSION = "0.1.0"
 
 
@@ -85,7 +86,7 @@ def _rpc(endpoint: str) -> Callable[..., Any]:
                 self.metrics.in_flight.dec()
                 known = model if model in self.runtime.models else ""
                 self.metrics.requests.labels(endpoint, known, str(status)).inc()
-                if endpoint == "grpc_infer":
+                if endpoint == INFER:
                     duration = time.perf_counter() - start
                     self.metrics.request_duration.labels(
                         endpoint, known, status_class(status)
@@ -124,30 +125,30 @@ class Servicer(rpc.GRPCInferenceServiceServicer):
             raise ModelNotFoundError(f"{name} version {version}", [f"{name} version {VERSION}"])
         return served
 
-    @_rpc("grpc_health")
+    @_rpc(HEALTH)
     async def ServerLive(self, request: Any, context: Any) -> Any:
         return pb.ServerLiveResponse(live=True)
 
-    @_rpc("grpc_health")
+    @_rpc(HEALTH)
     async def ServerReady(self, request: Any, context: Any) -> Any:
         return pb.ServerReadyResponse(ready=self.runtime.ready)
 
-    @_rpc("grpc_model")
+    @_rpc(MODEL)
     async def ModelReady(self, request: Any, context: Any) -> Any:
         served = self.model(request.name, request.version)
         return pb.ModelReadyResponse(ready=served.serving and not self.runtime.draining)
 
-    @_rpc("grpc_server")
+    @_rpc(SERVER)
     async def ServerMetadata(self, request: Any, context: Any) -> Any:
         return pb.ServerMetadataResponse(
             name="resnet-serve", version=APP_VERSION, extensions=list(EXTENSIONS)
         )
 
-    @_rpc("grpc_model")
+    @_rpc(MODEL)
     async def ModelMetadata(self, request: Any, context: Any) -> Any:
         return metadata_response(self.model(request.name, request.version).spec)
 
-    @_rpc("grpc_infer")
+    @_rpc(INFER)
     async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         served = self.model(request.model_name, request.model_version)
         remaining = context.time_remaining()
@@ -167,7 +168,7 @@ class Servicer(rpc.GRPCInferenceServiceServicer):
 
         context.add_done_callback(done)
         result = await self.engine.infer(
-            served, parse, endpoint="grpc_infer", deadline=deadline, gone=lambda: gone
+            served, parse, endpoint=INFER, deadline=deadline, gone=lambda: gone
         )
         return infer_response(served.spec, result.job.request, result.outputs)
 

@@ -31,6 +31,8 @@ INFERENCE_STATUSES = {
     # that one status-class alert covers every protocol.
     "grpc_infer": ("200", "400", "413", "415", "500", "503", "504"),
 }
+# The `endpoint` label of gRPC requests, one per kind of RPC (HTTP's are app.ENDPOINTS).
+GRPC_ENDPOINTS = ("grpc_infer", "grpc_model", "grpc_server", "grpc_health")
 REJECT_REASONS = ("queue_full", "cancelled", "client_gone")
 
 

@@ -14,7 +14,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.app import ENDPOINTS, create_app, endpoint_of
-from service.metrics import INFERENCE_STATUSES, REJECT_REASONS
+from service.metrics import GRPC_ENDPOINTS, INFERENCE_STATUSES, REJECT_REASONS
 from service.routes import router as health_router
 from service.settings import Settings
 from service.v1 import router as v1_router
@@ -116,7 +116,7 @@ def test_every_answer_is_counted_and_logged(keyed: ProcessServer, cifar_pngs) ->
     # Bounded: the endpoint label takes only the route table's values (and "unknown"); the
     # model label only served models (or "").
     endpoints = {dict(lab)["endpoint"] for (name, lab) in after if name.endswith("requests_total")}
-    assert endpoints <= {*ENDPOINTS.values(), "unknown"}, endpoints
+    assert endpoints <= {*ENDPOINTS.values(), *GRPC_ENDPOINTS, "unknown"}, endpoints
     models = {dict(lab)["model"] for (name, lab) in after if name.endswith("requests_total")}
     assert models <= {R20, ""}, models
 
