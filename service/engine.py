@@ -11,6 +11,7 @@ nothing of HTTP or gRPC: codecs parse into a ``Job`` and encode the ``Outputs``.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -21,8 +22,8 @@ import numpy as np
 from contract.preprocess import preprocess
 from contract.schema import LOGITS, PROBABILITIES, ModelSpec
 from service.batcher import Batcher, Ticket
+from service.decoding import decode_all
 from service.errors import (
-    InvalidImageError,
     InvalidParameterError,
     ModelNotFoundError,
     NotReadyError,
@@ -164,10 +165,12 @@ class Engine:
         if isinstance(job.images, np.ndarray):
             arrays = list(self._check_preprocessed(model.spec, job.images))
         else:
-            arrays = list(
-                await asyncio.gather(
-                    *(self._decode(blob, i, model) for i, blob in enumerate(job.images))
-                )
+            arrays = await decode_all(
+                self.runtime.decode_pool,
+                job.images,
+                functools.partial(self.preprocess_one, model=model),
+                self.settings.decode_timeout_ms / 1000.0,
+                ticket,
             )
         futures = ticket.submit(arrays, names)
         try:
@@ -188,21 +191,9 @@ class Engine:
             )
         return images
 
-    def preprocess_one(self, data: bytes, index: int, model: ServedModel) -> np.ndarray:
+    def preprocess_one(self, data: bytes, index: int, *, model: ServedModel) -> np.ndarray:
         """One image, on a decode thread."""
         t = time.perf_counter()
         out = preprocess(data, index, model.spec.preprocess, self.runtime.decode_options)
         self.metrics.preprocess_duration.labels(model.name).observe(time.perf_counter() - t)
         return out
-
-    async def _decode(self, blob: bytes, index: int, model: ServedModel) -> np.ndarray:
-        loop = asyncio.get_running_loop()
-        pool = self.runtime.decode_pool
-        work = loop.run_in_executor(pool, self.preprocess_one, blob, index, model)
-        limit_s = self.settings.decode_timeout_ms / 1000.0
-        try:
-            return await asyncio.wait_for(work, limit_s)
-        except TimeoutError:
-            # Pillow cannot be interrupted; the thread finishes on its own, bounded by the
-            # pixel limit, but the request does not wait for it.
-            raise InvalidImageError(index, f"decoding took longer than {limit_s:g}s") from None

@@ -43,9 +43,9 @@ def hold_decoding(runtime: Runtime) -> threading.Event:
     gate = threading.Event()
     real = runtime.engine.preprocess_one
 
-    def held(*args: Any) -> Any:
+    def held(*args: Any, **kwargs: Any) -> Any:
         gate.wait(30)
-        return real(*args)
+        return real(*args, **kwargs)
 
     runtime.engine.preprocess_one = held  # type: ignore[method-assign]
     return gate

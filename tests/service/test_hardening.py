@@ -409,9 +409,9 @@ def test_decode_time_and_format_limits(r20_repository, cifar_test) -> None:
         # this machine would have decoded.
         real = srv.runtime.engine.preprocess_one
 
-        def slow(*args):  # type: ignore[no-untyped-def]
+        def slow(*args, **kwargs):  # type: ignore[no-untyped-def]
             release.wait(HOLD_TIMEOUT_S)
-            return real(*args)
+            return real(*args, **kwargs)
 
         srv.runtime.engine.preprocess_one = slow  # type: ignore[method-assign]
         r = httpx.post(srv.url + "/v1/classify", content=png_bytes, headers=PNG, timeout=60)

@@ -1,0 +1,85 @@
+"""Decoding one request's images in the decode pool.
+
+Each image's time limit (``--decode-timeout-ms``) counts from the moment its own decode
+starts, never the time it waited for a decode thread: a busy pool is overload, answered by
+admission (503) or the request's deadline (504), not blamed on the image (400). When one
+image fails (or the request ends), its siblings that have not started are cancelled; those
+already running cannot be interrupted (Pillow), so they stay counted in admission
+(``Ticket.hold``) until they end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import numpy as np
+
+from service.batcher import Ticket
+from service.errors import InvalidImageError
+
+Work = Callable[[bytes, int], np.ndarray]
+
+
+async def decode_all(
+    pool: ThreadPoolExecutor, blobs: list[bytes], work: Work, limit_s: float, ticket: Ticket
+) -> list[np.ndarray]:
+    """``work(blob, index)`` for every blob, in order; the first failure is raised."""
+    loop = asyncio.get_running_loop()
+    results: list[asyncio.Future[np.ndarray]] = [loop.create_future() for _ in blobs]
+    timers: dict[int, asyncio.TimerHandle] = {}
+    held: set[int] = set()
+
+    def expire(i: int) -> None:
+        if not results[i].done():
+            results[i].set_exception(
+                InvalidImageError(i, f"decoding took longer than {limit_s:g}s")
+            )
+
+    def arm(i: int) -> None:
+        timers[i] = loop.call_later(limit_s, expire, i)
+
+    def settle(i: int, value: np.ndarray | None, error: BaseException | None) -> None:
+        timer = timers.pop(i, None)
+        if timer is not None:
+            timer.cancel()
+        if i in held:
+            held.discard(i)
+            ticket.let_go()
+        if results[i].done():
+            return
+        if error is not None:
+            results[i].set_exception(error)
+        else:
+            results[i].set_result(value)  # type: ignore[arg-type]
+
+    def run(i: int, blob: bytes) -> None:
+        # On a decode thread. The loop may be closed by now (the server stopped): nobody
+        # is waiting any more.
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(arm, i)
+        value: np.ndarray | None = None
+        error: BaseException | None = None
+        try:
+            value = work(blob, i)
+        except BaseException as exc:  # handed to the request, not lost in this thread
+            error = exc
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(settle, i, value, error)
+
+    jobs: list[Future[None]] = [pool.submit(run, i, blob) for i, blob in enumerate(blobs)]
+    try:
+        return list(await asyncio.gather(*results))
+    except BaseException:
+        for i, job in enumerate(jobs):
+            # Not started: never will. Still running (even past its limit): counted in
+            # admission until it ends (``settle``).
+            if not job.cancel() and not job.done():
+                held.add(i)
+                ticket.hold(1)
+        for r in results:
+            if not r.done():
+                r.cancel()
+        raise
