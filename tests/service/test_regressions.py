@@ -148,11 +148,15 @@ def test_weights_source_is_served_without_the_export_machines_path(
             (model / item.name).symlink_to(item)
     meta = json.loads((exported / "model.json").read_text())
     meta["weights"]["source"] = "/home/someone/checkpoints/model_4.pth#ema"
+    # And an int8 export's calibration set, as exports before this fix recorded it.
+    meta["calibration"] = {"source": "/home/someone/data/calib-932.npz", "images": 932}
     (model / "model.json").write_text(json.dumps(meta))
     with thread_server(tmp_path) as server:
         listed = httpx.get(server.url + "/v1/models").json()["models"][0]
         one = httpx.get(server.url + "/v1/models/resnet20_cifar10").json()
     assert listed["weights"]["source"] == one["weights"]["source"] == "model_4.pth#ema"
+    assert listed["calibration"]["source"] == one["calibration"]["source"] == "calib-932.npz"
+    assert "/home/someone" not in json.dumps([listed, one])
 
 
 def _invalid_parameter(r: httpx.Response) -> None:
