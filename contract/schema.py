@@ -183,17 +183,20 @@ def document(
 
 
 def _file_name_only(meta: dict[str, Any]) -> dict[str, Any]:
-    """``weights.source`` without the export machine's directories: exports before
-    ``models.weights`` recorded the file name alone wrote the absolute path of a local
-    checkpoint. URLs and ``random:...`` are kept as they are."""
-    weights = meta.get("weights")
-    if not isinstance(weights, dict) or not isinstance(weights.get("source"), str):
-        return meta
-    source: str = weights["source"]
-    if "://" in source or source.startswith("random:"):
-        return meta
-    name = source.replace("\\", "/").rsplit("/", 1)[-1]
-    return {**meta, "weights": {**weights, "source": name}}
+    """``weights.source`` and ``calibration.source`` without the export machine's
+    directories: older exports wrote the absolute path of a local checkpoint or calibration
+    set, which ``/v1/models`` would publish. URLs and ``random:...`` are kept as they are."""
+    out = dict(meta)
+    for block in ("weights", "calibration"):
+        fields = meta.get(block)
+        if not isinstance(fields, dict) or not isinstance(fields.get("source"), str):
+            continue
+        source: str = fields["source"]
+        if "://" in source or source.startswith("random:"):
+            continue
+        name = source.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
+        out[block] = {**fields, "source": name}
+    return out
 
 
 def load_model_spec(model_dir: Path) -> ModelSpec:

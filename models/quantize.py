@@ -146,7 +146,8 @@ def load_calibration(source: Path, preprocess: Preprocess, limit: int | None = N
         out = [preprocess_array(a, spec) for a in arrays]
     else:
         raise CalibrationError(f"calibration source not found: {source}")
-    return Calibration(np.stack(out), str(source.resolve()))
+    # The name alone: model.json is served, and the export machine's paths are not public.
+    return Calibration(np.stack(out), source.resolve().name)
 
 
 class _BatchReader(CalibrationDataReader):

@@ -22,8 +22,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import logs
 from service.auth import AuthMiddleware
+from service.errors import InternalError, NotReadyError, ServeError
 from service.metrics import Metrics, status_class
-from service.responses import FastJSONResponse, add_error_handlers
+from service.responses import FastJSONResponse, add_error_handlers, error_response, protocol_of
 from service.routes import router
 from service.runtime import Runtime
 from service.settings import Settings
@@ -43,6 +44,9 @@ class Traffic:
 
     accepted: int = 0
     answered: int = 0
+    # Still running when the drain timeout ended: answered 503 by the middleware, not by
+    # the application, so not counted as answered.
+    cut_off: int = 0
 
 
 # The `endpoint` label of every route, by path template: a fixed set of values whatever
@@ -131,10 +135,12 @@ class RequestMiddleware:
                 break
         request_id = request_id or f"{_ID_PREFIX}{next(_ID_COUNTER):016x}"
         status = 500
+        started = False
 
         async def send_wrapper(message: Message) -> None:
-            nonlocal status
+            nonlocal status, started
             if message["type"] == "http.response.start":
+                started = True
                 status = message["status"]
                 headers = list(message.get("headers", []))
                 headers.append((b"x-request-id", request_id.encode("latin-1")))
@@ -149,10 +155,31 @@ class RequestMiddleware:
         if api:
             self.traffic.accepted += 1
         self.metrics.in_flight.inc()
+        cut_off = False
         try:
             await self.app(scope, receive, send_wrapper)
+        except asyncio.CancelledError:
+            # uvicorn cancels what still runs when the drain timeout ends, and would answer
+            # a plain-text 500: the client gets the service's 503 (retry elsewhere) instead.
+            if started:
+                raise
+            cut_off = True
+            stopped = NotReadyError(
+                "the service stopped before this request finished (drain timeout); retry"
+            )
+            await _answer(scope["path"], stopped, send_wrapper)
+        except Exception:
+            # Handled here, inside the request ID and metrics, and logged once: Starlette's
+            # own last-resort handler answers outside them and re-raises, and uvicorn then
+            # logs the same traceback a second time.
+            log.exception("unhandled error on %s %s", scope["method"], scope["path"])
+            if started:
+                return  # uvicorn closes the connection of an unfinished answer
+            await _answer(scope["path"], InternalError("internal error"), send_wrapper)
         finally:
-            if api:
+            if cut_off:
+                self.traffic.cut_off += 1
+            elif api:
                 self.traffic.answered += 1
             self.metrics.in_flight.dec()
             duration = time.perf_counter() - start
@@ -169,6 +196,17 @@ class RequestMiddleware:
                            "duration_ms": round(duration * 1000, 3)},
                 )  # fmt: skip
             logs.request_id.reset(token)
+
+
+async def _answer(path: str, error: ServeError, send: Send) -> None:
+    """``error``'s JSON answer, sent outside the application."""
+    response = error_response(error, protocol_of(path))
+    response.headers["connection"] = "close"
+    await response({"type": "http"}, _no_body, send)
+
+
+async def _no_body() -> Message:
+    return {"type": "http.disconnect"}
 
 
 async def _build_routes(app: FastAPI) -> None:
@@ -253,7 +291,11 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
             # uvicorn has waited for in-flight requests by now: the two counts must match.
             log.info(
                 "drained",
-                extra={"accepted": traffic.accepted, "answered": traffic.answered},
+                extra={
+                    "accepted": traffic.accepted,
+                    "answered": traffic.answered,
+                    "cut_off_at_drain_timeout": traffic.cut_off,
+                },
             )
 
     app = FastAPI(

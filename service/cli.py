@@ -17,6 +17,7 @@ from pydantic import ValidationError
 
 from service import logs
 from service.app import create_app
+from service.connections import ConnectionLimits, connection_limit, guarded_protocol, raise_fd_limit
 from service.metrics import Metrics
 from service.repository import RepositoryError
 from service.runtime import Runtime
@@ -155,8 +156,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"resnet-serve: cannot load models: {exc}", file=sys.stderr)
         return EXIT_USAGE
     app = create_app(settings, runtime)
+    limits = ConnectionLimits(
+        max_header_bytes=settings.max_header_bytes,
+        max_headers=settings.max_headers,
+        header_timeout_s=settings.header_timeout_s,
+        body_idle_timeout_s=settings.body_idle_timeout_s,
+        max_connections=connection_limit(settings.max_connections, raise_fd_limit()),
+    )
     config = uvicorn.Config(
         app,
+        http=guarded_protocol(limits, runtime.metrics),
+        timeout_keep_alive=settings.keep_alive_timeout_s,  # type: ignore[arg-type]
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,

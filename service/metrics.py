@@ -34,6 +34,12 @@ INFERENCE_STATUSES = {
 # The `endpoint` label of gRPC requests, one per kind of RPC (HTTP's are app.ENDPOINTS).
 GRPC_ENDPOINTS = ("grpc_infer", "grpc_model", "grpc_server", "grpc_health")
 REJECT_REASONS = ("queue_full", "cancelled", "client_gone")
+# Why a connection was refused or closed before its request reached the application
+# (service/connections.py).
+CONNECTION_REFUSALS = (
+    "too_many_connections", "header_too_large", "too_many_headers", "header_timeout",
+    "body_timeout",
+)  # fmt: skip
 
 
 def status_class(status: int) -> str:
@@ -99,6 +105,18 @@ class Metrics:
             "batch_padding_images_total", "Padding images added to reach a bucket size"
         )
         self.in_flight = gauge("requests_in_flight", "HTTP requests being handled", ())
+        self.connections = gauge("connections", "Open HTTP connections", ())
+        self.max_connections = gauge(
+            "max_connections", "HTTP connections open at most (--max-connections); beyond, 503", ()
+        )
+        self.connections_refused = counter(
+            "connections_refused_total",
+            "HTTP connections refused or closed before a request reached the application: "
+            "too many open, headers too large or too many, headers or body too slow",
+            ("reason",),
+        )
+        for reason in CONNECTION_REFUSALS:
+            self.connections_refused.labels(reason)
         self.queue_depth = gauge("queue_depth", "Images waiting for inference")
         self.admitted = gauge(
             "admitted_images",

@@ -124,6 +124,30 @@ class Settings(BaseSettings):
         ge=0,
         description="on SIGTERM or Ctrl-C, time for accepted requests to finish (0: do not wait)",
     )
+    max_header_bytes: int = Field(
+        64 * 1024, ge=1024, description="request line and headers, at most; beyond it 431"
+    )
+    max_headers: int = Field(100, ge=8, description="header fields in one request; beyond, 431")
+    header_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="a connection's request headers must be complete this long after it opens "
+        "(or after the first byte of its next request); beyond, 408 and closed",
+    )
+    body_idle_timeout_s: float = Field(
+        20.0,
+        gt=0,
+        description="the longest pause in an arriving request body; beyond, 408 and closed",
+    )
+    keep_alive_timeout_s: float = Field(
+        5.0, gt=0, description="an idle kept-alive connection is closed after this long"
+    )
+    max_connections: int = Field(
+        0,
+        ge=0,
+        description="open connections, at most; beyond, 503 at once (0: what the open-files "
+        "limit allows, less 256)",
+    )
     api_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="comma-separated bearer tokens for /v1 and /v2",

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import logging
 import signal
 import threading
 from collections.abc import Iterator
@@ -15,6 +16,7 @@ import httpx
 import pytest
 from PIL import Image
 
+from service.settings import Settings
 from tests.service.servers import ProcessServer, ThreadServer, thread_server, wait_until
 
 
@@ -48,18 +50,17 @@ def test_thin_images_are_refused_before_resizing(srv, cifar_pngs) -> None:
 @pytest.mark.parametrize("drain", ["0", "0.5"])
 def test_drain_timeout_below_one_second_is_honoured(r20_repository, cifar_pngs, drain) -> None:
     # Regression: int(drain_timeout_s) or None made anything below 1 s "wait forever".
-    server = ProcessServer(r20_repository, holdable=True, drain_timeout_s=drain).start()
+    # And the request still running when the drain timeout ends was uvicorn's plain-text
+    # 500, counted as answered: it is the service's JSON 503, counted as cut off.
+    server = ProcessServer(
+        r20_repository, holdable=True, drain_timeout_s=drain, log_level="info"
+    ).start()
     assert server.proc is not None
-    statuses: list[int] = []
+    answers: list[httpx.Response] = []
 
     def client() -> None:
-        try:
-            files = [("file", ("0.png", cifar_pngs[0]))]
-            statuses.append(
-                httpx.post(server.url + "/v1/classify", files=files, timeout=60).status_code
-            )
-        except httpx.TransportError:
-            statuses.append(-1)
+        files = [("file", ("0.png", cifar_pngs[0]))]
+        answers.append(httpx.post(server.url + "/v1/classify", files=files, timeout=60))
 
     server.hold()  # the request stays in its session until released (or 120 s)
     thread = threading.Thread(target=client)
@@ -73,7 +74,44 @@ def test_drain_timeout_below_one_second_is_honoured(r20_repository, cifar_pngs, 
         server.release()
         server.stop(signal.SIGKILL)
         thread.join(60)
-    assert statuses and statuses[0] != 200
+    assert len(answers) == 1
+    r = answers[0]
+    assert r.status_code == 503, r.text
+    assert r.json()["error"]["code"] == "not_ready"
+    assert "drain timeout" in r.json()["error"]["message"]
+    assert r.headers["retry-after"] == "1" and r.headers["x-request-id"]
+    drained = [json.loads(line) for line in server.output().splitlines() if '"drained"' in line]
+    assert len(drained) == 1
+    assert drained[0]["accepted"] == 1
+    assert drained[0]["answered"] == 0
+    assert drained[0]["cut_off_at_drain_timeout"] == 1
+
+
+def test_an_unexpected_error_is_one_json_500_with_its_request_id(r20_repository, caplog) -> None:
+    # Regression: 500s carried no X-Request-ID (answered outside the request middleware)
+    # and each logged two tracebacks (Starlette's handler re-raised, uvicorn logged again).
+    server = ThreadServer(Settings(repository=r20_repository))
+
+    async def broken() -> None:
+        raise RuntimeError("a bug")
+
+    server.app.add_api_route("/v1/broken", broken)
+    server.start()
+    # uvicorn's own loggers do not propagate to the root logger caplog listens on.
+    uvicorn_log = logging.getLogger("uvicorn.error")
+    uvicorn_log.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.ERROR):
+            r = httpx.get(server.url + "/v1/broken", headers={"X-Request-ID": "req-500"})
+    finally:
+        uvicorn_log.removeHandler(caplog.handler)
+        server.stop()
+    assert r.status_code == 500
+    assert r.json() == {"error": {"code": "internal", "message": "internal error"}}
+    assert r.headers["x-request-id"] == "req-500"
+    tracebacks = [rec for rec in caplog.records if rec.exc_info]
+    assert len(tracebacks) == 1, [rec.getMessage() for rec in tracebacks]
+    assert "a bug" in str(tracebacks[0].exc_info[1])
 
 
 def test_cors_preflight_passes_without_a_key(r20_repository) -> None:
@@ -110,11 +148,15 @@ def test_weights_source_is_served_without_the_export_machines_path(
             (model / item.name).symlink_to(item)
     meta = json.loads((exported / "model.json").read_text())
     meta["weights"]["source"] = "/home/someone/checkpoints/model_4.pth#ema"
+    # And an int8 export's calibration set, as exports before this fix recorded it.
+    meta["calibration"] = {"source": "/home/someone/data/calib-932.npz", "images": 932}
     (model / "model.json").write_text(json.dumps(meta))
     with thread_server(tmp_path) as server:
         listed = httpx.get(server.url + "/v1/models").json()["models"][0]
         one = httpx.get(server.url + "/v1/models/resnet20_cifar10").json()
     assert listed["weights"]["source"] == one["weights"]["source"] == "model_4.pth#ema"
+    assert listed["calibration"]["source"] == one["calibration"]["source"] == "calib-932.npz"
+    assert "/home/someone" not in json.dumps([listed, one])
 
 
 def _invalid_parameter(r: httpx.Response) -> None:
