@@ -15,7 +15,7 @@ import functools
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
@@ -55,6 +55,7 @@ class Result:
 
 
 Parse = Callable[[ModelSpec], Awaitable[Job]]
+T = TypeVar("T")
 
 
 def graph_outputs(spec: ModelSpec, job: Job) -> tuple[str, ...]:
@@ -83,6 +84,16 @@ class Engine:
         self.runtime = runtime
         self.settings = runtime.settings
         self.metrics = runtime.metrics
+        # Large bodies parsed at once, at most: each may inflate to several times its size
+        # (a gzip body to --max-body-bytes, JSON to its objects), so memory stays bounded
+        # by this many, whatever the number of clients.
+        self._parsing = asyncio.Semaphore(max(1, self.settings.decode_threads))
+
+    async def parse(self, fn: Callable[[], T]) -> T:
+        """``fn()`` (a parse whose cost grows with the body) off the event loop, a bounded
+        number at once; the codecs call it for bodies too large to parse inline."""
+        async with self._parsing:
+            return await asyncio.to_thread(fn)
 
     def model(self, name: str | None) -> ServedModel:
         """A served model by name (None: the default one); 404 otherwise."""

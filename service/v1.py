@@ -54,7 +54,10 @@ async def _infer(
 
     async def parse(spec: ModelSpec) -> Job:
         payload = await read_payload(
-            request, max_body_bytes=s.max_body_bytes, max_images=s.max_images_per_request
+            request,
+            max_body_bytes=s.max_body_bytes,
+            max_images=s.max_images_per_request,
+            offload=engine.parse,
         )
         params = parsed["params"] = parse_params(params_cls, query, payload.params)
         return job_of(payload.images, params)

@@ -80,3 +80,99 @@ def test_a_failed_image_cancels_its_siblings_and_blames_no_other_request(
             assert sorted(started) == list(range(1, 1 + running))  # the rest never ran
         finally:
             release.set()
+
+
+def _held_parse(engine: Any) -> tuple[threading.Event, list[int]]:
+    """Every parse the engine takes off the loop waits for the returned event; the list
+    counts those that started (inside the engine's bound)."""
+    real = engine.parse
+    gate, entered = threading.Event(), []
+
+    async def parse(fn: Any) -> Any:
+        def held() -> Any:
+            entered.append(1)
+            gate.wait(HOLD_TIMEOUT_S)
+            return fn()
+
+        return await real(held)
+
+    engine.parse = parse
+    return gate, entered
+
+
+def _bodies(image: bytes) -> dict[str, tuple[str, bytes, dict[str, str]]]:
+    """name -> (path, body, headers): a large body of each form that must not be parsed on
+    the event loop (issue 13 items 4-6)."""
+    import base64
+    import gzip
+
+    b64 = base64.b64encode(image).decode()
+    padded = b'{"images": ["' + b64.encode() + b'"]' + b" " * 300_000 + b"}"
+    boundary = "BOUNDARY"
+    lines = b"\r\n--BOUNDARYz" * 30_000  # looks like boundaries, is not
+    multipart = (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="a.png"\r\n'
+            "Content-Type: image/png\r\n\r\n"
+        ).encode()
+        + image
+        + (f'\r\n--{boundary}\r\nContent-Disposition: form-data; name="note"\r\n\r\n').encode()
+        + lines
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    zeros = gzip.compress(b"0" * 8_000_000)  # ~8 KB inflating to 8 MB
+    return {
+        "v1-json": ("/v1/classify", padded, {"content-type": "application/json"}),
+        "v1-multipart": ("/v1/classify", multipart,
+                         {"content-type": f"multipart/form-data; boundary={boundary}"}),
+        "v2-gzip": (f"/v2/models/{tiny.NAME}/infer", zeros,
+                    {"content-type": "application/json", "content-encoding": "gzip"}),
+    }  # fmt: skip
+
+
+def test_large_bodies_are_parsed_off_the_loop_a_bounded_number_at_once(
+    tiny_repository: Path, tiny_pngs: list[bytes]
+) -> None:
+    """Issue 13 items 5 and 6: a large JSON, multipart or compressed body is parsed on a
+    thread, one at a time here (--decode-workers 1), while /healthz answers; a parse held
+    on the loop would hold /healthz with it."""
+    bodies = _bodies(tiny_pngs[0])
+    with thread_server(tiny_repository, decode_workers=1) as srv:
+        gate, entered = _held_parse(srv.runtime.engine)
+        answers: dict[str, int] = {}
+
+        def send(name: str) -> None:
+            path, body, headers = bodies[name]
+            answers[name] = httpx.post(srv.url + path, content=body, headers=headers,
+                                       timeout=HOLD_TIMEOUT_S).status_code  # fmt: skip
+
+        clients = [threading.Thread(target=send, args=(n,)) for n in bodies]
+        try:
+            for c in clients:
+                c.start()
+            wait_until(lambda: len(entered) == 1, timeout=60)
+            assert httpx.get(srv.url + "/healthz", timeout=30).status_code == 200
+            time.sleep(0.5)  # the other two would have started by now if unbounded
+            assert len(entered) == 1
+        finally:
+            gate.set()
+            for c in clients:
+                c.join(60)
+        assert len(entered) == 3
+        # Each is answered as the client's input: the note field is not a parameter (422),
+        # eight megabytes of digits are not an inference request (400).
+        assert answers == {"v1-json": 200, "v1-multipart": 422, "v2-gzip": 400}, answers
+
+
+def test_millions_of_tiny_json_images_are_refused_before_parsing(tiny_repository: Path) -> None:
+    """Issue 13 item 4: the image count is known from the body's quotes, before anything
+    is parsed or decoded."""
+    body = b'{"images": [' + b",".join([b'"AA=="'] * 400_000) + b"]}"
+    with thread_server(tiny_repository) as srv:
+        _, entered = _held_parse(srv.runtime.engine)
+        r = httpx.post(srv.url + "/v1/classify", content=body,
+                       headers={"content-type": "application/json"}, timeout=60)  # fmt: skip
+        assert r.status_code == 413, r.text
+        assert r.json()["error"]["code"] == "payload_too_large"
+        assert "more than 64 images" in r.json()["error"]["message"]
+        assert entered == []  # refused before any parse
