@@ -30,6 +30,7 @@ from service.errors import (
     RequestTimeoutError,
 )
 from service.postprocess import Outputs, Pooling
+from service.reading import STALL_S, ByteBudget, Reading
 
 if TYPE_CHECKING:
     from service.runtime import Runtime, ServedModel
@@ -54,7 +55,7 @@ class Result:
     outputs: Outputs
 
 
-Parse = Callable[[ModelSpec], Awaitable[Job]]
+Parse = Callable[[ModelSpec, Reading], Awaitable[Job]]
 T = TypeVar("T")
 
 
@@ -88,6 +89,7 @@ class Engine:
         # (a gzip body to --max-body-bytes, JSON to its objects), so memory stays bounded
         # by this many, whatever the number of clients.
         self._parsing = asyncio.Semaphore(max(1, self.settings.decode_threads))
+        self.budget = ByteBudget(self.settings.max_buffered_bytes)
 
     async def parse(self, fn: Callable[[], T]) -> T:
         """``fn()`` (a parse whose cost grows with the body) off the event loop, a bounded
@@ -127,11 +129,14 @@ class Engine:
         deadline: float,
         gone: Callable[[], Awaitable[object]] | None = None,
     ) -> Result:
-        """One request: ``parse`` reads and parses it for ``model``; the work is bounded
+        """One request: ``parse`` reads and parses it for ``model`` (``reading``: its bytes
+        against the budget, its announcement while they arrive); the work is bounded
         by ``deadline`` and by ``gone()`` (awaited once the request is read: completes if
         the client leaves); either way out cancels the queued work, never computed."""
-        with self._batcher(model).admission() as ticket:
-            job = await parse(model.spec)
+        batcher = self._batcher(model)
+        stall_s = min(STALL_S, batcher.delay_s)
+        with batcher.admission() as ticket, Reading(ticket, self.budget, stall_s) as reading:
+            job = await parse(model.spec, reading)
             names = graph_outputs(model.spec, job)
             n = len(job.images)
             self.metrics.images.labels(endpoint, model.name).inc(n)

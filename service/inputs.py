@@ -8,7 +8,7 @@ import base64
 import binascii
 import functools
 import zlib
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +24,7 @@ from service.errors import (
     PayloadTooLargeError,
     UnsupportedMediaTypeError,
 )
+from service.reading import Reading
 
 RAW_TYPES = ("image/", "application/octet-stream")
 # Quotes a JSON body may hold besides its images' strings: the parameters' names and
@@ -40,19 +41,49 @@ class Payload:
     params: dict[str, Any] = field(default_factory=dict)
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The body, refused with 413 as soon as it passes ``limit`` (not after buffering)."""
+async def read_body(request: Request, limit: int, reading: Reading | None = None) -> bytes:
+    """The body, refused with 413 as soon as it passes ``limit`` (not after buffering),
+    and with 503 once ``reading``'s byte budget is spent (the declared length at once).
+    While no bytes arrive for ``reading.stall_s``, batches stop waiting for it."""
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
+    known = declared is not None and declared.isdigit()
+    if known and int(declared) > limit:  # type: ignore[arg-type]
         raise PayloadTooLargeError(f"request body of {declared} bytes exceeds {limit} bytes")
+    if reading is not None and known:
+        reading.take(int(declared))  # type: ignore[arg-type]
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
+    stream = request.stream().__aiter__()
+    while True:
+        try:
+            chunk = await _next_chunk(stream, reading)
+        except StopAsyncIteration:
+            break
         size += len(chunk)
         if size > limit:
             raise PayloadTooLargeError(f"request body exceeds {limit} bytes")
+        if reading is not None and not known:
+            reading.take(len(chunk))
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+async def _next_chunk(stream: AsyncIterator[bytes], reading: Reading | None) -> bytes:
+    if reading is None:
+        return await stream.__anext__()
+    following = asyncio.ensure_future(stream.__anext__())
+    try:
+        done, _ = await asyncio.wait({following}, timeout=reading.stall_s)
+        if not done:
+            reading.stalled()
+            try:
+                await asyncio.wait({following})
+            finally:
+                reading.resumed()
+    except BaseException:
+        following.cancel()
+        raise
+    return following.result()
 
 
 def decode_content(body: bytes, encoding: str | None, limit: int) -> bytes:
@@ -160,7 +191,12 @@ async def inline(parse: Callable[[], Payload]) -> Payload:
 
 
 async def read_payload(
-    request: Request, *, max_body_bytes: int, max_images: int, offload: Offload = inline
+    request: Request,
+    *,
+    max_body_bytes: int,
+    max_images: int,
+    offload: Offload = inline,
+    reading: Reading | None = None,
 ) -> Payload:
     """The images and parameters of a /v1 request. Bodies over ``INLINE_PARSE_BYTES`` are
     parsed by ``offload(parse)`` (``Engine.parse``: off the event loop, a bounded number
@@ -171,7 +207,7 @@ async def read_payload(
             f"content type {ctype or '(none)'} is not supported: send multipart/form-data "
             "with file parts, a raw image/* body, or application/json with base64 images"
         )
-    body = await read_body(request, max_body_bytes)
+    body = await read_body(request, max_body_bytes, reading)
     small = len(body) <= INLINE_PARSE_BYTES
     if ctype == "application/json":
         check_json_count(body, max_images)

@@ -20,6 +20,7 @@ from service.engine import Job
 from service.errors import ModelNotFoundError
 from service.httpcall import deadline, disconnect_watch, engine_of
 from service.inputs import INLINE_PARSE_BYTES, read_body
+from service.reading import Reading
 from service.responses import V2, FastJSONResponse, protocol_route
 from service.runtime import ServedModel
 from service.v2_codec import HEADER_LENGTH, job, parse_request
@@ -147,8 +148,8 @@ async def infer(request: Request, model: str) -> Response:
     limit = deadline(request, engine)
     s = engine.settings
 
-    async def parse(spec: ModelSpec) -> Job:
-        body = await read_body(request, s.max_body_bytes)
+    async def parse(spec: ModelSpec, reading: Reading) -> Job:
+        body = await read_body(request, s.max_body_bytes, reading)
         run = functools.partial(
             parse_request, body,
             header_length=request.headers.get(HEADER_LENGTH),

@@ -5,6 +5,7 @@ bytes are budgeted before they are admitted."""
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from pathlib import Path
@@ -176,3 +177,58 @@ def test_millions_of_tiny_json_images_are_refused_before_parsing(tiny_repository
         assert r.json()["error"]["code"] == "payload_too_large"
         assert "more than 64 images" in r.json()["error"]["message"]
         assert entered == []  # refused before any parse
+
+
+def _stalled_upload(port: int, declared: int, sent: bytes = b"\x89PNG") -> socket.socket:
+    """A /v1/classify upload that declares ``declared`` bytes, sends a few, then stalls."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    head = (
+        f"POST /v1/classify HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/png\r\n"
+        f"Content-Length: {declared}\r\n\r\n"
+    )
+    sock.sendall(head.encode() + sent)
+    return sock
+
+
+def test_stalled_uploads_do_not_hold_batches(tiny_repository: Path, tiny_pngs: list[bytes]) -> None:
+    """Issue 13 item 11: with an hour's batch delay, a batch waits for every announced
+    request; uploads that stopped sending must not stay announced, or a lone client would
+    wait the hour."""
+    with thread_server(tiny_repository, max_batch_delay_ms=3_600_000) as srv:
+        batcher = srv.runtime.models[tiny.NAME].batcher
+        assert batcher is not None
+        stalled = [_stalled_upload(srv.port, 1000) for _ in range(5)]
+        try:
+            wait_until(lambda: srv.runtime.engine.budget.used == 5000, timeout=30)
+            wait_until(lambda: batcher.announced == 0, timeout=30)
+            r = httpx.post(srv.url + "/v1/classify", content=tiny_pngs[0], headers=PNG,
+                           timeout=30)  # fmt: skip
+            assert r.status_code == 200, r.text
+        finally:
+            for sock in stalled:
+                sock.close()
+        wait_until(lambda: srv.runtime.engine.budget.used == 0, timeout=30)
+
+
+def test_bytes_are_budgeted_before_they_are_read(
+    tiny_repository: Path, tiny_pngs: list[bytes]
+) -> None:
+    """Issue 13 item 10: past --max-buffered-bytes a request is a 503 with Retry-After as
+    soon as its headers declare a length that does not fit, before its body is sent; the
+    others are served, and the budget comes back when the held uploads go."""
+    with thread_server(tiny_repository, max_buffered_bytes=100_000) as srv:
+        held = _stalled_upload(srv.port, 60_000)
+        try:
+            wait_until(lambda: srv.runtime.engine.budget.used == 60_000, timeout=30)
+            refused = _stalled_upload(srv.port, 60_000, sent=b"")
+            answer = refused.recv(65536).decode("latin-1")
+            refused.close()
+            assert answer.startswith("HTTP/1.1 503"), answer
+            assert "retry-after: 1" in answer.lower() and '"code":"overloaded"' in answer
+            r = httpx.post(srv.url + "/v1/classify", content=tiny_pngs[0], headers=PNG,
+                           timeout=30)  # fmt: skip
+            assert r.status_code == 200, r.text
+        finally:
+            held.close()
+        wait_until(lambda: srv.runtime.engine.budget.used == 0, timeout=30)
+        assert httpx.get(srv.url + "/readyz", timeout=30).status_code == 200
