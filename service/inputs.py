@@ -123,6 +123,7 @@ def decode_base64_image(index: int, item: Any) -> bytes:
 
 
 def too_many(count: int, max_images: int) -> PayloadTooLargeError:
+    """The one answer past the image count limit, whatever the protocol."""
     return PayloadTooLargeError(f"{count} images in one request; the limit is {max_images}")
 
 
@@ -131,7 +132,9 @@ def check_json_count(body: bytes, max_images: int) -> None:
     (a memchr-speed count, no allocation): each image is a string (two quotes) and the few
     parameters add a bounded number more, so millions of tiny images are never built."""
     if body.count(b'"') > 2 * max_images + JSON_PARAMETER_QUOTES:
-        raise PayloadTooLargeError(f"more than {max_images} images in one request")
+        raise PayloadTooLargeError(
+            f"more than {max_images} images in one request; the limit is {max_images}"
+        )
 
 
 def parse_json_images(body: bytes, max_images: int) -> Payload:

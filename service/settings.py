@@ -106,8 +106,7 @@ class Settings(BaseSettings):
         256 * 1024 * 1024,
         ge=1,
         description="bytes of request bodies being read or held, all requests together, at "
-        "most; beyond it 503 with Retry-After, before the body is read where it declares "
-        "its length",
+        "most; beyond it 503, before the body is read where it declares its length",
     )
     max_images_per_request: int = Field(64, ge=1, description="images in one request, at most")
     max_image_pixels: int = Field(
