@@ -11,6 +11,7 @@ nothing of HTTP or gRPC: codecs parse into a ``Job`` and encode the ``Outputs``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import time
 from collections.abc import Awaitable, Callable
@@ -78,6 +79,14 @@ def graph_outputs(spec: ModelSpec, job: Job) -> tuple[str, ...]:
                 f"to stages ({stages}); ask for it with pool=none"
             )
     return tuple(dict.fromkeys(LOGITS if n == PROBABILITIES else n for n in job.outputs))
+
+
+async def _stop(work: asyncio.Future[Any]) -> None:
+    """Cancel ``work`` and let it unwind before the request's ticket closes: decoding
+    that cannot be interrupted must be counted as held (``Ticket.hold``) first."""
+    work.cancel()
+    with contextlib.suppress(BaseException):
+        await asyncio.wait({work})
 
 
 class Engine:
@@ -161,14 +170,14 @@ class Engine:
                 waiting, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
             )
         except BaseException:
-            work.cancel()
+            await _stop(work)
             raise
         finally:
             if watcher is not None:
                 watcher.cancel()
         if work in done:
             return work.result()
-        work.cancel()
+        await _stop(work)
         if watcher is not None and watcher in done:
             self.metrics.rejected.labels(model.name, "client_gone").inc(images)
             # Nobody is listening; the status is for the logs and metrics only.

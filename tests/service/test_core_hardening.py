@@ -232,3 +232,35 @@ def test_bytes_are_budgeted_before_they_are_read(
             held.close()
         wait_until(lambda: srv.runtime.engine.budget.used == 0, timeout=30)
         assert httpx.get(srv.url + "/readyz", timeout=30).status_code == 200
+
+
+def test_a_timed_out_request_keeps_its_running_decode_counted(
+    tiny_repository: Path, tiny_pngs: list[bytes]
+) -> None:
+    """A request that times out while its image is being decoded answers 504 at once; the
+    decode, which cannot be interrupted, stays admitted until it ends, then nothing is."""
+    slow = tiny_pngs[0]
+    with thread_server(tiny_repository, decode_workers=1) as srv:
+        engine = srv.runtime.engine
+        real = engine.preprocess_one
+        release, entered = threading.Event(), threading.Event()
+
+        def preprocess(data: bytes, index: int, **kw: Any) -> Any:
+            if data == slow:
+                entered.set()
+                release.wait(HOLD_TIMEOUT_S)
+            return real(data, index, **kw)
+
+        engine.preprocess_one = preprocess  # type: ignore[method-assign]
+        batcher = srv.runtime.models[tiny.NAME].batcher
+        assert batcher is not None
+        try:
+            headers = {**PNG, "x-request-timeout-ms": "300"}
+            r = httpx.post(srv.url + "/v1/classify", content=slow, headers=headers, timeout=60)
+            assert r.status_code == 504, r.text
+            assert entered.is_set() and batcher.pending == 1
+        finally:
+            release.set()
+        wait_until(lambda: batcher.pending == 0, timeout=30)
+        r = httpx.post(srv.url + "/v1/classify", content=tiny_pngs[1], headers=PNG, timeout=30)
+        assert r.status_code == 200 and batcher.pending == 0
