@@ -26,6 +26,24 @@ def healthz_ms(url: str) -> float:
     return (time.perf_counter() - t) * 1000
 
 
+def _slow_decoding(engine: Any, slow: bytes) -> tuple[threading.Event, list[int]]:
+    """Decoding ``slow`` waits for the returned event; the list gets each such image's
+    index as its decode starts."""
+    real = engine.preprocess_one
+    release, started = threading.Event(), []
+    lock = threading.Lock()
+
+    def preprocess(data: bytes, index: int, **kw: Any) -> Any:
+        if data == slow:
+            with lock:
+                started.append(index)
+            release.wait(HOLD_TIMEOUT_S)
+        return real(data, index, **kw)
+
+    engine.preprocess_one = preprocess
+    return release, started
+
+
 def test_a_failed_image_cancels_its_siblings_and_blames_no_other_request(
     tiny_repository: Path, tiny_images: np.ndarray
 ) -> None:
@@ -37,19 +55,7 @@ def test_a_failed_image_cancels_its_siblings_and_blames_no_other_request(
     with thread_server(
         tiny_repository, decode_workers=2, decode_timeout_ms=limit_ms
     ) as srv:  # fmt: skip
-        engine = srv.runtime.engine
-        real = engine.preprocess_one
-        release, started = threading.Event(), []
-        lock = threading.Lock()
-
-        def preprocess(data: bytes, index: int, **kw: Any) -> Any:
-            if data == slow:
-                with lock:
-                    started.append(index)
-                release.wait(HOLD_TIMEOUT_S)
-            return real(data, index, **kw)
-
-        engine.preprocess_one = preprocess  # type: ignore[method-assign]
+        release, started = _slow_decoding(srv.runtime.engine, slow)
         batcher = srv.runtime.models[tiny.NAME].batcher
         assert batcher is not None
         try:
@@ -241,24 +247,14 @@ def test_a_timed_out_request_keeps_its_running_decode_counted(
     decode, which cannot be interrupted, stays admitted until it ends, then nothing is."""
     slow = tiny_pngs[0]
     with thread_server(tiny_repository, decode_workers=1) as srv:
-        engine = srv.runtime.engine
-        real = engine.preprocess_one
-        release, entered = threading.Event(), threading.Event()
-
-        def preprocess(data: bytes, index: int, **kw: Any) -> Any:
-            if data == slow:
-                entered.set()
-                release.wait(HOLD_TIMEOUT_S)
-            return real(data, index, **kw)
-
-        engine.preprocess_one = preprocess  # type: ignore[method-assign]
+        release, started = _slow_decoding(srv.runtime.engine, slow)
         batcher = srv.runtime.models[tiny.NAME].batcher
         assert batcher is not None
         try:
             headers = {**PNG, "x-request-timeout-ms": "300"}
             r = httpx.post(srv.url + "/v1/classify", content=slow, headers=headers, timeout=60)
             assert r.status_code == 504, r.text
-            assert entered.is_set() and batcher.pending == 1
+            assert started == [0] and batcher.pending == 1
         finally:
             release.set()
         wait_until(lambda: batcher.pending == 0, timeout=30)
