@@ -113,6 +113,9 @@ def start_service(
         "--host", "127.0.0.1",
         "--port", str(port),
         "--log-level", "warning",
+        # HTTP is what is measured: no gRPC port to collide with a server already running
+        # (server_args may turn it on again).
+        "--grpc-port", "0",
         *server_args,
     ]  # fmt: skip
     server = _spawn("service", argv, port, log_path)

@@ -59,11 +59,12 @@ class Ticket:
     except images ``hold``-ed (still being decoded), which count until ``let_go``.
     Every step is idempotent or counted, so no path through a request can leak."""
 
-    __slots__ = ("_admitted", "_announced", "_batcher", "_held")
+    __slots__ = ("_admitted", "_announced", "_batcher", "_held", "_over")
 
     def __init__(self, batcher: Batcher) -> None:
         self._batcher = batcher
         self._announced = True
+        self._over = False
         self._admitted = 0
         self._held = 0
         batcher._expected += 1
@@ -75,9 +76,20 @@ class Ticket:
         self.close()
 
     def _arrived(self) -> None:
+        self._over = True
+        self.pause()
+
+    def pause(self) -> None:
+        """Batches stop waiting for this request (its body stalled)..."""
         if self._announced:
             self._announced = False
             self._batcher._arrived()
+
+    def resume(self) -> None:
+        """... and wait for it again (bytes arrive again), unless its images came."""
+        if not self._announced and not self._over:
+            self._announced = True
+            self._batcher._expected += 1
 
     def admit(self, n: int) -> None:
         self._batcher._reserve(n)

@@ -11,11 +11,12 @@ nothing of HTTP or gRPC: codecs parse into a ``Job`` and encode the ``Outputs``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
@@ -30,6 +31,7 @@ from service.errors import (
     RequestTimeoutError,
 )
 from service.postprocess import Outputs, Pooling
+from service.reading import STALL_S, ByteBudget, Reading
 
 if TYPE_CHECKING:
     from service.runtime import Runtime, ServedModel
@@ -54,7 +56,8 @@ class Result:
     outputs: Outputs
 
 
-Parse = Callable[[ModelSpec], Awaitable[Job]]
+Parse = Callable[[ModelSpec, Reading], Awaitable[Job]]
+T = TypeVar("T")
 
 
 def graph_outputs(spec: ModelSpec, job: Job) -> tuple[str, ...]:
@@ -78,11 +81,30 @@ def graph_outputs(spec: ModelSpec, job: Job) -> tuple[str, ...]:
     return tuple(dict.fromkeys(LOGITS if n == PROBABILITIES else n for n in job.outputs))
 
 
+async def _stop(work: asyncio.Future[Any]) -> None:
+    """Cancel ``work`` and let it unwind before the request's ticket closes: decoding
+    that cannot be interrupted must be counted as held (``Ticket.hold``) first."""
+    work.cancel()
+    with contextlib.suppress(BaseException):
+        await asyncio.wait({work})
+
+
 class Engine:
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
         self.settings = runtime.settings
         self.metrics = runtime.metrics
+        # Large bodies parsed at once, at most: each may inflate to several times its size
+        # (a gzip body to --max-body-bytes, JSON to its objects), so memory stays bounded
+        # by this many, whatever the number of clients.
+        self._parsing = asyncio.Semaphore(max(1, self.settings.decode_threads))
+        self.budget = ByteBudget(self.settings.max_buffered_bytes)
+
+    async def parse(self, fn: Callable[[], T]) -> T:
+        """``fn()`` (a parse whose cost grows with the body) off the event loop, a bounded
+        number at once; the codecs call it for bodies too large to parse inline."""
+        async with self._parsing:
+            return await asyncio.to_thread(fn)
 
     def model(self, name: str | None) -> ServedModel:
         """A served model by name (None: the default one); 404 otherwise."""
@@ -116,11 +138,14 @@ class Engine:
         deadline: float,
         gone: Callable[[], Awaitable[object]] | None = None,
     ) -> Result:
-        """One request: ``parse`` reads and parses it for ``model``; the work is bounded
+        """One request: ``parse`` reads and parses it for ``model`` (``reading``: its bytes
+        against the budget, its announcement while they arrive); the work is bounded
         by ``deadline`` and by ``gone()`` (awaited once the request is read: completes if
         the client leaves); either way out cancels the queued work, never computed."""
-        with self._batcher(model).admission() as ticket:
-            job = await parse(model.spec)
+        batcher = self._batcher(model)
+        stall_s = min(STALL_S, batcher.delay_s)
+        with batcher.admission() as ticket, Reading(ticket, self.budget, stall_s) as reading:
+            job = await parse(model.spec, reading)
             names = graph_outputs(model.spec, job)
             n = len(job.images)
             self.metrics.images.labels(endpoint, model.name).inc(n)
@@ -145,14 +170,14 @@ class Engine:
                 waiting, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
             )
         except BaseException:
-            work.cancel()
+            await _stop(work)
             raise
         finally:
             if watcher is not None:
                 watcher.cancel()
         if work in done:
             return work.result()
-        work.cancel()
+        await _stop(work)
         if watcher is not None and watcher in done:
             self.metrics.rejected.labels(model.name, "client_gone").inc(images)
             # Nobody is listening; the status is for the logs and metrics only.

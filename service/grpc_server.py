@@ -36,6 +36,7 @@ from service.errors import (
 )
 from service.grpc_codec import infer_response, job, metadata_response, parse_request
 from service.metrics import GRPC_ENDPOINTS, status_class
+from service.reading import Reading
 from service.runtime import Runtime, ServedModel
 from service.v2_encode import EXTENSIONS, VERSION
 
@@ -156,7 +157,9 @@ class Servicer(rpc.GRPCInferenceServiceServicer):
         deadline = self.engine.deadline(time.perf_counter(), client_ms)
         max_images = self.engine.settings.max_images_per_request
 
-        async def parse(spec: ModelSpec) -> Job:
+        async def parse(spec: ModelSpec, reading: Reading) -> Job:
+            # Already received whole (grpc bounds one message): counted while it is held.
+            reading.take(sum(len(raw) for raw in request.raw_input_contents))
             return job(parse_request(request, spec, max_images))
 
         loop = asyncio.get_running_loop()

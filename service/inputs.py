@@ -3,15 +3,19 @@ or JSON ``{"images": [base64, ...]}``, plus the parameters each form can carry."
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
+import functools
 import zlib
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 from fastapi import Request
 from starlette.datastructures import UploadFile
+from starlette.types import Message, Scope
 
 from service.errors import (
     BadRequestError,
@@ -20,8 +24,15 @@ from service.errors import (
     PayloadTooLargeError,
     UnsupportedMediaTypeError,
 )
+from service.reading import Reading
 
 RAW_TYPES = ("image/", "application/octet-stream")
+# Quotes a JSON body may hold besides its images' strings: the parameters' names and
+# string values (a handful; unknown ones are refused anyway).
+JSON_PARAMETER_QUOTES = 256
+# Bodies above this are parsed off the event loop: parsing costs grow with the body (JSON
+# far more per byte than base64), and a large one would stall every other request.
+INLINE_PARSE_BYTES = 256 * 1024
 
 
 @dataclass
@@ -30,19 +41,49 @@ class Payload:
     params: dict[str, Any] = field(default_factory=dict)
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The body, refused with 413 as soon as it passes ``limit`` (not after buffering)."""
+async def read_body(request: Request, limit: int, reading: Reading | None = None) -> bytes:
+    """The body, refused with 413 as soon as it passes ``limit`` (not after buffering),
+    and with 503 once ``reading``'s byte budget is spent (the declared length at once).
+    While no bytes arrive for ``reading.stall_s``, batches stop waiting for it."""
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
+    known = declared is not None and declared.isdigit()
+    if known and int(declared) > limit:  # type: ignore[arg-type]
         raise PayloadTooLargeError(f"request body of {declared} bytes exceeds {limit} bytes")
+    if reading is not None and known:
+        reading.take(int(declared))  # type: ignore[arg-type]
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
+    stream = request.stream().__aiter__()
+    while True:
+        try:
+            chunk = await _next_chunk(stream, reading)
+        except StopAsyncIteration:
+            break
         size += len(chunk)
         if size > limit:
             raise PayloadTooLargeError(f"request body exceeds {limit} bytes")
+        if reading is not None and not known:
+            reading.take(len(chunk))
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+async def _next_chunk(stream: AsyncIterator[bytes], reading: Reading | None) -> bytes:
+    if reading is None:
+        return await stream.__anext__()
+    following = asyncio.ensure_future(stream.__anext__())
+    try:
+        done, _ = await asyncio.wait({following}, timeout=reading.stall_s)
+        if not done:
+            reading.stalled()
+            try:
+                await asyncio.wait({following})
+            finally:
+                reading.resumed()
+    except BaseException:
+        following.cancel()
+        raise
+    return following.result()
 
 
 def decode_content(body: bytes, encoding: str | None, limit: int) -> bytes:
@@ -81,26 +122,48 @@ def decode_base64_image(index: int, item: Any) -> bytes:
         raise InvalidImageError(index, "invalid base64") from None
 
 
-def _from_json(body: bytes) -> Payload:
+def too_many(count: int, max_images: int) -> PayloadTooLargeError:
+    """The one answer past the image count limit, whatever the protocol."""
+    return PayloadTooLargeError(f"{count} images in one request; the limit is {max_images}")
+
+
+def check_json_count(body: bytes, max_images: int) -> None:
+    """Refuse a JSON body with too many images from its quotes alone, before it is parsed
+    (a memchr-speed count, no allocation): each image is a string (two quotes) and the few
+    parameters add a bounded number more, so millions of tiny images are never built."""
+    if body.count(b'"') > 2 * max_images + JSON_PARAMETER_QUOTES:
+        raise PayloadTooLargeError(
+            f"more than {max_images} images in one request; the limit is {max_images}"
+        )
+
+
+def parse_json_images(body: bytes, max_images: int) -> Payload:
+    """``{"images": [base64, ...], ...parameters}``; the image count is checked before any
+    image is decoded."""
     try:
         doc = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         raise BadRequestError(f"invalid JSON: {exc}") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("images"), list):
         raise InvalidParameterError('JSON body must be an object with "images": [base64, ...]')
+    if len(doc["images"]) > max_images:
+        raise too_many(len(doc["images"]), max_images)
     images = [decode_base64_image(i, item) for i, item in enumerate(doc["images"])]
     params = {k: v for k, v in doc.items() if k != "images"}
     return Payload(images, params)
 
 
-async def _from_multipart(request: Request, body: bytes, max_files: int) -> Payload:
-    # The body was already read within the size limit; parse that buffer, not the socket.
-    async def replay():  # type: ignore[no-untyped-def]
+async def parse_multipart(scope: Scope, body: bytes, max_files: int) -> Payload:
+    """The ``file`` parts and the form fields of a multipart body already read within the
+    size limit. A large one runs in a thread, in an event loop of its own there
+    (``asyncio.run``), so that a body built to be slow to parse (lines that look like
+    boundaries) costs that thread, not the server's loop."""
+
+    async def replay() -> Message:
         return {"type": "http.request", "body": body, "more_body": False}
 
-    replayed = Request(request.scope, replay)
     try:
-        form = await replayed.form(max_files=max_files + 1, max_fields=64)
+        form = await Request(scope, replay).form(max_files=max_files + 1, max_fields=64)
     except Exception as exc:  # malformed multipart is the client's input
         message = str(getattr(exc, "detail", exc))
         if message.startswith("Too many files"):
@@ -123,24 +186,43 @@ async def _from_multipart(request: Request, body: bytes, max_files: int) -> Payl
     return Payload(images, params)
 
 
-async def read_payload(request: Request, *, max_body_bytes: int, max_images: int) -> Payload:
+Offload = Callable[[Callable[[], Payload]], Awaitable[Payload]]
+
+
+async def inline(parse: Callable[[], Payload]) -> Payload:
+    return parse()
+
+
+async def read_payload(
+    request: Request,
+    *,
+    max_body_bytes: int,
+    max_images: int,
+    offload: Offload = inline,
+    reading: Reading | None = None,
+) -> Payload:
+    """The images and parameters of a /v1 request. Bodies over ``INLINE_PARSE_BYTES`` are
+    parsed by ``offload(parse)`` (``Engine.parse``: off the event loop, a bounded number
+    at once)."""
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if not (ctype in ("application/json", "multipart/form-data") or ctype.startswith(RAW_TYPES)):
         raise UnsupportedMediaTypeError(
             f"content type {ctype or '(none)'} is not supported: send multipart/form-data "
             "with file parts, a raw image/* body, or application/json with base64 images"
         )
-    body = await read_body(request, max_body_bytes)
+    body = await read_body(request, max_body_bytes, reading)
+    small = len(body) <= INLINE_PARSE_BYTES
     if ctype == "application/json":
-        payload = _from_json(body)
+        check_json_count(body, max_images)
+        parse = functools.partial(parse_json_images, body, max_images)
+        payload = parse() if small else await offload(parse)
     elif ctype == "multipart/form-data":
-        payload = await _from_multipart(request, body, max_images)
+        form = functools.partial(parse_multipart, request.scope, body, max_images)
+        payload = await form() if small else await offload(lambda: asyncio.run(form()))
     else:
         payload = Payload([body])
     if not payload.images:
         raise InvalidParameterError("the request holds no images")
     if len(payload.images) > max_images:
-        raise PayloadTooLargeError(
-            f"{len(payload.images)} images in one request; the limit is {max_images}"
-        )
+        raise too_many(len(payload.images), max_images)
     return payload

@@ -102,6 +102,12 @@ class Settings(BaseSettings):
     decode_workers: int = Field(0, ge=0, description="image decoding threads (0: one per core)")
     jpeg_draft: bool = Field(True, description="JPEG DCT-domain downscale before resizing")
     max_body_bytes: int = Field(32 * 1024 * 1024, ge=1, description="request body, at most")
+    max_buffered_bytes: int = Field(
+        256 * 1024 * 1024,
+        ge=1,
+        description="bytes of request bodies being read or held, all requests together, at "
+        "most; beyond it 503, before the body is read where it declares its length",
+    )
     max_images_per_request: int = Field(64, ge=1, description="images in one request, at most")
     max_image_pixels: int = Field(
         40_000_000,

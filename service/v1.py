@@ -15,6 +15,7 @@ from service.engine import Job
 from service.httpcall import deadline, disconnect_watch, engine_of
 from service.inputs import read_payload
 from service.postprocess import encode_embeddings, to_npy, top_k
+from service.reading import Reading
 from service.responses import V1, FastJSONResponse, protocol_route
 from service.v1_schema import (
     ERRORS,
@@ -52,9 +53,13 @@ async def _infer(
     s = engine.settings
     parsed: dict[str, Any] = {}
 
-    async def parse(spec: ModelSpec) -> Job:
+    async def parse(spec: ModelSpec, reading: Reading) -> Job:
         payload = await read_payload(
-            request, max_body_bytes=s.max_body_bytes, max_images=s.max_images_per_request
+            request,
+            max_body_bytes=s.max_body_bytes,
+            max_images=s.max_images_per_request,
+            offload=engine.parse,
+            reading=reading,
         )
         params = parsed["params"] = parse_params(params_cls, query, payload.params)
         return job_of(payload.images, params)

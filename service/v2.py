@@ -8,7 +8,6 @@ do against Triton. Each route is parse (``service.v2_codec``) -> core (``Engine.
 
 from __future__ import annotations
 
-import asyncio
 import functools
 from typing import Any
 
@@ -20,16 +19,14 @@ from contract.schema import ModelSpec
 from service.engine import Job
 from service.errors import ModelNotFoundError
 from service.httpcall import deadline, disconnect_watch, engine_of
-from service.inputs import read_body
+from service.inputs import INLINE_PARSE_BYTES, read_body
+from service.reading import Reading
 from service.responses import V2, FastJSONResponse, protocol_route
 from service.runtime import ServedModel
 from service.v2_codec import HEADER_LENGTH, job, parse_request
 from service.v2_encode import EXTENSIONS, VERSION, encode_response, model_metadata
 
 ENDPOINT = "v2_infer"
-# Bodies above this are parsed in a thread: JSON tensor data costs far more per byte than
-# base64, and a large one would stall every other request on the event loop.
-INLINE_PARSE_BYTES = 256 * 1024
 
 # --- schemas: documentation of the answers ---
 
@@ -151,17 +148,17 @@ async def infer(request: Request, model: str) -> Response:
     limit = deadline(request, engine)
     s = engine.settings
 
-    async def parse(spec: ModelSpec) -> Job:
-        body = await read_body(request, s.max_body_bytes)
+    async def parse(spec: ModelSpec, reading: Reading) -> Job:
+        body = await read_body(request, s.max_body_bytes, reading)
         run = functools.partial(
             parse_request, body,
             header_length=request.headers.get(HEADER_LENGTH),
             content_encoding=request.headers.get("content-encoding"),
             spec=spec, max_images=s.max_images_per_request, max_body_bytes=s.max_body_bytes,
         )  # fmt: skip
-        # A compressed body may inflate far past its size: parsed in a thread too.
+        # A compressed body may inflate far past its size: parsed off the loop too.
         inline = len(body) <= INLINE_PARSE_BYTES and not request.headers.get("content-encoding")
-        return job(run() if inline else await asyncio.to_thread(run))
+        return job(run() if inline else await engine.parse(run))
 
     result = await engine.infer(
         served, parse, endpoint=ENDPOINT, deadline=limit, gone=disconnect_watch(request)

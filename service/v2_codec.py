@@ -20,8 +20,8 @@ import orjson
 
 from contract.schema import INPUT, VECTOR_OUTPUTS, ModelSpec
 from service.engine import Job
-from service.errors import BadRequestError, PayloadTooLargeError
-from service.inputs import decode_base64_image, decode_content
+from service.errors import BadRequestError
+from service.inputs import decode_base64_image, decode_content, too_many
 
 OUTPUTS = VECTOR_OUTPUTS
 HEADER_LENGTH = "Inference-Header-Content-Length"
@@ -178,7 +178,7 @@ def check_input(datatype: Any, shape: list[int], spec: ModelSpec, max_images: in
     if count == 0:
         raise BadRequestError(f"{where} holds no images")
     if count > max_images:
-        raise PayloadTooLargeError(f"{count} images in one request; the limit is {max_images}")
+        raise too_many(count, max_images)
     return count
 
 

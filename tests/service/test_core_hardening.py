@@ -5,6 +5,7 @@ bytes are budgeted before they are admitted."""
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from pathlib import Path
@@ -25,6 +26,24 @@ def healthz_ms(url: str) -> float:
     return (time.perf_counter() - t) * 1000
 
 
+def _slow_decoding(engine: Any, slow: bytes) -> tuple[threading.Event, list[int]]:
+    """Decoding ``slow`` waits for the returned event; the list gets each such image's
+    index as its decode starts."""
+    real = engine.preprocess_one
+    release, started = threading.Event(), []
+    lock = threading.Lock()
+
+    def preprocess(data: bytes, index: int, **kw: Any) -> Any:
+        if data == slow:
+            with lock:
+                started.append(index)
+            release.wait(HOLD_TIMEOUT_S)
+        return real(data, index, **kw)
+
+    engine.preprocess_one = preprocess
+    return release, started
+
+
 def test_a_failed_image_cancels_its_siblings_and_blames_no_other_request(
     tiny_repository: Path, tiny_images: np.ndarray
 ) -> None:
@@ -36,19 +55,7 @@ def test_a_failed_image_cancels_its_siblings_and_blames_no_other_request(
     with thread_server(
         tiny_repository, decode_workers=2, decode_timeout_ms=limit_ms
     ) as srv:  # fmt: skip
-        engine = srv.runtime.engine
-        real = engine.preprocess_one
-        release, started = threading.Event(), []
-        lock = threading.Lock()
-
-        def preprocess(data: bytes, index: int, **kw: Any) -> Any:
-            if data == slow:
-                with lock:
-                    started.append(index)
-                release.wait(HOLD_TIMEOUT_S)
-            return real(data, index, **kw)
-
-        engine.preprocess_one = preprocess  # type: ignore[method-assign]
+        release, started = _slow_decoding(srv.runtime.engine, slow)
         batcher = srv.runtime.models[tiny.NAME].batcher
         assert batcher is not None
         try:
@@ -80,3 +87,176 @@ def test_a_failed_image_cancels_its_siblings_and_blames_no_other_request(
             assert sorted(started) == list(range(1, 1 + running))  # the rest never ran
         finally:
             release.set()
+
+
+def _held_parse(engine: Any) -> tuple[threading.Event, list[int]]:
+    """Every parse the engine takes off the loop waits for the returned event; the list
+    counts those that started (inside the engine's bound)."""
+    real = engine.parse
+    gate, entered = threading.Event(), []
+
+    async def parse(fn: Any) -> Any:
+        def held() -> Any:
+            entered.append(1)
+            gate.wait(HOLD_TIMEOUT_S)
+            return fn()
+
+        return await real(held)
+
+    engine.parse = parse
+    return gate, entered
+
+
+def _bodies(image: bytes) -> dict[str, tuple[str, bytes, dict[str, str]]]:
+    """name -> (path, body, headers): a large body of each form that must not be parsed on
+    the event loop (issue 13 items 4-6)."""
+    import base64
+    import gzip
+
+    b64 = base64.b64encode(image).decode()
+    padded = b'{"images": ["' + b64.encode() + b'"]' + b" " * 300_000 + b"}"
+    boundary = "BOUNDARY"
+    lines = b"\r\n--BOUNDARYz" * 30_000  # looks like boundaries, is not
+    multipart = (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="a.png"\r\n'
+            "Content-Type: image/png\r\n\r\n"
+        ).encode()
+        + image
+        + (f'\r\n--{boundary}\r\nContent-Disposition: form-data; name="note"\r\n\r\n').encode()
+        + lines
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    zeros = gzip.compress(b"0" * 8_000_000)  # ~8 KB inflating to 8 MB
+    return {
+        "v1-json": ("/v1/classify", padded, {"content-type": "application/json"}),
+        "v1-multipart": ("/v1/classify", multipart,
+                         {"content-type": f"multipart/form-data; boundary={boundary}"}),
+        "v2-gzip": (f"/v2/models/{tiny.NAME}/infer", zeros,
+                    {"content-type": "application/json", "content-encoding": "gzip"}),
+    }  # fmt: skip
+
+
+def test_large_bodies_are_parsed_off_the_loop_a_bounded_number_at_once(
+    tiny_repository: Path, tiny_pngs: list[bytes]
+) -> None:
+    """Issue 13 items 5 and 6: a large JSON, multipart or compressed body is parsed on a
+    thread, one at a time here (--decode-workers 1), while /healthz answers; a parse held
+    on the loop would hold /healthz with it."""
+    bodies = _bodies(tiny_pngs[0])
+    with thread_server(tiny_repository, decode_workers=1) as srv:
+        gate, entered = _held_parse(srv.runtime.engine)
+        answers: dict[str, int] = {}
+
+        def send(name: str) -> None:
+            path, body, headers = bodies[name]
+            answers[name] = httpx.post(srv.url + path, content=body, headers=headers,
+                                       timeout=HOLD_TIMEOUT_S).status_code  # fmt: skip
+
+        clients = [threading.Thread(target=send, args=(n,)) for n in bodies]
+        try:
+            for c in clients:
+                c.start()
+            wait_until(lambda: len(entered) == 1, timeout=60)
+            assert httpx.get(srv.url + "/healthz", timeout=30).status_code == 200
+            time.sleep(0.5)  # the other two would have started by now if unbounded
+            assert len(entered) == 1
+        finally:
+            gate.set()
+            for c in clients:
+                c.join(60)
+        assert len(entered) == 3
+        # Each is answered as the client's input: the note field is not a parameter (422),
+        # eight megabytes of digits are not an inference request (400).
+        assert answers == {"v1-json": 200, "v1-multipart": 422, "v2-gzip": 400}, answers
+
+
+def test_millions_of_tiny_json_images_are_refused_before_parsing(tiny_repository: Path) -> None:
+    """Issue 13 item 4: the image count is known from the body's quotes, before anything
+    is parsed or decoded."""
+    body = b'{"images": [' + b",".join([b'"AA=="'] * 400_000) + b"]}"
+    with thread_server(tiny_repository) as srv:
+        _, entered = _held_parse(srv.runtime.engine)
+        r = httpx.post(srv.url + "/v1/classify", content=body,
+                       headers={"content-type": "application/json"}, timeout=60)  # fmt: skip
+        assert r.status_code == 413, r.text
+        assert r.json()["error"]["code"] == "payload_too_large"
+        assert "more than 64 images" in r.json()["error"]["message"]
+        assert entered == []  # refused before any parse
+
+
+def _stalled_upload(port: int, declared: int, sent: bytes = b"\x89PNG") -> socket.socket:
+    """A /v1/classify upload that declares ``declared`` bytes, sends a few, then stalls."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    head = (
+        f"POST /v1/classify HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/png\r\n"
+        f"Content-Length: {declared}\r\n\r\n"
+    )
+    sock.sendall(head.encode() + sent)
+    return sock
+
+
+def test_stalled_uploads_do_not_hold_batches(tiny_repository: Path, tiny_pngs: list[bytes]) -> None:
+    """Issue 13 item 11: with an hour's batch delay, a batch waits for every announced
+    request; uploads that stopped sending must not stay announced, or a lone client would
+    wait the hour."""
+    with thread_server(tiny_repository, max_batch_delay_ms=3_600_000) as srv:
+        batcher = srv.runtime.models[tiny.NAME].batcher
+        assert batcher is not None
+        stalled = [_stalled_upload(srv.port, 1000) for _ in range(5)]
+        try:
+            wait_until(lambda: srv.runtime.engine.budget.used == 5000, timeout=30)
+            wait_until(lambda: batcher.announced == 0, timeout=30)
+            r = httpx.post(srv.url + "/v1/classify", content=tiny_pngs[0], headers=PNG,
+                           timeout=30)  # fmt: skip
+            assert r.status_code == 200, r.text
+        finally:
+            for sock in stalled:
+                sock.close()
+        wait_until(lambda: srv.runtime.engine.budget.used == 0, timeout=30)
+
+
+def test_bytes_are_budgeted_before_they_are_read(
+    tiny_repository: Path, tiny_pngs: list[bytes]
+) -> None:
+    """Issue 13 item 10: past --max-buffered-bytes a request is a 503 with Retry-After as
+    soon as its headers declare a length that does not fit, before its body is sent; the
+    others are served, and the budget comes back when the held uploads go."""
+    with thread_server(tiny_repository, max_buffered_bytes=100_000) as srv:
+        held = _stalled_upload(srv.port, 60_000)
+        try:
+            wait_until(lambda: srv.runtime.engine.budget.used == 60_000, timeout=30)
+            refused = _stalled_upload(srv.port, 60_000, sent=b"")
+            answer = refused.recv(65536).decode("latin-1")
+            refused.close()
+            assert answer.startswith("HTTP/1.1 503"), answer
+            assert "retry-after: 1" in answer.lower() and '"code":"overloaded"' in answer
+            r = httpx.post(srv.url + "/v1/classify", content=tiny_pngs[0], headers=PNG,
+                           timeout=30)  # fmt: skip
+            assert r.status_code == 200, r.text
+        finally:
+            held.close()
+        wait_until(lambda: srv.runtime.engine.budget.used == 0, timeout=30)
+        assert httpx.get(srv.url + "/readyz", timeout=30).status_code == 200
+
+
+def test_a_timed_out_request_keeps_its_running_decode_counted(
+    tiny_repository: Path, tiny_pngs: list[bytes]
+) -> None:
+    """A request that times out while its image is being decoded answers 504 at once; the
+    decode, which cannot be interrupted, stays admitted until it ends, then nothing is."""
+    slow = tiny_pngs[0]
+    with thread_server(tiny_repository, decode_workers=1) as srv:
+        release, started = _slow_decoding(srv.runtime.engine, slow)
+        batcher = srv.runtime.models[tiny.NAME].batcher
+        assert batcher is not None
+        try:
+            headers = {**PNG, "x-request-timeout-ms": "300"}
+            r = httpx.post(srv.url + "/v1/classify", content=slow, headers=headers, timeout=60)
+            assert r.status_code == 504, r.text
+            assert started == [0] and batcher.pending == 1
+        finally:
+            release.set()
+        wait_until(lambda: batcher.pending == 0, timeout=30)
+        r = httpx.post(srv.url + "/v1/classify", content=tiny_pngs[1], headers=PNG, timeout=30)
+        assert r.status_code == 200 and batcher.pending == 0

@@ -268,3 +268,35 @@ def test_real_model_same_top1_and_embeddings_as_v1(
                 await c.close()
 
         assert asyncio.run(aio()).argmax(axis=1).tolist() == top1
+
+
+def test_typed_contents_as_well_as_raw(srv: ThreadServer) -> None:
+    """Clients other than tritonclient may send typed contents (``uint_contents`` for
+    UINT8, ``bytes_contents`` for BYTES): the same answers."""
+    import grpc
+    from tritonclient.grpc import service_pb2 as pb
+    from tritonclient.grpc import service_pb2_grpc as rpc
+
+    images = IMAGES[:2]
+    with grpc.insecure_channel(target(srv)) as channel:
+        stub = rpc.GRPCInferenceServiceStub(channel)
+        typed = pb.ModelInferRequest(model_name=tiny.NAME)
+        inp = typed.inputs.add(name="images", datatype="UINT8", shape=list(images.shape))
+        inp.contents.uint_contents.extend(images.ravel().tolist())
+        typed.outputs.add(name="logits")
+        encoded = pb.ModelInferRequest(model_name=tiny.NAME)
+        inp = encoded.inputs.add(name="images", datatype="BYTES", shape=[2])
+        inp.contents.bytes_contents.extend(png(i) for i in images)
+        encoded.outputs.add(name="logits")
+        for request in (typed, encoded):
+            response = stub.ModelInfer(request, metadata=tuple(AUTH.items()))
+            (out,) = response.outputs
+            assert out.name == "logits" and list(out.shape) == [2, 10]
+            logits = np.frombuffer(response.raw_output_contents[0], "<f4").reshape(2, 10)
+            np.testing.assert_allclose(logits, tiny.expected(images)["logits"], atol=1e-5)
+        bad = pb.ModelInferRequest(model_name=tiny.NAME)
+        inp = bad.inputs.add(name="images", datatype="UINT8", shape=[1, 8, 8, 3])
+        inp.contents.uint_contents.extend([300] * 192)  # not a UINT8 value
+        with pytest.raises(grpc.RpcError) as exc:
+            stub.ModelInfer(bad, metadata=tuple(AUTH.items()))
+        assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
