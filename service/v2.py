@@ -44,7 +44,11 @@ from service.runtime import ServedModel
 
 VERSION = "1"  # a repository holds one version of each model
 PLATFORM = "onnxruntime_onnx"
-EXTENSIONS = ("binary_tensor_data", "classification")
+# Triton's names; the last three are service/triton_http.py's.
+EXTENSIONS = (
+    "binary_tensor_data", "classification", "model_configuration", "statistics",
+    "model_repository",
+)  # fmt: skip
 INPUT = "images"
 OUTPUTS = ("logits", "probabilities", "embedding")
 HEADER_LENGTH = "Inference-Header-Content-Length"
