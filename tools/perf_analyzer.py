@@ -136,6 +136,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", required=True)
     parser.add_argument("--concurrency", default="1:8", help="start:end (step 1)")
     parser.add_argument("--window-ms", type=int, default=2000, help="measurement window")
+    parser.add_argument(
+        "--stability-percent", type=int, default=10,
+        help="perf_analyzer's -s: how far the last 3 windows may spread (busy machine: more)",
+    )  # fmt: skip
+    parser.add_argument("--max-trials", type=int, default=10, help="windows at most per step")
     parser.add_argument("--protocol", default="http", choices=("http", "grpc"))
     parser.add_argument("--server-arg", default="", help="more resnet-serve options")
     args = parser.parse_args(argv)
@@ -158,6 +163,7 @@ def main(argv: list[str] | None = None) -> None:
                 start, end = args.concurrency.split(":")
                 command = ["-m", args.model, "-u", f"127.0.0.1:{target}", "-i", args.protocol,
                            "--concurrency-range", f"{start}:{end}:1", "-p", str(args.window_ms),
+                           "-s", str(args.stability_percent), "-r", str(args.max_trials),
                            "-f", str(out)]  # fmt: skip
                 run = tool.run(command, timeout=3600)
                 if run.returncode != 0:

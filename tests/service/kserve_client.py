@@ -2,17 +2,35 @@
 ``InferenceGRPCClient`` sends the images of an .npz file, as preprocessed UINT8 and as
 encoded files (BYTES), and prints the logits and embeddings it got back, as JSON.
 
+KServe's package ``__init__`` imports its model server and Kubernetes SDK, which a client
+never uses: ``kserve`` is registered as a bare package over its installed files (as
+tools/timm_source.py does for torchvision), and its client modules are then imported
+unchanged.
+
 Usage: python kserve_client.py HOST:PORT MODEL IMAGES.npz"""
 
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import json
 import sys
+import types
 
 import numpy as np
-from kserve import InferenceGRPCClient, InferInput, InferRequest
-from kserve.protocol.infer_type import RequestedOutput
+
+
+def _bare_kserve() -> None:
+    spec = importlib.util.find_spec("kserve")
+    assert spec is not None and spec.submodule_search_locations, "kserve is not on the path"
+    package = types.ModuleType("kserve")
+    package.__path__ = list(spec.submodule_search_locations)
+    sys.modules["kserve"] = package
+
+
+_bare_kserve()
+from kserve.inference_client import InferenceGRPCClient  # noqa: E402
+from kserve.protocol.infer_type import InferInput, InferRequest, RequestedOutput  # noqa: E402
 
 
 async def infer(client: InferenceGRPCClient, model: str, inp: InferInput) -> dict[str, list]:
