@@ -25,7 +25,6 @@ from service.v2 import VERSION, model_metadata
 if TYPE_CHECKING:
     from service.runtime import Runtime, ServedModel
 
-PLATFORM = "onnxruntime_onnx"
 BACKEND = "onnxruntime"
 # V2 datatypes to model_config.proto's DataType names; BYTES is TYPE_STRING there.
 DATA_TYPES = {
@@ -91,7 +90,7 @@ def model_config(
         groups.append(entry)
     return {
         "name": name,
-        "platform": PLATFORM,
+        "platform": metadata["platform"],
         "backend": BACKEND,
         "version_policy": {"latest": {"num_versions": 1}},
         "max_batch_size": scheduling.max_batch_size,

@@ -169,6 +169,9 @@ def main(argv: list[str] | None = None) -> None:
                 if run.returncode != 0:
                     raise SystemExit(f"perf_analyzer failed:\n{run.stdout}\n{run.stderr}")
                 rows = report_rows(out.read_text())
+                if [int(r["Concurrency"]) for r in rows] != list(range(int(start), int(end) + 1)):
+                    # perf_analyzer stops at the first step it cannot measure stably.
+                    raise SystemExit(f"perf_analyzer stopped early:\n{run.stdout[-3000:]}")
         finally:
             proc.terminate()
             proc.wait(60)
@@ -176,7 +179,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"- machine: {_cpu()}; load average {load_before[0]:.2f} before, "
           f"{load_after[0]:.2f} after; Python {platform.python_version()}")  # fmt: skip
     print(f"- perf_analyzer ({PERF_ANALYZER_WHEEL}): `perf_analyzer {' '.join(command[:-2])}`")
-    print(f"- resnet-serve: `{' '.join(server[1:])}`\n")
+    print(f"- resnet-serve: `resnet-serve {' '.join(server[3:])}`\n")
     print("| concurrency | infer/s | p50 ms | p99 ms | server queue us | server compute us |")
     print("|---:|---:|---:|---:|---:|---:|")
     for r in rows:
