@@ -82,3 +82,20 @@ def test_grpc_uint8(
 ) -> None:
     srv, grpc_port = served
     _profile(perf_analyzer, srv, f"127.0.0.1:{grpc_port}", "grpc", tmp_path)
+
+
+def test_http_with_an_api_key(perf_analyzer: PerfAnalyzer, r20_repository: Path) -> None:
+    """With --api-keys, perf_analyzer's -H carries the key (its metadata, configuration and
+    statistics requests too); without it, it stops at once."""
+    key = "perf-analyzer-key"
+    srv = ProcessServer(r20_repository, api_keys=key).start()
+    try:
+        common = ["-m", MODEL, "-u", f"127.0.0.1:{srv.port}", "-i", "http",
+                  "--concurrency-range", "1:2:1", *BOUNDED]  # fmt: skip
+        refused = perf_analyzer.run(common)
+        assert refused.returncode != 0, refused.stdout
+        proc = perf_analyzer.run([*common, "-H", f"Authorization:Bearer {key}"])
+        assert proc.returncode == 0, f"{proc.stdout}\n{proc.stderr}"
+        assert "Concurrency: 2, throughput" in proc.stdout, proc.stdout
+    finally:
+        assert srv.stop() == 0
