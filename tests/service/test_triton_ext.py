@@ -25,7 +25,8 @@ from service.triton_ext import (
     model_statistics,
     repository_index,
 )
-from tests.service.servers import ProcessServer
+from tests.service.faults import fail_runs, retire_sessions
+from tests.service.servers import ProcessServer, thread_server
 
 MODEL = "resnet20_cifar10"
 METADATA = {
@@ -175,3 +176,26 @@ def test_http_repository_index(srv: ProcessServer) -> None:
     for bad in (b"[1]", b"{", b'{"ready": "yes"}'):
         r = httpx.post(f"{srv.url}/v2/repository/index", content=bad)
         assert r.status_code == 400 and "error" in r.json(), r.text
+
+
+def test_failed_runs_and_retired_sessions(r20_repository: Path, cifar_pngs: list[bytes]) -> None:
+    """A run that raises counts its images under ``fail`` (and nothing else); a model with
+    no session left is UNAVAILABLE in the index, with the reason."""
+    with thread_server(r20_repository) as server:
+        model = server.runtime.models[MODEL]
+        fail_runs(model, 1)
+        png = {"content-type": "image/png"}
+        failed = httpx.post(f"{server.url}/v1/classify", content=cifar_pngs[0], headers=png)
+        assert failed.status_code == 503, failed.text
+        ok = httpx.post(f"{server.url}/v1/classify", content=cifar_pngs[0], headers=png)
+        assert ok.status_code == 200, ok.text
+        (entry,) = httpx.get(f"{server.url}/v2/models/{MODEL}/stats").json()["model_stats"]
+        stats = entry["inference_stats"]
+        assert (stats["fail"]["count"], stats["success"]["count"]) == (1, 1), stats
+        assert (entry["inference_count"], entry["execution_count"]) == (1, 1), entry
+        retire_sessions(model)
+        httpx.post(f"{server.url}/v1/classify", content=cifar_pngs[0], headers=png)
+        index = httpx.post(f"{server.url}/v2/repository/index").json()
+        unavailable = {"state": "UNAVAILABLE", "reason": "no session able to run"}
+        assert index == [{"name": MODEL, "version": "1", **unavailable}]
+        assert httpx.post(f"{server.url}/v2/repository/index", json={"ready": True}).json() == []
