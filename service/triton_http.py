@@ -10,18 +10,28 @@ from typing import Any
 import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
+from pydantic import BaseModel
 
 from service.errors import BadRequestError, ModelNotFoundError
 from service.inputs import read_body
 from service.responses import FastJSONResponse
 from service.runtime import Runtime, ServedModel
 from service.triton_ext import config_of, index_of, statistics_of
-from service.v2 import VERSION
+from service.v2 import VERSION, V2Error
 
 # A repository index request is a small JSON object; anything larger is not one.
 MAX_INDEX_BODY_BYTES = 64 * 1024
 
 router = APIRouter(tags=["v2"])
+NOT_FOUND = {404: {"model": V2Error, "description": "unknown model or version"}}
+BAD_REQUEST = {400: {"model": V2Error, "description": "not a repository index request"}}
+
+
+class IndexEntry(BaseModel):
+    name: str
+    version: str
+    state: str
+    reason: str
 
 
 def _runtime(request: Request) -> Runtime:
@@ -40,21 +50,30 @@ def _model(request: Request, name: str) -> ServedModel:
 
 
 @router.get("/v2/models/{model}/versions/{version}/config", include_in_schema=False)
-@router.get("/v2/models/{model}/config", summary="Triton model configuration")
+@router.get(
+    "/v2/models/{model}/config", response_model=dict[str, Any], responses=NOT_FOUND,
+    summary="Triton model configuration (model_config.proto's ModelConfig)",
+)  # fmt: skip
 async def model_config(request: Request, model: str) -> Response:
     runtime = _runtime(request)
     return FastJSONResponse(config_of(runtime, _model(request, model)))
 
 
 # Before /v2/models/{model} is matched with model="stats": this router is included first.
-@router.get("/v2/models/stats", summary="Triton statistics of every served model")
+@router.get(
+    "/v2/models/stats", response_model=dict[str, Any],
+    summary="Triton statistics of every served model (ModelStatisticsResponse)",
+)  # fmt: skip
 async def all_statistics(request: Request) -> Response:
     runtime = _runtime(request)
     return FastJSONResponse(statistics_of(runtime, runtime.models.values()))
 
 
 @router.get("/v2/models/{model}/versions/{version}/stats", include_in_schema=False)
-@router.get("/v2/models/{model}/stats", summary="Triton statistics of one model")
+@router.get(
+    "/v2/models/{model}/stats", response_model=dict[str, Any], responses=NOT_FOUND,
+    summary="Triton statistics of one model (ModelStatisticsResponse)",
+)  # fmt: skip
 async def model_statistics(request: Request, model: str) -> Response:
     runtime = _runtime(request)
     return FastJSONResponse(statistics_of(runtime, [_model(request, model)]))
@@ -76,7 +95,10 @@ def _index_request(body: bytes) -> bool:
     return ready
 
 
-@router.post("/v2/repository/index", summary="Triton repository index: the served models")
+@router.post(
+    "/v2/repository/index", response_model=list[IndexEntry], responses=BAD_REQUEST,
+    summary="Triton repository index: the served models; body {\"ready\": true}: ready ones",
+)  # fmt: skip
 async def repository_index(request: Request) -> Response:
     ready = _index_request(await read_body(request, MAX_INDEX_BODY_BYTES))
     return FastJSONResponse(index_of(_runtime(request), ready))
