@@ -29,6 +29,7 @@ from service.routes import router
 from service.runtime import Runtime
 from service.settings import Settings
 from service.v1 import router as v1_router
+from service.triton_http import router as triton_router
 from service.v2 import router as v2_router
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,12 @@ ENDPOINTS = {
     "/v2/models/{model}/versions/{version}/ready": "v2_model",
     "/v2/models/{model}/infer": "v2_infer",
     "/v2/models/{model}/versions/{version}/infer": "v2_infer",
+    "/v2/models/{model}/config": "v2_config",
+    "/v2/models/{model}/versions/{version}/config": "v2_config",
+    "/v2/models/stats": "v2_stats",
+    "/v2/models/{model}/stats": "v2_stats",
+    "/v2/models/{model}/versions/{version}/stats": "v2_stats",
+    "/v2/repository/index": "v2_repository",
     "/openapi.json": "docs",
     "/docs": "docs",
     "/docs/oauth2-redirect": "docs",
@@ -310,6 +317,8 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
     app.state.metrics = metrics
     app.include_router(router)
     app.include_router(v1_router)
+    # Before v2's: its /v2/models/{model} would take /v2/models/stats.
+    app.include_router(triton_router)
     app.include_router(v2_router)
     # Starlette runs the last added outermost: request IDs and metrics see everything,
     # including 401s and CORS preflights. CORS is outside the keys: a browser's preflight

@@ -273,6 +273,7 @@ class Batcher:
             batch = np.zeros((bucket, *self.image_shape), dtype=np.uint8)
             for i, item in enumerate(items):
                 batch[i] = item.image
+            assembled = time.perf_counter()
             # The batch fetches what any of its images asked for, each name once.
             names = tuple(dict.fromkeys(name for item in items for name in item.outputs))
             loop = asyncio.get_running_loop()
@@ -285,15 +286,21 @@ class Batcher:
                 for item in items:
                     if not item.future.done():
                         item.future.set_exception(error)
+                self.metrics.stats.of(self.model).failed([i.enqueued for i in items])
                 await self.pool.recover(worker)
                 return
-            self._inference.observe(time.perf_counter() - start)
+            ran = time.perf_counter()
+            self._inference.observe(ran - start)
             self._batch_size.observe(n)
             self._padding.inc(bucket - n)
             by_name = dict(zip(names, arrays, strict=True))
             for i, item in enumerate(items):
                 if not item.future.done():
                     item.future.set_result({name: by_name[name][i] for name in item.outputs})
+            # Triton's statistics extension (service/stats.py).
+            self.metrics.stats.of(self.model).executed(
+                [item.enqueued for item in items], start, assembled, ran, time.perf_counter()
+            )
         finally:
             self.pool.release(worker)
 

@@ -15,6 +15,8 @@ from importlib import metadata
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from service.stats import Stats
+
 # Seconds; fine at the low end, where a small model's whole request lives.
 LATENCY_BUCKETS = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75,
@@ -57,6 +59,8 @@ def _version(package: str) -> str:
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
+        # Triton's statistics extension: counters the batcher feeds beside these metrics.
+        self.stats = Stats()
         r = self.registry
         p = "resnet_serve_"
 
@@ -197,6 +201,7 @@ class Metrics:
         """A served model's limits and state, and every one of its counters and histograms
         at 0. The callables are read at each scrape."""
         self.model_info.labels(name, precision).set(1)
+        self.stats.add_model(name)
         self.max_queue_images.labels(name).set(max_queue_images)
         self.max_batch_size.labels(name).set(max_batch_size)
         self.sessions.labels(name).set(sessions)

@@ -18,7 +18,11 @@ from service.v2_codec import HEADER_LENGTH, InferenceRequest, RequestedOutput
 
 VERSION = "1"  # a repository holds one version of each model
 PLATFORM = "onnxruntime_onnx"
-EXTENSIONS = ("binary_tensor_data", "classification")
+# Triton's names; the last three are service/triton_http.py's (and the gRPC server's).
+EXTENSIONS = (
+    "binary_tensor_data", "classification", "model_configuration", "statistics",
+    "model_repository",
+)  # fmt: skip
 
 
 def serialize_bytes(items: list[bytes]) -> bytes:

@@ -17,6 +17,9 @@ from types import ModuleType
 import numpy as np
 import pytest
 
+from tools import perf_analyzer as perf_analyzer_tool
+from tools.perf_analyzer import PerfAnalyzer
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("RESNET_SERVE_SHARED", ROOT.parent / "shared"))
 WEIGHTS_HOME = SHARED / "weights"
@@ -193,3 +196,45 @@ def timm() -> ModuleType:
         if os.environ.get("CI"):
             pytest.fail(str(exc))
         pytest.skip(str(exc))
+
+
+# --- Triton's perf_analyzer --------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def perf_analyzer() -> PerfAnalyzer:
+    """Triton's perf_analyzer (tools/perf_analyzer.py), from its wheel into .cache/tests,
+    checked by running it. Not there or not starting (Debian's libb64-0d missing): a skip,
+    a failure under CI."""
+    try:
+        return PerfAnalyzer.at(cached(perf_analyzer_tool.HOME_NAME, perf_analyzer_tool.install))
+    except perf_analyzer_tool.Unavailable as exc:
+        if os.environ.get("CI"):
+            pytest.fail(f"{exc} (.ci/run installs libb64-0d)")
+        pytest.skip(str(exc))
+
+
+# --- KServe's Python client ----------------------------------------------------------
+
+# KServe's SDK and only what its client modules import beyond the project's own packages:
+# its package __init__ also loads its model server and Kubernetes SDK (434 MB installed
+# with every dependency, measured), which tests/service/kserve_client.py skips. 92 MB.
+KSERVE = (
+    "kserve==0.21.0", "pandas==2.3.3", "psutil==5.9.8", "cloudevents==1.13.0",
+    "deprecation==2.1.0", "six==1.17.0", "pytz==2026.6",
+)  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def kserve_path() -> Path:
+    """A directory with KServe's SDK (``pip install --target --no-deps``) in .cache/tests,
+    for PYTHONPATH: its pins are not the project's, so its client runs in a subprocess."""
+
+    def install(tmp: Path) -> None:
+        run_setup_step(
+            [sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check",
+             "--no-deps", "--target", str(tmp), *KSERVE],
+            f"installing {KSERVE[0]} (PyPI)",
+        )  # fmt: skip
+
+    return cached(KSERVE[0].replace("==", "-"), install)

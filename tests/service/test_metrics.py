@@ -18,6 +18,7 @@ from service.metrics import GRPC_ENDPOINTS, INFERENCE_STATUSES, REJECT_REASONS
 from service.routes import router as health_router
 from service.settings import Settings
 from service.v1 import router as v1_router
+from service.triton_http import router as triton_router
 from service.v2 import router as v2_router
 from tests.service.faults import hold_decoding, retire_sessions
 from tests.service.servers import ProcessServer, ThreadServer, metric_value, wait_until
@@ -83,7 +84,7 @@ def test_every_answer_is_counted_and_logged(keyed: ProcessServer, cifar_pngs) ->
         expect(c.post(f"{url}/v1/classify", content=one, headers=PNG), "classify", R20, 200)
         # Unknown paths: one label value for all of them, however many different paths.
         for i in range(12):
-            expect(c.get(f"{url}/v2/models/m{i}/config", headers=AUTH), "unknown", "", 404)
+            expect(c.get(f"{url}/v2/models/m{i}/trace/setting", headers=AUTH), "unknown", "", 404)
         expect(c.get(f"{url}/nope/{'x' * 300}", headers=AUTH), "unknown", "", 404)
         expect(c.post(f"{url}/v1/models/nope/classify", content=one, headers=PNG),
                "classify", "", 404)  # fmt: skip
@@ -149,7 +150,7 @@ def test_success_latency_is_apart_from_errors(keyed: ProcessServer, cifar_pngs) 
 def test_endpoint_table_names_every_route() -> None:
     app = create_app(Settings())
     docs = {r.path for r in app.routes if isinstance(getattr(r, "path", None), str)}
-    paths = docs | {r.path for r in (*health_router.routes, *v1_router.routes, *v2_router.routes)}  # type: ignore[attr-defined]
+    paths = docs | {r.path for r in (*health_router.routes, *v1_router.routes, *v2_router.routes, *triton_router.routes)}  # type: ignore[attr-defined]
     assert paths == set(ENDPOINTS), paths ^ set(ENDPOINTS)
     assert endpoint_of("/v2/models/m/versions/1/infer") == ("v2_infer", "m")
     assert endpoint_of("/v1/models/a/b/classify") == ("unknown", None)  # one segment only

@@ -1,0 +1,101 @@
+"""Triton's perf_analyzer, unchanged, against `resnet-serve`: it reads the model metadata
+and configuration, sends preprocessed UINT8 images at concurrency 1 to 8, and reads the
+statistics extension around every measurement window. Any failed request stops it with
+a non-zero exit; the statistics must count every request it sent, and none failed.
+
+Bounded: windows of 250 ms, a stability bound no run misses (the verdict never depends
+on the machine's speed or load), about 10 s per run."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from service.settings import Settings
+from tests.service.servers import ProcessServer, free_port
+from tools.perf_analyzer import PerfAnalyzer, report_rows
+
+MODEL = "resnet20_cifar10"
+CONCURRENCY = range(1, 9)
+# -s: the stability bound, in percent: far past any run's spread, so that noise on a shared
+# machine never stops a run; -r: windows at most per level.
+BOUNDED = ["-p", "250", "-s", "1000", "-r", "10"]
+NO_GRPC = pytest.mark.skipif(
+    "grpc_port" not in Settings.model_fields, reason="no gRPC server in this build"
+)
+
+
+@pytest.fixture(scope="module")
+def served(r20_repository: Path) -> Iterator[tuple[ProcessServer, int | None]]:
+    """`resnet-serve` with resnet20_cifar10, and its gRPC port where this build has one."""
+    grpc_port = free_port() if "grpc_port" in Settings.model_fields else None
+    env = {"grpc_port": str(grpc_port)} if grpc_port else {}
+    srv = ProcessServer(r20_repository, **env).start()
+    yield srv, grpc_port
+    assert srv.stop() == 0
+
+
+def _stats(srv: ProcessServer) -> dict:
+    r = httpx.get(f"{srv.url}/v2/models/{MODEL}/stats")
+    assert r.status_code == 200, r.text
+    (entry,) = r.json()["model_stats"]
+    return entry["inference_stats"]
+
+
+def _profile(tool: PerfAnalyzer, srv: ProcessServer, url: str, protocol: str, tmp: Path) -> None:
+    before = _stats(srv)
+    report = tmp / "report.csv"
+    proc = tool.run(
+        ["-m", MODEL, "-u", url, "-i", protocol,
+         "--concurrency-range", f"{CONCURRENCY[0]}:{CONCURRENCY[-1]}:1",
+         *BOUNDED, "-f", str(report)]
+    )  # fmt: skip
+    output = f"{proc.stdout}\n{proc.stderr}"
+    assert proc.returncode == 0, f"perf_analyzer exited {proc.returncode}:\n{output}"
+    rows = report_rows(report.read_text())
+    assert sorted(int(r["Concurrency"]) for r in rows) == list(CONCURRENCY), proc.stdout
+    for row in rows:
+        assert float(row["Inferences/Second"]) > 0, row
+        # Read from the statistics extension: the server's own split of the latency.
+        assert int(row["Server Compute Infer"]) > 0, row
+    after = _stats(srv)
+    assert after["fail"]["count"] == before["fail"]["count"], after
+    # Every request perf_analyzer sent, measured or not (warm-up, windows), is counted.
+    sent = after["success"]["count"] - before["success"]["count"]
+    assert sent >= len(rows), (sent, proc.stdout)
+    assert "Successful request count" in proc.stdout, proc.stdout
+
+
+def test_http_uint8(
+    perf_analyzer: PerfAnalyzer, served: tuple[ProcessServer, int | None], tmp_path: Path
+) -> None:
+    srv, _ = served
+    _profile(perf_analyzer, srv, f"127.0.0.1:{srv.port}", "http", tmp_path)
+
+
+@NO_GRPC
+def test_grpc_uint8(
+    perf_analyzer: PerfAnalyzer, served: tuple[ProcessServer, int | None], tmp_path: Path
+) -> None:
+    srv, grpc_port = served
+    _profile(perf_analyzer, srv, f"127.0.0.1:{grpc_port}", "grpc", tmp_path)
+
+
+def test_http_with_an_api_key(perf_analyzer: PerfAnalyzer, r20_repository: Path) -> None:
+    """With --api-keys, perf_analyzer's -H carries the key (its metadata, configuration and
+    statistics requests too); without it, it stops at once."""
+    key = "perf-analyzer-key"
+    srv = ProcessServer(r20_repository, api_keys=key).start()
+    try:
+        common = ["-m", MODEL, "-u", f"127.0.0.1:{srv.port}", "-i", "http",
+                  "--concurrency-range", "1:2:1", *BOUNDED]  # fmt: skip
+        refused = perf_analyzer.run(common)
+        assert refused.returncode != 0, refused.stdout
+        proc = perf_analyzer.run([*common, "-H", f"Authorization:Bearer {key}"])
+        assert proc.returncode == 0, f"{proc.stdout}\n{proc.stderr}"
+        assert "Concurrency: 2, throughput" in proc.stdout, proc.stdout
+    finally:
+        assert srv.stop() == 0
