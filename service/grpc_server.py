@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
+from google.protobuf import json_format
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as rpc
 
@@ -38,6 +39,7 @@ from service.grpc_codec import infer_response, job, metadata_response, parse_req
 from service.metrics import GRPC_ENDPOINTS, status_class
 from service.reading import Reading
 from service.runtime import Runtime, ServedModel
+from service.triton_ext import config_of, index_of, statistics_of
 from service.v2_encode import EXTENSIONS, VERSION
 
 log = logging.getLogger(__name__)
@@ -175,12 +177,29 @@ class Servicer(rpc.GRPCInferenceServiceServicer):
         )
         return infer_response(served.spec, result.job.request, result.outputs)
 
-    # TODO(lead, on merging the `triton` branch): answer these three from its builders
-    # (service/triton_ext.py, service/stats.py), as /v2/models/{m}/config, /stats and
-    # /v2/repository/index do over HTTP; until then they are UNIMPLEMENTED.
-    ModelConfig = _unimplemented("ModelConfig")
-    ModelStatistics = _unimplemented("ModelStatistics")
-    RepositoryIndex = _unimplemented("RepositoryIndex")
+    # Triton's extensions, the documents /v2/models/{m}/config, /stats and
+    # /v2/repository/index answer over HTTP, as the protocol's messages.
+    @_rpc(MODEL)
+    async def ModelConfig(self, request: Any, context: Any) -> Any:
+        doc = config_of(self.runtime, self.model(request.name, request.version))
+        return json_format.ParseDict({"config": doc}, pb.ModelConfigResponse())
+
+    @_rpc(MODEL)
+    async def ModelStatistics(self, request: Any, context: Any) -> Any:
+        # No name: every served model, as Triton answers.
+        models = (
+            [self.model(request.name, request.version)]
+            if request.name
+            else list(self.runtime.models.values())
+        )
+        doc = statistics_of(self.runtime, models)
+        return json_format.ParseDict(doc, pb.ModelStatisticsResponse())
+
+    @_rpc(SERVER)
+    async def RepositoryIndex(self, request: Any, context: Any) -> Any:
+        doc = {"models": index_of(self.runtime, request.ready)}
+        return json_format.ParseDict(doc, pb.RepositoryIndexResponse())
+
     ModelStreamInfer = _unimplemented("ModelStreamInfer")
 
 

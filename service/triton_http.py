@@ -42,7 +42,7 @@ def _runtime(request: Request) -> Runtime:
 
 def _model(request: Request, name: str) -> ServedModel:
     """The path's model (and version), labelled on the request for metrics and logs."""
-    served = _runtime(request).get(name)
+    served = _runtime(request).engine.model(name)
     version = request.path_params.get("version")
     if version is not None and version != VERSION:
         raise ModelNotFoundError(f"{name} version {version}", [f"{name} version {VERSION}"])

@@ -300,3 +300,41 @@ def test_typed_contents_as_well_as_raw(srv: ThreadServer) -> None:
         with pytest.raises(grpc.RpcError) as exc:
             stub.ModelInfer(bad, metadata=tuple(AUTH.items()))
         assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_triton_extensions_answer_what_http_answers(srv: ThreadServer) -> None:
+    # ModelConfig, ModelStatistics and RepositoryIndex: the documents of /v2/models/{m}/config,
+    # /v2/models/stats and /v2/repository/index, as the protocol's messages.
+    from google.protobuf import json_format
+
+    client = grpcclient.InferenceServerClient(target(srv))
+    name = tiny.NAME
+    client.infer(name, [uint8_input(IMAGES[:2])], headers=AUTH)
+    with httpx.Client(base_url=srv.url, headers=AUTH) as c:
+        config = c.get(f"/v2/models/{name}/config").json()
+        stats = c.get(f"/v2/models/{name}/stats").json()
+        index = c.post("/v2/repository/index", json={}).json()
+    got = client.get_model_config(name, headers=AUTH, as_json=True)["config"]
+    expected = json_format.ParseDict(
+        {"config": config}, grpcclient.service_pb2.ModelConfigResponse()
+    )
+    assert got == json_format.MessageToDict(expected, preserving_proto_field_name=True)["config"]
+    assert got["max_batch_size"] > 0 and got["input"][0]["name"] == "images"
+    grpc_stats = client.get_inference_statistics(name, headers=AUTH, as_json=True)
+    (entry,) = grpc_stats["model_stats"]
+    (http_entry,) = stats["model_stats"]
+    assert entry["name"] == name
+    # Counted from the same statistics: the gRPC call comes after the HTTP one.
+    assert int(entry["inference_count"]) >= int(http_entry["inference_count"]) >= 2
+    everything = client.get_inference_statistics("", headers=AUTH, as_json=True)
+    assert {m["name"] for m in everything["model_stats"]} == {m["name"] for m in index}
+    repo = client.get_model_repository_index(headers=AUTH, as_json=True)
+    assert [(m["name"], m["state"]) for m in repo["models"]] == [
+        (m["name"], m["state"]) for m in index
+    ]
+    with pytest.raises(InferenceServerException) as exc:
+        client.get_model_config("no-such-model", headers=AUTH)
+    assert "NOT_FOUND" in str(exc.value.status())
+    with pytest.raises(InferenceServerException) as exc:
+        client.get_model_config(name)  # no key
+    assert "UNAUTHENTICATED" in str(exc.value.status())

@@ -150,7 +150,15 @@ def test_success_latency_is_apart_from_errors(keyed: ProcessServer, cifar_pngs) 
 def test_endpoint_table_names_every_route() -> None:
     app = create_app(Settings())
     docs = {r.path for r in app.routes if isinstance(getattr(r, "path", None), str)}
-    paths = docs | {r.path for r in (*health_router.routes, *v1_router.routes, *v2_router.routes, *triton_router.routes)}  # type: ignore[attr-defined]
+    paths = docs | {
+        r.path
+        for r in (
+            *health_router.routes,
+            *v1_router.routes,
+            *v2_router.routes,
+            *triton_router.routes,
+        )
+    }  # type: ignore[attr-defined]
     assert paths == set(ENDPOINTS), paths ^ set(ENDPOINTS)
     assert endpoint_of("/v2/models/m/versions/1/infer") == ("v2_infer", "m")
     assert endpoint_of("/v1/models/a/b/classify") == ("unknown", None)  # one segment only
