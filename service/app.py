@@ -28,8 +28,8 @@ from service.responses import FastJSONResponse, add_error_handlers, error_respon
 from service.routes import router
 from service.runtime import Runtime
 from service.settings import Settings
-from service.v1 import router as v1_router
 from service.triton_http import router as triton_router
+from service.v1 import router as v1_router
 from service.v2 import router as v2_router
 
 log = logging.getLogger(__name__)

@@ -17,8 +17,8 @@ from service.app import ENDPOINTS, create_app, endpoint_of
 from service.metrics import GRPC_ENDPOINTS, INFERENCE_STATUSES, REJECT_REASONS
 from service.routes import router as health_router
 from service.settings import Settings
-from service.v1 import router as v1_router
 from service.triton_http import router as triton_router
+from service.v1 import router as v1_router
 from service.v2 import router as v2_router
 from tests.service.faults import hold_decoding, retire_sessions
 from tests.service.servers import ProcessServer, ThreadServer, metric_value, wait_until
