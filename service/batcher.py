@@ -33,6 +33,7 @@ from service.errors import (
 )
 from service.metrics import Metrics
 from service.sessions import DEFAULT_OUTPUTS, SessionPool, Worker
+from service.timing import Timing, current
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,7 @@ class _Item:
     future: asyncio.Future[Result]
     enqueued: float
     outputs: tuple[str, ...]
+    timing: Timing | None  # the submitting request's (Server-Timing)
 
 
 class Expectation:
@@ -138,6 +140,8 @@ class Batcher:
                 f"limit {self.max_queue_images}); retry later"
             )
         self._incoming += n
+        if (timing := current()) is not None:
+            timing.reserved()
 
     def unreserve(self, n: int) -> None:
         """Reserved images that will not come (decoding failed, client gone)."""
@@ -150,10 +154,13 @@ class Batcher:
         self._incoming -= len(images)
         loop = asyncio.get_running_loop()
         now = time.perf_counter()
+        timing = current()
+        if timing is not None:
+            timing.submitted()
         futures: list[asyncio.Future[Result]] = []
         for image in images:
             fut: asyncio.Future[Result] = loop.create_future()
-            self._queue.append(_Item(image, fut, now, outputs))
+            self._queue.append(_Item(image, fut, now, outputs, timing))
             futures.append(fut)
         self._depth.set(len(self._queue))
         self._arrival.set()
@@ -228,13 +235,16 @@ class Batcher:
                         item.future.set_exception(error)
                 await self.pool.recover(worker)
                 return
-            self._inference.observe(time.perf_counter() - start)
+            end = time.perf_counter()
+            self._inference.observe(end - start)
             self._batch_size.observe(n)
             self._padding.inc(bucket - n)
             by_name = dict(zip(names, arrays, strict=True))
             for i, item in enumerate(items):
                 if not item.future.done():
                     item.future.set_result({name: by_name[name][i] for name in item.outputs})
+                    if item.timing is not None:
+                        item.timing.batch_done(start - item.enqueued, end - start, end)
         finally:
             self.pool.release(worker)
 
