@@ -7,6 +7,7 @@ import asyncio
 import builtins
 import email.utils
 import io
+import shutil
 import threading
 import time
 from collections.abc import Iterator
@@ -21,6 +22,7 @@ import service.errors
 from client import AsyncClient, Client, Prediction, errors
 from client.protocol import retry_after_s
 from service.settings import Settings
+from tests.conftest import ROOT
 from tests.service.servers import (
     ThreadServer,
     busy_server,
@@ -224,3 +226,22 @@ def test_async_client(srv: ThreadServer, cat: Path, cifar_pngs: list[bytes]) -> 
         assert top == c.classify(images)
         np.testing.assert_array_equal(vectors, c.embed(images))
     assert listing["default"] == MODEL
+
+
+def test_the_readme_example_runs(
+    srv: ThreadServer, cat: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    """The README's client example, as written, against the live server (its URL and key
+    put in), with its two files made."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("### Python client") :]
+    code = section[section.index("```python\n") + 10 : section.index("```\n", 10)]
+    code = code.replace('"http://127.0.0.1:8000", api_key=None', f'"{srv.url}", api_key="{KEY}"')
+    assert srv.url in code
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(cat, "cat.jpg")
+    Image.open(cat).rotate(90).save("dog.png")
+    exec(compile(code, "README.md", "exec"), {})
+    out = capsys.readouterr().out.split("\n")
+    assert out[0] == MODEL
+    assert out[2].startswith("404 model_not_found")
