@@ -97,10 +97,15 @@ class PathPrefix:
     def __init__(self, app: ASGIApp, prefix: str) -> None:
         self.app = app
         self.prefix = prefix
+        # The paths that came without the prefix: behind a real proxy, none would arrive.
+        self.unprefixed: list[str] = []
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "")
-        if scope["type"] == "http" and (path + "/").startswith(self.prefix + "/"):
-            stripped = path[len(self.prefix) :] or "/"
-            scope = {**scope, "path": stripped, "raw_path": stripped.encode()}
+        if scope["type"] == "http":
+            if (path + "/").startswith(self.prefix + "/"):
+                stripped = path[len(self.prefix) :] or "/"
+                scope = {**scope, "path": stripped, "raw_path": stripped.encode()}
+            else:
+                self.unprefixed.append(path)
         await self.app(scope, receive, send)

@@ -5,7 +5,6 @@ asserted is what the browser rendered, compared with what the API answers."""
 from __future__ import annotations
 
 import base64
-import io
 import json
 import os
 import shutil
@@ -16,6 +15,7 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
+from starlette.types import ASGIApp
 
 from service.settings import Settings
 from tests.conftest import ROOT
@@ -35,11 +35,33 @@ DOCS_IMAGES = ROOT / "docs" / "images"
 
 
 @pytest.fixture(scope="module")
-def site(r20_repository: Path) -> Iterator[ThreadServer]:
+def proxy() -> list[PathPrefix]:
+    return []
+
+
+@pytest.fixture(scope="module")
+def site(r20_repository: Path, proxy: list[PathPrefix]) -> Iterator[ThreadServer]:
+    """The service with API keys, at its root and (as a proxy would serve it) under PREFIX."""
+
+    def behind_prefix(app: ASGIApp) -> ASGIApp:
+        proxy.append(PathPrefix(app, PREFIX))
+        return proxy[0]
+
     settings = Settings(repository=r20_repository, api_keys=[KEY])
-    srv = ThreadServer(settings, wrap=lambda app: PathPrefix(app, PREFIX)).start()
+    srv = ThreadServer(settings, wrap=behind_prefix).start()
     yield srv
     srv.stop()
+
+
+@pytest.fixture
+def page_at(site: ThreadServer, proxy: list[PathPrefix], request) -> Iterator[str]:  # type: ignore[no-untyped-def]
+    """The base URL of the pages for the test's ``where``: "" (the root) or PREFIX, where
+    the test fails if a request of the page's bypassed the prefix."""
+    where = getattr(request, "param", "")
+    proxy[0].unprefixed.clear()
+    yield site.url + where
+    if where:
+        assert proxy[0].unprefixed == [], "requests that left the prefix"
 
 
 @pytest.fixture(scope="module")
@@ -73,13 +95,16 @@ def api_top5(url: str, photo: Path) -> list[dict]:
     return r.json()["results"][0]["predictions"]
 
 
+@pytest.mark.parametrize("page_at", ["", PREFIX], indirect=True)
 def test_docs_render_the_operations_and_try_it_out_classifies(
-    chrome, site: ThreadServer, photos: list[Path], shots: Path
+    chrome, site: ThreadServer, page_at: str, photos: list[Path], shots: Path
 ) -> None:
+    chrome.get(page_at + "/docs")
+    chrome.execute_script("window.localStorage.clear()")  # an authorization kept from before
     requested_urls(chrome)  # what earlier tests left in the log
-    chrome.get(site.url + "/docs")
+    chrome.get(page_at + "/docs")
     wait(chrome, lambda d: len(texts(d, ".opblock-summary-path")) >= 4)
-    spec = httpx.get(site.url + "/openapi.json").json()
+    spec = httpx.get(page_at + "/openapi.json").json()
     rendered = set(texts(chrome, ".opblock-summary-path"))
     assert rendered == set(spec["paths"]), rendered ^ set(spec["paths"])
 
@@ -109,8 +134,9 @@ def test_docs_render_the_operations_and_try_it_out_classifies(
     body = op.find_element(By.CSS_SELECTOR, answered.replace("status", "description pre"))
     answer = json.loads(body.text)
     assert answer["model"] == MODEL
-    assert answer["results"][0]["predictions"] == api_top5(site.url, photos[0])
-    chrome.save_screenshot(str(shots / "docs-try-it-out.png"))
+    assert answer["results"][0]["predictions"] == api_top5(page_at, photos[0])
+    where = page_at[len(site.url) :].replace("/", "-")
+    chrome.save_screenshot(str(shots / f"docs-try-it-out{where}.png"))
     assert foreign(requested_urls(chrome), site.url) == []
 
 
@@ -128,16 +154,17 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
 
 
-@pytest.mark.parametrize("where", ["", PREFIX])
+@pytest.mark.parametrize("page_at", ["", PREFIX], indirect=True)
 def test_demo_page_classifies_real_photos(
-    chrome, site: ThreadServer, photos: list[Path], shots: Path, where: str
+    chrome, site: ThreadServer, page_at: str, photos: list[Path], shots: Path
 ) -> None:
     """The demo page, at the root and behind the prefix: the key typed in, two photos
     chosen; their top-5, latency split and cosine similarity rendered as the API says."""
+    where = page_at[len(site.url) :]
     requested_urls(chrome)
-    chrome.get(f"{site.url}{where}/ui")
+    chrome.get(f"{page_at}/ui")
     chrome.execute_script("window.sessionStorage.clear()")
-    chrome.get(f"{site.url}{where}/ui")
+    chrome.get(f"{page_at}/ui")
     # Without the key: the page says what is needed.
     wait(chrome, lambda d: "API key" in d.find_element(By.ID, "message").text)
     chrome.find_element(By.ID, "key").send_keys(KEY + "\n")
@@ -153,7 +180,7 @@ def test_demo_page_classifies_real_photos(
         assert not card.find_elements(By.CSS_SELECTOR, ".error")
         labels = [e.text for e in card.find_elements(By.CSS_SELECTOR, ".prediction .label")]
         scores = [e.text for e in card.find_elements(By.CSS_SELECTOR, ".prediction .score")]
-        expected = api_top5(site.url, photo)
+        expected = api_top5(page_at, photo)
         assert labels == [p["label"] for p in expected]
         assert scores == [f"{100 * p['score']:.1f}%" for p in expected]
         timing = card.find_element(By.CSS_SELECTOR, ".timing").text
@@ -163,7 +190,7 @@ def test_demo_page_classifies_real_photos(
     first = chrome.find_element(By.CSS_SELECTOR, ".card .prediction .label").text
     assert first == "cat"
 
-    r = httpx.post(f"{site.url}/v1/models/{MODEL}/embed", headers=AUTH, timeout=60,
+    r = httpx.post(f"{page_at}/v1/models/{MODEL}/embed", headers=AUTH, timeout=60,
                    files=[("file", (p.name, p.read_bytes())) for p in photos])  # fmt: skip
     a, b = (np.asarray(e, dtype=np.float32) for e in r.json()["embeddings"])
     pair = chrome.find_element(By.ID, "similarity-pair").text
@@ -177,26 +204,37 @@ def test_demo_page_classifies_real_photos(
     assert foreign(requested_urls(chrome), site.url) == []
 
 
-def test_demo_page_takes_a_pasted_image(chrome, site: ThreadServer, photos: list[Path]) -> None:
-    """A paste event carrying an image file (what Ctrl+V with a copied image gives)."""
+@pytest.mark.parametrize("event", ["paste", "drop"])
+def test_demo_page_takes_a_pasted_or_dropped_image(
+    chrome, site: ThreadServer, photos: list[Path], tmp_path: Path, event: str
+) -> None:
+    """A paste event carrying an image file (what Ctrl+V with a copied image gives), and a
+    drop on the drop zone (what dragging a file from a file manager gives)."""
     chrome.get(f"{site.url}/ui")
     chrome.execute_script(f"window.sessionStorage.setItem('resnet-serve-api-key', '{KEY}')")
     chrome.get(f"{site.url}/ui")
     wait(chrome, lambda d: Select(d.find_element(By.ID, "model")).options)
-    png = io.BytesIO()
+    png = tmp_path / "image.png"
     Image.open(photos[0]).save(png, "PNG")
     chrome.execute_script(
         """
         const bytes = Uint8Array.from(atob(arguments[0]), c => c.charCodeAt(0));
         const data = new DataTransfer();
-        data.items.add(new File([bytes], "image.png", {type: "image/png"}));
-        document.dispatchEvent(new ClipboardEvent("paste", {clipboardData: data}));
+        data.items.add(new File([bytes], arguments[2], {type: "image/png"}));
+        if (arguments[1] === "paste") {
+          document.dispatchEvent(new ClipboardEvent("paste", {clipboardData: data}));
+        } else {
+          document.getElementById("drop").dispatchEvent(
+            new DragEvent("drop", {dataTransfer: data, bubbles: true, cancelable: true}));
+        }
         """,
-        base64.b64encode(png.getvalue()).decode(),
+        base64.b64encode(png.read_bytes()).decode(),
+        event,
+        "image.png" if event == "paste" else "dropped.png",
     )
     wait(chrome, lambda d: d.find_elements(By.CSS_SELECTOR, ".card[data-state=done]"))
-    assert chrome.find_element(By.CSS_SELECTOR, ".card .name").text == "pasted-1.png"
+    # A pasted image has no name of its own (browsers call it image.png): the page numbers it.
+    name = "pasted-1.png" if event == "paste" else "dropped.png"
+    assert chrome.find_element(By.CSS_SELECTOR, ".card .name").text == name
     labels = texts(chrome, ".card .prediction .label")
-    png_path = photos[0].with_suffix(".pasted.png")
-    png_path.write_bytes(png.getvalue())
-    assert labels == [p["label"] for p in api_top5(site.url, png_path)]
+    assert labels == [p["label"] for p in api_top5(site.url, png)]
