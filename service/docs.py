@@ -18,18 +18,13 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import FileResponse, HTMLResponse, Response
 
 from service.auth import is_open
-from service.errors import ServeError
+from service.errors import NotFoundError
 from service.settings import Settings
 
 BEARER = "bearer"
 # The shipped files change only with the package: revalidated (ETag), never stale.
 CACHE_CONTROL = "no-cache"
 MEDIA_TYPES = {".js": "text/javascript; charset=utf-8", ".css": "text/css; charset=utf-8"}
-
-
-class AssetNotFoundError(ServeError):
-    status = 404
-    code = "not_found"
 
 
 @functools.cache
@@ -74,7 +69,7 @@ async def redoc() -> Response:
 @router.get("/static/{name}")
 async def asset(request: Request, name: str) -> Response:
     if name not in _assets():
-        raise AssetNotFoundError(f"no such file: {name}")
+        raise NotFoundError(f"no such file: {name}")
     path = static_dir() / name
     response = FileResponse(
         path,

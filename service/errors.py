@@ -49,6 +49,13 @@ class ModelNotFoundError(ServeError):
         super().__init__(f"unknown model {name!r}; available: {', '.join(known) or 'none'}")
 
 
+class NotFoundError(ServeError):
+    """A path that names nothing served (a file the docs pages do not ship)."""
+
+    status = 404
+    code = "not_found"
+
+
 class PayloadTooLargeError(ServeError):
     status = 413
     code = "payload_too_large"
