@@ -20,7 +20,7 @@ from fastapi.routing import APIRoute
 from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service import logs
+from service import docs, logs, ui
 from service.auth import AuthMiddleware
 from service.errors import InternalError, NotReadyError, ServeError
 from service.metrics import Metrics, status_class
@@ -28,6 +28,7 @@ from service.responses import FastJSONResponse, add_error_handlers, error_respon
 from service.routes import router
 from service.runtime import Runtime
 from service.settings import Settings
+from service.timing import TimingMiddleware
 from service.triton_http import router as triton_router
 from service.v1 import router as v1_router
 from service.v2 import router as v2_router
@@ -81,6 +82,9 @@ ENDPOINTS = {
     "/docs": "docs",
     "/docs/oauth2-redirect": "docs",
     "/redoc": "docs",
+    "/static/{name}": "static",
+    "/": "ui",
+    "/ui": "ui",
 }
 UNKNOWN = "unknown"
 # Probes and scrapes: counted, but access-logged only when they fail (4xx, 5xx); every few
@@ -312,6 +316,8 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
         "with dynamic batching on ONNX Runtime.",
         lifespan=lifespan,
         default_response_class=FastJSONResponse,
+        docs_url=None,  # service.docs serves them, from local files
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.metrics = metrics
@@ -320,6 +326,9 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
     # Before v2's: its /v2/models/{model} would take /v2/models/stats.
     app.include_router(triton_router)
     app.include_router(v2_router)
+    docs.install(app, settings)
+    if settings.ui:
+        ui.install(app)
     # Starlette runs the last added outermost: request IDs and metrics see everything,
     # including 401s and CORS preflights. CORS is outside the keys: a browser's preflight
     # never carries one, and a 401 needs the CORS headers for the page to read it.
@@ -335,8 +344,9 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
             allow_origins=settings.cors_origins,
             allow_methods=["GET", "POST"],
             allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
-            expose_headers=["X-Request-ID", "Retry-After"],
+            expose_headers=["X-Request-ID", "Retry-After", "Server-Timing"],
         )
+    app.add_middleware(TimingMiddleware)
     app.add_middleware(
         RequestMiddleware, metrics=metrics, access_log=settings.access_log, traffic=traffic
     )

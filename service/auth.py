@@ -11,8 +11,18 @@ from service.errors import UnauthorizedError
 from service.responses import error_response, protocol_of
 
 OPEN_PATHS = frozenset(
-    {"/healthz", "/readyz", "/v2/health/live", "/v2/health/ready", "/docs", "/openapi.json"}
-)
+    {"/healthz", "/readyz", "/v2/health/live", "/v2/health/ready", "/openapi.json",
+     # the pages a person opens first, and their files: the key is typed in there
+     "/docs", "/docs/oauth2-redirect", "/redoc", "/", "/ui"}
+)  # fmt: skip
+OPEN_PREFIXES = ("/static/",)
+
+
+def is_open(path: str, metrics_require_key: bool) -> bool:
+    """Whether ``path`` is answered without a key."""
+    if path in OPEN_PATHS or path.startswith(OPEN_PREFIXES):
+        return True
+    return path == "/metrics" and not metrics_require_key
 
 
 def key_matches(presented: bytes, keys: list[bytes]) -> bool:
@@ -27,10 +37,10 @@ class AuthMiddleware:
     def __init__(self, app: ASGIApp, keys: list[str], metrics_require_key: bool) -> None:
         self.app = app
         self.keys = [k.encode() for k in keys]
-        self.open = OPEN_PATHS if metrics_require_key else OPEN_PATHS | {"/metrics"}
+        self.metrics_require_key = metrics_require_key
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in self.open:
+        if scope["type"] != "http" or is_open(scope["path"], self.metrics_require_key):
             await self.app(scope, receive, send)
             return
         presented = b""

@@ -33,6 +33,7 @@ from service.errors import (
 )
 from service.metrics import Metrics
 from service.sessions import DEFAULT_OUTPUTS, Runner, SessionPool
+from service.timing import Timing, current
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,7 @@ class _Item:
     future: asyncio.Future[Result]
     enqueued: float
     outputs: tuple[str, ...]
+    timing: Timing | None  # the submitting request's (Server-Timing)
 
 
 class Ticket:
@@ -203,16 +205,21 @@ class Batcher:
                 f"limit {self.max_queue_images}); retry later"
             )
         self._incoming += n
+        if (timing := current()) is not None:
+            timing.reserved()
 
     def _enqueue(
         self, images: list[np.ndarray], outputs: tuple[str, ...]
     ) -> list[asyncio.Future[Result]]:
         loop = asyncio.get_running_loop()
         now = time.perf_counter()
+        timing = current()
+        if timing is not None:
+            timing.submitted()
         futures: list[asyncio.Future[Result]] = []
         for image in images:
             fut: asyncio.Future[Result] = loop.create_future()
-            self._queue.append(_Item(image, fut, now, outputs))
+            self._queue.append(_Item(image, fut, now, outputs, timing))
             futures.append(fut)
         self._depth.set(len(self._queue))
         self._arrival.set()
@@ -297,6 +304,8 @@ class Batcher:
             for i, item in enumerate(items):
                 if not item.future.done():
                     item.future.set_result({name: by_name[name][i] for name in item.outputs})
+                    if item.timing is not None:
+                        item.timing.batch_done(start - item.enqueued, ran - start, ran)
             # Triton's statistics extension (service/stats.py).
             self.metrics.stats.of(self.model).executed(
                 [item.enqueued for item in items], start, assembled, ran, time.perf_counter()

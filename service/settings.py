@@ -162,6 +162,7 @@ class Settings(BaseSettings):
     cors_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="comma-separated CORS origins"
     )
+    ui: bool = Field(True, description="serve the demo page at / and /ui")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
     log_format: Literal["json", "text"] = Field(
         "json", description="json: one object per line, with request IDs"

@@ -6,6 +6,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+# The headless Chromium of the browser tests (tests/service/test_browser.py).
+from tests.service.browser import chrome  # noqa: F401
 from tests.service.servers import ProcessServer, png
 
 

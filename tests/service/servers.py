@@ -13,7 +13,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -21,6 +21,7 @@ import httpx
 import numpy as np
 import uvicorn
 from PIL import Image
+from starlette.types import ASGIApp
 
 from service.app import create_app
 from service.metrics import Metrics
@@ -78,13 +79,21 @@ def metric_value(text: str, name: str, **labels: str) -> float:
 
 
 class ThreadServer:
-    def __init__(self, settings: Settings, runtime: Runtime | None = None) -> None:
+    """``wrap``: what uvicorn serves instead of the app itself, e.g. a proxy in front of it."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        runtime: Runtime | None = None,
+        wrap: Callable[[ASGIApp], ASGIApp] | None = None,
+    ) -> None:
         self.settings = settings
         self.runtime = runtime or Runtime.load(settings, Metrics())
         self.app = create_app(settings, self.runtime)
         self.port = free_port()
+        served = wrap(self.app) if wrap is not None else self.app
         config = uvicorn.Config(
-            self.app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on"
+            served, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on"
         )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)

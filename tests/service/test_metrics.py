@@ -14,10 +14,12 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.app import ENDPOINTS, create_app, endpoint_of
+from service.docs import router as docs_router
 from service.metrics import GRPC_ENDPOINTS, INFERENCE_STATUSES, REJECT_REASONS
 from service.routes import router as health_router
 from service.settings import Settings
 from service.triton_http import router as triton_router
+from service.ui import router as ui_router
 from service.v1 import router as v1_router
 from service.v2 import router as v2_router
 from tests.service.faults import hold_decoding, retire_sessions
@@ -150,15 +152,8 @@ def test_success_latency_is_apart_from_errors(keyed: ProcessServer, cifar_pngs) 
 def test_endpoint_table_names_every_route() -> None:
     app = create_app(Settings())
     docs = {r.path for r in app.routes if isinstance(getattr(r, "path", None), str)}
-    paths = docs | {
-        r.path
-        for r in (
-            *health_router.routes,
-            *v1_router.routes,
-            *v2_router.routes,
-            *triton_router.routes,
-        )
-    }  # type: ignore[attr-defined]
+    routers = (health_router, v1_router, v2_router, triton_router, docs_router, ui_router)
+    paths = docs | {r.path for router in routers for r in router.routes}  # type: ignore[attr-defined]
     assert paths == set(ENDPOINTS), paths ^ set(ENDPOINTS)
     assert endpoint_of("/v2/models/m/versions/1/infer") == ("v2_infer", "m")
     assert endpoint_of("/v1/models/a/b/classify") == ("unknown", None)  # one segment only

@@ -1,0 +1,97 @@
+"""Where one request's time went: preprocess, queue, inference, sent back as a
+``Server-Timing`` header (milliseconds), which browsers show in their developer tools and
+the demo page reads.
+
+The metrics already time each stage, per image and per batch; this is the same clocks seen
+from one request. A request's images are decoded in parallel and may land in more than one
+batch: preprocess is the wall time of its decoding, and queue and inference are those of the
+image whose result came last (the request's critical path), so the three add up to about the
+time the request spent inside the service less the reading of its body.
+
+A context variable, not a parameter: the batcher records into the timing of the request that
+submitted the image (captured at submission, carried with the image), and no signature
+between the route and the batcher changes.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import time
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+
+class Timing:
+    __slots__ = ("_reserved", "_result_at", "inference_s", "preprocess_s", "queue_s")
+
+    def __init__(self) -> None:
+        self.preprocess_s: float | None = None
+        self.queue_s: float | None = None
+        self.inference_s: float | None = None
+        self._reserved: float | None = None
+        self._result_at = 0.0
+
+    def reserved(self) -> None:
+        """The request's images were admitted; their decoding starts."""
+        self._reserved = time.perf_counter()
+
+    def submitted(self) -> None:
+        """The images are decoded and queued."""
+        if self._reserved is not None:
+            self.preprocess_s = time.perf_counter() - self._reserved
+
+    def batch_done(self, queue_s: float, inference_s: float, end: float) -> None:
+        """One of the request's images came out of a batch."""
+        if end >= self._result_at:
+            self._result_at = end
+            self.queue_s, self.inference_s = queue_s, inference_s
+
+    def header(self) -> bytes | None:
+        """The ``Server-Timing`` value, or None when nothing was timed (no inference)."""
+        parts = [
+            f"{name};dur={seconds * 1000:.3f}"
+            for name, seconds in (
+                ("preprocess", self.preprocess_s),
+                ("queue", self.queue_s),
+                ("inference", self.inference_s),
+            )
+            if seconds is not None
+        ]
+        return ", ".join(parts).encode("ascii") if parts else None
+
+
+_current: contextvars.ContextVar[Timing | None] = contextvars.ContextVar(
+    "resnet_serve_timing", default=None
+)
+
+
+def current() -> Timing | None:
+    """The timing of the request being served by this task, if any."""
+    return _current.get()
+
+
+class TimingMiddleware:
+    """A fresh ``Timing`` for each HTTP request; its ``Server-Timing`` header on the answer."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        timing = Timing()
+        token = _current.set(timing)
+
+        async def send_wrapper(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                value = timing.header()
+                if value is not None:
+                    headers = [*message.get("headers", []), (b"server-timing", value)]
+                    message = {**message, "headers": headers}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            _current.reset(token)
