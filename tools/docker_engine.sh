@@ -173,7 +173,7 @@ EOF
 }
 
 stop() {
-  [ -s "$PIDFILE" ] || { log "no $PIDFILE: nothing to stop"; return; }
+  [ -s "$PIDFILE" ] || return 0  # none started from this engine directory
   local pid
   pid=$(cat "$PIDFILE")
   if kill -0 "$pid" 2>/dev/null; then

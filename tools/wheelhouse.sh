@@ -24,8 +24,8 @@ TORCH_INDEX_URL=${TORCH_INDEX_URL-$(pin TORCH_INDEX_URL)}
 
 reqs=("setuptools>=68")  # the build backend of /src (pyproject.toml), installed offline too
 case "$WHAT" in
-  cpu | all) reqs+=("torch==$(pin TORCH_VERSION)" "$ROOT[export,cpu]" "onnxruntime==$(pin ORT_VERSION)") ;;&
-  gpu | all) reqs+=("$ROOT[gpu]" "onnxruntime-gpu==$(pin ORT_GPU_VERSION)" pip) ;;
+  cpu | all) reqs+=("torch==$(pin TORCH_VERSION)" "${ROOT}[export,cpu]" "onnxruntime==$(pin ORT_VERSION)") ;;&
+  gpu | all) reqs+=("${ROOT}[gpu]" "onnxruntime-gpu==$(pin ORT_GPU_VERSION)") ;;
   cpu) ;;
   *) echo "$0: cpu, gpu or all, not $WHAT" >&2; exit 2 ;;
 esac
