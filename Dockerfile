@@ -1,6 +1,6 @@
-# syntax=docker/dockerfile:1.7
-#
-# resnet-serve images (BuildKit; docs/deployment.md has the walk-through).
+# resnet-serve images. BuildKit with the frontend built into Docker 23+ (no `# syntax=` line:
+# it would pull a frontend image from Docker Hub on every build, which an offline or
+# mirrored build cannot). docs/deployment.md has the walk-through.
 #
 #   export       Python + CPU-only torch: `resnet-export` writes the model repository /models.
 #   runtime-gpu  CUDA 13 + cuDNN 9 runtime, onnxruntime-gpu (the `gpu` extra), /models. No torch.
@@ -17,8 +17,15 @@
 #   --build-arg WEIGHTS=/weights/ft.pth    a (fine-tuned) checkpoint inside DIR
 #   --build-arg MODEL_NAME=NAME --build-arg LABELS=/weights/labels.txt
 #
-# tests/deploy/test_cpu_image.py runs this file's runtime-cpu recipe (the venv install, the
-# export command, ENV, ENTRYPOINT, HEALTHCHECK, STOPSIGNAL) outside Docker on every CI run.
+# Air-gapped: `--build-context wheels=DIR`, a wheelhouse made by tools/wheelhouse.sh on a
+# connected machine. Its pip.conf (no-index, find-links=/wheels) is what every pip install
+# of the build stages reads (PIP_CONFIG_FILE), so nothing is fetched; without it pip uses
+# PyPI. With the `weights` context and the bases from your registry
+# (--build-arg PYTHON_IMAGE=..., CUDA_IMAGE=...), a build needs no network at all
+# (`docker build --network none`).
+#
+# tests/deploy/test_container.py builds runtime-cpu with a real engine and tests the image;
+# tests/deploy/test_cpu_image.py runs this file's runtime-cpu recipe outside Docker.
 
 # Python of the CPU stages; the GPU stages use Ubuntu 24.04's, also 3.12.
 ARG PYTHON_IMAGE=python:3.12.8-slim-bookworm
@@ -26,8 +33,9 @@ ARG PYTHON_IMAGE=python:3.12.8-slim-bookworm
 # 1.31.1 needs CUDA 13.x and cuDNN 9.x (checked by tests/deploy/test_dockerfile.py).
 ARG CUDA_IMAGE=nvidia/cuda:13.0.1-cudnn-runtime-ubuntu24.04
 
-# Empty unless replaced with `--build-context weights=DIR`.
+# Empty unless replaced with `--build-context weights=DIR` / `--build-context wheels=DIR`.
 FROM scratch AS weights
+FROM scratch AS wheels
 
 # ---------------------------------------------------------------------------------------
 FROM ${PYTHON_IMAGE} AS export
@@ -35,11 +43,13 @@ ARG TORCH_VERSION=2.13.0
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_CONFIG_FILE=/wheels/pip.conf \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1
 # torch first, from the CPU wheel index: the `export` extra's torch>=2.5 is then satisfied
 # and pip does not pull the CUDA build (gigabytes) from PyPI.
-RUN pip install --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"
+RUN --mount=type=bind,from=wheels,target=/wheels \
+    pip install --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"
 COPY pyproject.toml README.md /src/
 COPY contract /src/contract
 COPY models /src/models
@@ -47,7 +57,8 @@ COPY models /src/models
 # set for the runtime's self-check); it shares only contract/ with the runtime, but the
 # package installs as one (service/ comes along).
 COPY service /src/service
-RUN pip install "/src[export,cpu]"
+RUN --mount=type=bind,from=wheels,target=/wheels \
+    pip install "/src[export,cpu]"
 
 # What to build: catalog names (`resnet-export --list`), and where their weights come from.
 ARG MODELS=resnet50
@@ -65,13 +76,18 @@ FROM ${PYTHON_IMAGE} AS venv-cpu
 ARG ORT_VERSION=1.32.0
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_CONFIG_FILE=/wheels/pip.conf \
     VIRTUAL_ENV=/opt/resnet-serve
-COPY pyproject.toml README.md /src/
+COPY pyproject.toml README.md deploy/docker/trim-venv.sh /src/
 COPY contract /src/contract
 COPY service /src/service
-# Only contract/ and service/ are copied: the runtime package has no build step and no torch.
-RUN python -m venv "${VIRTUAL_ENV}" \
-    && "${VIRTUAL_ENV}/bin/pip" install "/src[cpu]" "onnxruntime==${ORT_VERSION}"
+# Only contract/ and service/ are copied: the runtime package has no build step and no
+# torch. The venv has no pip of its own (the base's installs into it), and trim-venv.sh
+# drops what the server never loads.
+RUN --mount=type=bind,from=wheels,target=/wheels \
+    python -m venv --without-pip "${VIRTUAL_ENV}" \
+    && pip --python "${VIRTUAL_ENV}/bin/python" install "/src[cpu]" "onnxruntime==${ORT_VERSION}" \
+    && sh /src/trim-venv.sh "${VIRTUAL_ENV}"
 
 # ---------------------------------------------------------------------------------------
 FROM ${CUDA_IMAGE} AS python-gpu
@@ -87,12 +103,17 @@ FROM python-gpu AS venv-gpu
 ARG ORT_GPU_VERSION=1.31.1
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_CONFIG_FILE=/wheels/pip.conf \
     VIRTUAL_ENV=/opt/resnet-serve
-COPY pyproject.toml README.md /src/
+COPY pyproject.toml README.md deploy/docker/trim-venv.sh /src/
 COPY contract /src/contract
 COPY service /src/service
-RUN python3 -m venv "${VIRTUAL_ENV}" \
-    && "${VIRTUAL_ENV}/bin/pip" install "/src[gpu]" "onnxruntime-gpu==${ORT_GPU_VERSION}"
+# Ubuntu's python3 has no pip outside a venv: this venv's own pip installs, then goes.
+RUN --mount=type=bind,from=wheels,target=/wheels \
+    python3 -m venv "${VIRTUAL_ENV}" \
+    && "${VIRTUAL_ENV}/bin/pip" install "/src[gpu]" "onnxruntime-gpu==${ORT_GPU_VERSION}" \
+    && "${VIRTUAL_ENV}/bin/pip" uninstall -y -q pip \
+    && sh /src/trim-venv.sh "${VIRTUAL_ENV}"
 
 # ---------------------------------------------------------------------------------------
 FROM python-gpu AS runtime-gpu

@@ -63,8 +63,9 @@ def test_serve_services(compose: dict[str, Any], dockerfile: Dockerfile, name: s
     assert svc["build"]["target"] == target and target in dockerfile.stage_names
     assert svc["build"]["context"] == "."
     # The named build context replaces the Dockerfile's `weights` stage.
-    assert "weights" in svc["build"]["additional_contexts"]
-    assert "weights" in dockerfile.stage_names
+    for context in ("weights", "wheels"):
+        assert context in svc["build"]["additional_contexts"]
+        assert context in dockerfile.stage_names
     export_args = set(dockerfile.environment("export")[0])
     assert set(svc["build"]["args"]) <= export_args, "build args the export stage declares"
     _, env = dockerfile.environment(target)

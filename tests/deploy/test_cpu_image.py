@@ -5,7 +5,8 @@ its recipe on this machine, so that the recipe cannot drift from what is tested.
   pip installs are what `.ci/run` did here), MODELS=resnet20_cifar10 and the shared CIFAR
   checkpoints as the `weights` build context;
 - venv-cpu stage: its COPY instructions (through .dockerignore) and its RUN, the venv +
-  `pip install "/src[cpu]"`, in a fresh virtualenv: the runtime needs no torch;
+  `pip install "/src[cpu]"` + trim-venv.sh, in a fresh virtualenv: the runtime needs no
+  torch, and what the trim leaves serves;
 - runtime-cpu stage: its ENV, ENTRYPOINT + CMD, HEALTHCHECK and STOPSIGNAL. Its RUN (only
   the user creation, which needs root) is not run; USER is checked in test_dockerfile.py.
 
@@ -43,7 +44,7 @@ from tests.deploy.dockerfile import Dockerfile, Instruction, healthcheck_command
 from tests.deploy.promql import TARGET_LABELS, dashboard_queries, raw_references, recording_rules
 
 MODEL = "resnet20_cifar10"
-IMAGE_ROOTS = ("opt", "src", "models", "cache")
+IMAGE_ROOTS = ("opt", "src", "models", "cache", "wheels")
 _ROOTS = "|".join(IMAGE_ROOTS)
 _IMAGE_PATH = re.compile(rf"(?<![\w./~-])/({_ROOTS})(?=/|\b|$)")
 _WEIGHTS_PATH = re.compile(r"(?<![\w./~-])/weights(?=/|\b|$)")
@@ -87,7 +88,9 @@ def _run_step(image: Image_, ins: Instruction, env: dict[str, str]) -> None:
     for spec in ins.flag_values("mount"):
         opts = dict(kv.split("=", 1) for kv in spec.split(","))
         target = Path(image.rebase(opts["target"]))
-        if opts.get("type") == "cache":
+        if opts.get("type") == "cache" or opts.get("from") == "wheels":
+            # The wheelhouse context left empty, as by default: pip uses its usual sources
+            # (tests/deploy/test_container.py builds with a real one).
             target.mkdir(parents=True, exist_ok=True)
         else:
             assert opts.get("from") == "weights" and target == image.weights, spec

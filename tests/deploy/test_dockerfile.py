@@ -42,9 +42,11 @@ def test_hadolint_fails_on_an_error(tmp_path: Path) -> None:
 
 
 def test_stages(dockerfile: Dockerfile) -> None:
-    for name in ("weights", "export", *RUNTIME_STAGES):
+    for name in ("weights", "wheels", "export", *RUNTIME_STAGES):
         assert name in dockerfile.stage_names
-    assert dockerfile.stage("weights").base == "scratch"
+    # The build contexts that replace them (--build-context NAME=DIR) are empty by default.
+    assert dockerfile.stage("weights").base == dockerfile.stage("wheels").base == "scratch"
+    assert dockerfile.stage("wheels").instructions == []
     # The default target (the last stage) runs anywhere.
     assert dockerfile.stages[-1].name == "runtime-cpu"
 
@@ -97,11 +99,29 @@ def test_runtime_stages_agree(dockerfile: Dockerfile) -> None:
     assert cpu_env["RESNET_SERVE_DEVICE"] == "cpu" and gpu_env["RESNET_SERVE_DEVICE"] == "cuda"
 
 
-PIP_INSTALL = re.compile(r"\bpip\"?\s+install\b")
+# `pip install`, `"$VENV/bin/pip" install`, `pip --python "$VENV/bin/python" install`.
+PIP_INSTALL = re.compile(r"\bpip\"?\s+(?:--python\s+\S+\s+)?install\b")
 
 
 def _pip_installs(dockerfile: Dockerfile, stage: str) -> list[str]:
     return [i.rest for i in dockerfile.stage(stage).all("RUN") if PIP_INSTALL.search(i.rest)]
+
+
+def test_every_pip_install_can_run_offline(dockerfile: Dockerfile) -> None:
+    """Air-gapped builds, the GPU stages too (CI cannot build them): each pip install sees
+    the `wheels` context at /wheels and reads its pip.conf, which tools/wheelhouse.sh
+    writes for that path."""
+    wheelhouse = (ROOT / "tools" / "wheelhouse.sh").read_text(encoding="utf-8")
+    assert "no-index = true" in wheelhouse and "find-links = /wheels" in wheelhouse
+    found = 0
+    for stage in dockerfile.stages:
+        for ins in stage.all("RUN"):
+            if PIP_INSTALL.search(ins.rest):
+                found += 1
+                assert "type=bind,from=wheels,target=/wheels" in ins.flag_values("mount"), ins
+                env = dockerfile.environment(stage.name or "")[1]
+                assert env.get("PIP_CONFIG_FILE") == "/wheels/pip.conf", stage.name
+    assert found >= 4
 
 
 def test_no_torch_outside_the_export_stage(dockerfile: Dockerfile) -> None:
