@@ -14,8 +14,6 @@ from typing import Any
 
 import orjson
 from fastapi import Request
-from starlette.datastructures import UploadFile
-from starlette.types import Message, Scope
 
 from service.errors import (
     BadRequestError,
@@ -24,6 +22,7 @@ from service.errors import (
     PayloadTooLargeError,
     UnsupportedMediaTypeError,
 )
+from service.multipart import parse_multipart
 from service.reading import Reading
 
 RAW_TYPES = ("image/", "application/octet-stream")
@@ -153,37 +152,8 @@ def parse_json_images(body: bytes, max_images: int) -> Payload:
     return Payload(images, params)
 
 
-async def parse_multipart(scope: Scope, body: bytes, max_files: int) -> Payload:
-    """The ``file`` parts and the form fields of a multipart body already read within the
-    size limit. A large one runs in a thread, in an event loop of its own there
-    (``asyncio.run``), so that a body built to be slow to parse (lines that look like
-    boundaries) costs that thread, not the server's loop."""
-
-    async def replay() -> Message:
-        return {"type": "http.request", "body": body, "more_body": False}
-
-    try:
-        form = await Request(scope, replay).form(max_files=max_files + 1, max_fields=64)
-    except Exception as exc:  # malformed multipart is the client's input
-        message = str(getattr(exc, "detail", exc))
-        if message.startswith("Too many files"):
-            # One limit, one answer: the same 413 as a count just over it.
-            raise PayloadTooLargeError(
-                f"more than {max_files} images in one request; the limit is {max_files}"
-            ) from None
-        raise BadRequestError(f"invalid multipart body: {message}") from None
-    images: list[bytes] = []
-    params: dict[str, Any] = {}
-    try:
-        for key, value in form.multi_items():
-            if isinstance(value, UploadFile):
-                if key in ("file", "files", "image", "images"):
-                    images.append(await value.read())
-            else:
-                params[key] = value
-    finally:
-        await form.close()
-    return Payload(images, params)
+def multipart_payload(content_type: str, body: bytes, max_images: int) -> Payload:
+    return Payload(*parse_multipart(content_type, body, max_images))
 
 
 Offload = Callable[[Callable[[], Payload]], Awaitable[Payload]]
@@ -217,8 +187,9 @@ async def read_payload(
         parse = functools.partial(parse_json_images, body, max_images)
         payload = parse() if small else await offload(parse)
     elif ctype == "multipart/form-data":
-        form = functools.partial(parse_multipart, request.scope, body, max_images)
-        payload = await form() if small else await offload(lambda: asyncio.run(form()))
+        ctype_full = request.headers.get("content-type", "")
+        parse = functools.partial(multipart_payload, ctype_full, body, max_images)
+        payload = parse() if small else await offload(parse)
     else:
         payload = Payload([body])
     if not payload.images:

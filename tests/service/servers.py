@@ -165,6 +165,8 @@ class ProcessServer:
             **{f"RESNET_SERVE_{k.upper()}": v for k, v in env.items()},
         }
         self.proc: subprocess.Popen[bytes] | None = None
+        # Run in the child before it starts (resource limits, for instance).
+        self.preexec: Callable[[], None] | None = None
         # A file, not a pipe: nobody reads a pipe while the server runs, and a full one
         # would block the server's logging.
         self.log = tempfile.NamedTemporaryFile(prefix="resnet-serve-", suffix=".log")  # noqa: SIM115
@@ -201,7 +203,7 @@ class ProcessServer:
         """Start and wait until ready, or (``wait_ready=False``) only until it listens."""
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "service.cli"], env=self.env,
-            stdout=self.log, stderr=subprocess.STDOUT,
+            stdout=self.log, stderr=subprocess.STDOUT, preexec_fn=self.preexec,
         )  # fmt: skip
         probe = "/readyz" if wait_ready else "/healthz"
 

@@ -13,11 +13,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 from PIL import Image
 
 from service.settings import Settings
-from tests.service.servers import ProcessServer, ThreadServer, thread_server, wait_until
+from tests.service.servers import ProcessServer, ThreadServer, png, thread_server, wait_until
 
 
 @pytest.fixture(scope="module")
@@ -207,3 +208,30 @@ def test_gem_exponent_is_bounded(srv, cifar_pngs) -> None:
     image = base64.b64encode(cifar_pngs[0]).decode()
     r = httpx.post(srv.url + "/v1/embed", json={"images": [image], "p": 1e-300})
     _invalid_parameter(r)
+
+
+def test_a_full_tmpdir_does_not_fail_uploads(r20_repository, tmp_path) -> None:
+    # Regression: multipart parts over 1 MB were spooled to TMPDIR; with the disk full
+    # that was a 400 "invalid multipart body: No space left on device", a server fault
+    # blamed on the client. Parts are now slices of the body already in memory. The full
+    # disk is a file size limit of 64 KiB on the server process (what a full TMPDIR does
+    # to a write: it fails), and the log file stays under it.
+    import resource
+
+    def small_files() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
+
+    server = ProcessServer(r20_repository, log_level="error")
+    server.env["TMPDIR"] = str(tmp_path)
+    server.preexec = small_files
+    server.start()
+    try:
+        noise = np.random.default_rng(0).integers(0, 256, (700, 700, 3), np.uint8)
+        big = png(noise)
+        assert len(big) > 1024 * 1024  # past Starlette's in-memory spooling
+        files = [("file", ("big.png", big)), ("file", ("small.png", png(noise[:32, :32])))]
+        r = httpx.post(server.url + "/v1/classify", files=files, timeout=60)
+        assert r.status_code == 200, r.text
+        assert len(r.json()["results"]) == 2
+    finally:
+        server.stop(signal.SIGKILL)
