@@ -13,6 +13,9 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+import tritonclient.grpc as grpcclient  # the dev extra: a missing client fails, never skips
+import tritonclient.grpc.aio as aioclient
+from tritonclient.utils import InferenceServerException
 
 from tests.service import tiny
 from tests.service.servers import (
@@ -25,10 +28,6 @@ from tests.service.servers import (
     thread_server,
     wait_until,
 )
-
-grpcclient = pytest.importorskip("tritonclient.grpc")
-aioclient = pytest.importorskip("tritonclient.grpc.aio")
-from tritonclient.utils import InferenceServerException  # noqa: E402
 
 KEY = "grpc-test-key"
 AUTH = {"authorization": f"Bearer {KEY}"}
