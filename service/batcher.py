@@ -21,10 +21,10 @@ import bisect
 import logging
 import time
 from collections import deque
-from dataclasses import dataclass
 
 import numpy as np
 
+from service.batchrecord import BatchRecord, QueuedImage, Result
 from service.errors import (
     InferenceFailedError,
     NotReadyError,
@@ -33,22 +33,9 @@ from service.errors import (
 )
 from service.metrics import Metrics
 from service.sessions import DEFAULT_OUTPUTS, Runner, SessionPool
-from service.timing import Timing, current
+from service.timing import current
 
 log = logging.getLogger(__name__)
-
-# One image's outputs by name (rows of the batch's arrays): logits, embedding, and any
-# feature map its request asked for.
-Result = dict[str, np.ndarray]
-
-
-@dataclass(eq=False, slots=True)
-class _Item:
-    image: np.ndarray
-    future: asyncio.Future[Result]
-    enqueued: float
-    outputs: tuple[str, ...]
-    timing: Timing | None  # the submitting request's (Server-Timing)
 
 
 class Ticket:
@@ -147,7 +134,7 @@ class Batcher:
         self.delay_s = max_batch_delay_ms / 1000.0
         self.max_queue_images = max_queue_images
         self.metrics = metrics
-        self._queue: deque[_Item] = deque()
+        self._queue: deque[QueuedImage] = deque()
         self._incoming = 0
         self._expected = 0
         self._arrival = asyncio.Event()
@@ -155,10 +142,7 @@ class Batcher:
         self._task: asyncio.Task[None] | None = None
         self._running: set[asyncio.Task[None]] = set()
         self._depth = metrics.queue_depth.labels(model)
-        self._batch_size = metrics.batch_size.labels(model)
-        self._queue_wait = metrics.queue_wait.labels(model)
-        self._inference = metrics.inference_duration.labels(model)
-        self._padding = metrics.batch_padding.labels(model)
+        self._record = BatchRecord(model, metrics)
 
     @property
     def queued(self) -> int:
@@ -192,8 +176,7 @@ class Batcher:
         if self._closing:
             raise NotReadyError("the service is shutting down")
         if n > self.max_queue_images:
-            # Retrying could never help (a 503 would invite exactly that): the request
-            # itself is too large for this server.
+            # Not a 503: retrying could never help, the request is too large on its own.
             raise PayloadTooLargeError(
                 f"{n} images in one request can never be admitted: model {self.model} "
                 f"admits at most {self.max_queue_images} images at once (--max-queue-images)"
@@ -213,13 +196,12 @@ class Batcher:
     ) -> list[asyncio.Future[Result]]:
         loop = asyncio.get_running_loop()
         now = time.perf_counter()
-        timing = current()
-        if timing is not None:
+        if (timing := current()) is not None:
             timing.submitted()
         futures: list[asyncio.Future[Result]] = []
         for image in images:
             fut: asyncio.Future[Result] = loop.create_future()
-            self._queue.append(_Item(image, fut, now, outputs, timing))
+            self._queue.append(QueuedImage(image, fut, now, outputs, timing))
             futures.append(fut)
         self._depth.set(len(self._queue))
         self._arrival.set()
@@ -247,7 +229,7 @@ class Batcher:
         except TimeoutError:
             return False
 
-    async def _collect(self) -> list[_Item] | None:
+    async def _collect(self) -> list[QueuedImage] | None:
         """The next batch; ``None`` once closing with nothing left."""
         while not self._queue:
             if self._closing:
@@ -260,7 +242,7 @@ class Batcher:
             remaining = deadline - time.perf_counter()
             if remaining <= 0 or not await self._wait_arrival(remaining):
                 break
-        items: list[_Item] = []
+        items: list[QueuedImage] = []
         while self._queue and len(items) < self.max_batch_size:
             item = self._queue.popleft()
             if item.future.done():  # cancelled: the client left or timed out
@@ -270,11 +252,10 @@ class Batcher:
         self._depth.set(len(self._queue))
         return items
 
-    async def _execute(self, worker: Runner, items: list[_Item]) -> None:
+    async def _execute(self, worker: Runner, items: list[QueuedImage]) -> None:
         try:
             start = time.perf_counter()
-            for item in items:
-                self._queue_wait.observe(start - item.enqueued)
+            self._record.started(items, start)
             n = len(items)
             bucket = self.buckets[bisect.bisect_left(self.buckets, n)]
             batch = np.zeros((bucket, *self.image_shape), dtype=np.uint8)
@@ -287,29 +268,20 @@ class Batcher:
             try:
                 arrays = await loop.run_in_executor(worker.executor, worker.run, batch, names)
             except Exception as exc:
-                self.metrics.inference_failures.labels(self.model).inc()
+                self._record.failed(items)
                 log.exception("inference failed on a batch of %d for %s", n, self.model)
                 error = InferenceFailedError(f"inference failed for model {self.model}: {exc}")
                 for item in items:
                     if not item.future.done():
                         item.future.set_exception(error)
-                self.metrics.stats.of(self.model).failed([i.enqueued for i in items])
                 await self.pool.recover(worker)
                 return
             ran = time.perf_counter()
-            self._inference.observe(ran - start)
-            self._batch_size.observe(n)
-            self._padding.inc(bucket - n)
             by_name = dict(zip(names, arrays, strict=True))
             for i, item in enumerate(items):
                 if not item.future.done():
                     item.future.set_result({name: by_name[name][i] for name in item.outputs})
-                    if item.timing is not None:
-                        item.timing.batch_done(start - item.enqueued, ran - start, ran)
-            # Triton's statistics extension (service/stats.py).
-            self.metrics.stats.of(self.model).executed(
-                [item.enqueued for item in items], start, assembled, ran, time.perf_counter()
-            )
+            self._record.ran(items, bucket, start, assembled, ran, time.perf_counter())
         finally:
             self.pool.release(worker)
 

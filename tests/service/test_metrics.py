@@ -13,9 +13,10 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.app import ENDPOINTS, create_app, endpoint_of
+from service.app import create_app
 from service.docs import router as docs_router
 from service.metrics import GRPC_ENDPOINTS, INFERENCE_STATUSES, REJECT_REASONS
+from service.middleware import ENDPOINTS, endpoint_of
 from service.routes import router as health_router
 from service.settings import Settings
 from service.triton_http import router as triton_router
