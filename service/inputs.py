@@ -106,6 +106,9 @@ def decode_content(body: bytes, encoding: str | None, limit: int) -> bytes:
         raise PayloadTooLargeError(f"request body exceeds {limit} bytes once decompressed")
     if not inflater.eof:
         raise BadRequestError(f"truncated {encoding} body")
+    if inflater.unused_data:
+        # A second gzip member, or trailing bytes: not what any client sends.
+        raise BadRequestError(f"data after the end of the {encoding} stream")
     return out
 
 

@@ -68,10 +68,8 @@ def split_body(body: bytes, header_length: str | None) -> tuple[dict[str, Any], 
     ``Inference-Header-Content-Length`` header: the whole body is JSON)."""
     binary: memoryview | None = None
     if header_length is not None:
-        try:
-            length = int(header_length)
-        except ValueError:
-            length = -1
+        # Digits only: int() would also take "+120", " 120" and "1_20".
+        length = int(header_length) if header_length.isascii() and header_length.isdigit() else -1
         if not 0 < length <= len(body):
             # 0 would be Triton's raw binary request, which needs a single-datatype input.
             raise BadRequestError(

@@ -5,6 +5,7 @@ is the point."""
 from __future__ import annotations
 
 import base64
+import gzip
 import io
 import re
 import struct
@@ -393,6 +394,13 @@ def test_400_binary_framing_and_headers(server: ProcessServer, cifar_pngs: list[
     _error(post(len(data), data[:-1]), 400, "binary_data_size")
     _error(post(len(data), data, length="99999"), 400, HEADER)
     _error(post(len(data), data, length="0"), 400, HEADER)
+    # Strict: the header's size in digits, nothing else int() would take.
+    good = str(
+        len(orjson.dumps({"inputs": [{**inp, "parameters": {"binary_data_size": len(data)}}]}))
+    )
+    _error(post(len(data), data, length=good), 400, "image 1")  # the right size, in digits
+    for lenient in (f"+{good}", f"{good[:-1]}_{good[-1]}", f"0x{int(good):x}"):
+        _error(post(len(data), data, length=lenient), 400, HEADER)
     no_header = orjson.dumps({"inputs": [{**inp, "parameters": {"binary_data_size": 3}}]})
     _error(httpx.post(url, content=no_header), 400, HEADER)
     header = orjson.dumps(_images_input("UINT8", [1, 32, 32, 3], ZEROS))
@@ -400,6 +408,12 @@ def test_400_binary_framing_and_headers(server: ProcessServer, cifar_pngs: list[
     _error(post(len(data), data, **{"X-Request-Timeout-Ms": "soon"}), 400, "X-Request-Timeout-Ms")
     r = httpx.post(url, content=header, headers={"X-Request-Timeout-Ms": "0.001"})
     _error(r, 504, "timed out")
+    # Strict: one gzip stream, nothing after it (a second member, or stray bytes).
+    for tail in (gzip.compress(b"{}"), b"junk"):
+        r = httpx.post(
+            url, content=gzip.compress(header) + tail, headers={"Content-Encoding": "gzip"}
+        )
+        _error(r, 400, "data after the end of the gzip stream")
     r = httpx.post(url, content=header, headers={"Content-Encoding": "br"})
     assert "gzip" in r.headers["accept-encoding"]
     _error(r, 415, "Content-Encoding br")
