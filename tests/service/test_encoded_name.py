@@ -10,14 +10,13 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+import tritonclient.grpc as grpcclient
+import tritonclient.http as triton_http
+from tritonclient.utils import InferenceServerException
 
 from service.v2_names import ENCODED_SUFFIX
 from tests.service import tiny
 from tests.service.servers import ThreadServer, free_port, png, thread_server
-
-grpcclient = pytest.importorskip("tritonclient.grpc")
-triton_http = pytest.importorskip("tritonclient.http")
-from tritonclient.utils import InferenceServerException  # noqa: E402
 
 ALIAS = tiny.NAME + ENCODED_SUFFIX
 IMAGES = np.random.default_rng(5).integers(0, 256, (3, tiny.CROP, tiny.CROP, 3), np.uint8)
