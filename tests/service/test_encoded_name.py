@@ -16,7 +16,7 @@ from tritonclient.utils import InferenceServerException
 
 from service.v2_names import ENCODED_SUFFIX
 from tests.service import tiny
-from tests.service.servers import ThreadServer, free_port, png, thread_server
+from tests.service.servers import ThreadServer, free_port, metric_value, png, thread_server
 
 ALIAS = tiny.NAME + ENCODED_SUFFIX
 IMAGES = np.random.default_rng(5).integers(0, 256, (3, tiny.CROP, tiny.CROP, 3), np.uint8)
@@ -96,8 +96,16 @@ def test_grpc_metadata_config_and_infer(srv: ThreadServer) -> None:
     assert entry["name"] == ALIAS
     inp = grpcclient.InferInput("images", list(BLOBS.shape), "BYTES")
     inp.set_data_from_numpy(BLOBS)
+
+    def counted() -> float:
+        text = httpx.get(srv.url + "/metrics").text
+        labels = {"endpoint": "grpc_infer", "model": tiny.NAME, "status": "200"}
+        return metric_value(text, "resnet_serve_requests_total", **labels)
+
+    before = counted()
     result = client.infer(ALIAS, [inp])
     assert result.get_response().model_name == ALIAS
+    assert counted() == before + 1  # metrics label the alias's requests with the model
     np.testing.assert_allclose(result.as_numpy("logits"), _expected_logits(), atol=1e-4)
     uint8 = grpcclient.InferInput("images", list(IMAGES.shape), "UINT8")
     uint8.set_data_from_numpy(IMAGES)
