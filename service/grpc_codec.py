@@ -52,7 +52,9 @@ def _check_parameters(params: Any, where: str) -> None:
             raise BadRequestError(f"{where}: the shared-memory extension is not supported")
 
 
-def _images(request: Any, spec: ModelSpec, max_images: int) -> np.ndarray | list[bytes]:
+def _images(
+    request: Any, spec: ModelSpec, max_images: int, encoded: bool
+) -> np.ndarray | list[bytes]:
     if len(request.inputs) != 1 or request.inputs[0].name != INPUT:
         names = ", ".join(repr(i.name) for i in request.inputs) or "none"
         raise BadRequestError(
@@ -64,7 +66,7 @@ def _images(request: Any, spec: ModelSpec, max_images: int) -> np.ndarray | list
     shape = list(inp.shape)
     if any(d < 0 for d in shape):
         raise BadRequestError(f"{where}: 'shape' must be non-negative integers")
-    count = check_input(inp.datatype, shape, spec, max_images)
+    count = check_input(inp.datatype, shape, spec, max_images, encoded)
     raw = list(request.raw_input_contents)
     if len(raw) > 1:
         raise BadRequestError(f"{len(raw)} raw_input_contents for one input")
@@ -98,11 +100,13 @@ def _outputs(request: Any, spec: ModelSpec) -> list[RequestedOutput]:
     return out
 
 
-def parse_request(request: Any, spec: ModelSpec, max_images: int) -> InferenceRequest:
-    """A ``ModelInferRequest`` for model ``spec``; every fault of the client's is a
-    ``BadRequestError`` (INVALID_ARGUMENT) naming the field."""
+def parse_request(
+    request: Any, spec: ModelSpec, max_images: int, encoded: bool = False
+) -> InferenceRequest:
+    """A ``ModelInferRequest`` for model ``spec`` (``encoded``: its alias); every fault of
+    the client's is a ``BadRequestError`` (INVALID_ARGUMENT) naming the field."""
     _check_parameters(request.parameters, "request")
-    images = _images(request, spec, max_images)
+    images = _images(request, spec, max_images, encoded)
     return InferenceRequest(request.id or None, images, _outputs(request, spec))
 
 
@@ -110,10 +114,13 @@ def job(request: InferenceRequest) -> Job:
     return Job(request.images, tuple(o.name for o in request.outputs), request=request)
 
 
-def infer_response(spec: ModelSpec, request: InferenceRequest, outputs: Outputs) -> Any:
-    """Every output in ``raw_output_contents`` (little-endian, as Triton answers)."""
+def infer_response(
+    spec: ModelSpec, request: InferenceRequest, outputs: Outputs, name: str | None = None
+) -> Any:
+    """Every output in ``raw_output_contents`` (little-endian, as Triton answers);
+    ``name``: the model name the request addressed (``spec.name`` or its alias)."""
     response = pb.ModelInferResponse(
-        model_name=spec.name, model_version=VERSION, id=request.id or ""
+        model_name=name or spec.name, model_version=VERSION, id=request.id or ""
     )
     for req, datatype, shape, value in output_tensors(spec, request, outputs):
         response.outputs.add(name=req.name, datatype=datatype, shape=shape)
@@ -124,8 +131,8 @@ def infer_response(spec: ModelSpec, request: InferenceRequest, outputs: Outputs)
     return response
 
 
-def metadata_response(spec: ModelSpec) -> Any:
-    doc = model_metadata(spec)
+def metadata_response(spec: ModelSpec, encoded: bool = False) -> Any:
+    doc = model_metadata(spec, encoded)
     return pb.ModelMetadataResponse(
         name=doc["name"],
         versions=doc["versions"],

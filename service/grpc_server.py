@@ -28,19 +28,14 @@ from contract.schema import ModelSpec
 from service import logs
 from service.auth import key_matches
 from service.engine import Engine, Job
-from service.errors import (
-    CLIENT_ERRORS,
-    ModelNotFoundError,
-    UnauthorizedError,
-    answer,
-    message,
-)
+from service.errors import CLIENT_ERRORS, UnauthorizedError, answer, message
 from service.grpc_codec import infer_response, job, metadata_response, parse_request
 from service.metrics import GRPC_ENDPOINTS, status_class
 from service.reading import Reading
-from service.runtime import Runtime, ServedModel
+from service.runtime import Runtime
 from service.triton_ext import config_of, index_of, statistics_of
-from service.v2_encode import EXTENSIONS, VERSION
+from service.v2_encode import EXTENSIONS
+from service.v2_names import V2Model, base_name, every_model, resolve
 
 log = logging.getLogger(__name__)
 OPEN = frozenset({"ServerLive", "ServerReady"})
@@ -87,7 +82,8 @@ def _rpc(endpoint: str) -> Callable[..., Any]:
                 await context.abort(grpc.StatusCode.INTERNAL, "internal error")
             finally:
                 self.metrics.in_flight.dec()
-                known = model if model in self.runtime.models else ""
+                known = base_name(model, self.runtime.models)
+                known = known if known in self.runtime.models else ""
                 self.metrics.requests.labels(endpoint, known, str(status)).inc()
                 if endpoint == INFER:
                     duration = time.perf_counter() - start
@@ -122,11 +118,8 @@ class Servicer(rpc.GRPCInferenceServiceServicer):
         if not (presented and key_matches(presented, self.keys)):
             raise UnauthorizedError()
 
-    def model(self, name: str, version: str = "") -> ServedModel:
-        served = self.engine.model(name or None)
-        if version and version != VERSION:
-            raise ModelNotFoundError(f"{name} version {version}", [f"{name} version {VERSION}"])
-        return served
+    def model(self, name: str, version: str = "") -> V2Model:
+        return resolve(self.engine, name, version)
 
     @_rpc(HEALTH)
     async def ServerLive(self, request: Any, context: Any) -> Any:
@@ -138,7 +131,7 @@ class Servicer(rpc.GRPCInferenceServiceServicer):
 
     @_rpc(MODEL)
     async def ModelReady(self, request: Any, context: Any) -> Any:
-        served = self.model(request.name, request.version)
+        served = self.model(request.name, request.version).served
         return pb.ModelReadyResponse(ready=served.serving and not self.runtime.draining)
 
     @_rpc(SERVER)
@@ -149,11 +142,12 @@ class Servicer(rpc.GRPCInferenceServiceServicer):
 
     @_rpc(MODEL)
     async def ModelMetadata(self, request: Any, context: Any) -> Any:
-        return metadata_response(self.model(request.name, request.version).spec)
+        v2model = self.model(request.name, request.version)
+        return metadata_response(v2model.spec, v2model.encoded)
 
     @_rpc(INFER)
     async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        served = self.model(request.model_name, request.model_version)
+        v2model = self.model(request.model_name, request.model_version)
         remaining = context.time_remaining()
         client_ms = remaining * 1000.0 if remaining is not None else None
         deadline = self.engine.deadline(time.perf_counter(), client_ms)
@@ -162,7 +156,7 @@ class Servicer(rpc.GRPCInferenceServiceServicer):
         async def parse(spec: ModelSpec, reading: Reading) -> Job:
             # Already received whole (grpc bounds one message): counted while it is held.
             reading.take(sum(len(raw) for raw in request.raw_input_contents))
-            return job(parse_request(request, spec, max_images))
+            return job(parse_request(request, spec, max_images, v2model.encoded))
 
         loop = asyncio.get_running_loop()
         gone: asyncio.Future[None] = loop.create_future()
@@ -173,9 +167,9 @@ class Servicer(rpc.GRPCInferenceServiceServicer):
 
         context.add_done_callback(done)
         result = await self.engine.infer(
-            served, parse, endpoint=INFER, deadline=deadline, gone=lambda: gone
+            v2model.served, parse, endpoint=INFER, deadline=deadline, gone=lambda: gone
         )
-        return infer_response(served.spec, result.job.request, result.outputs)
+        return infer_response(v2model.spec, result.job.request, result.outputs, v2model.name)
 
     # Triton's extensions, the documents /v2/models/{m}/config, /stats and
     # /v2/repository/index answer over HTTP, as the protocol's messages.
@@ -190,7 +184,7 @@ class Servicer(rpc.GRPCInferenceServiceServicer):
         models = (
             [self.model(request.name, request.version)]
             if request.name
-            else list(self.runtime.models.values())
+            else every_model(self.runtime.models)
         )
         doc = statistics_of(self.runtime, models)
         return json_format.ParseDict(doc, pb.ModelStatisticsResponse())

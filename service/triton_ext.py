@@ -24,6 +24,7 @@ from service.v2_encode import VERSION, model_metadata
 
 if TYPE_CHECKING:
     from service.runtime import Runtime, ServedModel
+    from service.v2_names import V2Model
 
 BACKEND = "onnxruntime"
 # V2 datatypes to model_config.proto's DataType names; BYTES is TYPE_STRING there.
@@ -153,9 +154,11 @@ def repository_index(entries: Iterable[dict[str, str]], ready_only: bool) -> lis
 # --- the served models' facts, for any front end ---
 
 
-def config_of(runtime: Runtime, model: ServedModel) -> dict[str, Any]:
-    """``model_config`` of a served model, from its sessions and the settings."""
+def config_of(runtime: Runtime, v2model: V2Model) -> dict[str, Any]:
+    """``model_config`` of a served model (or its alias), from its sessions and the
+    settings."""
     s = runtime.settings
+    model = v2model.served
     groups: dict[str, list[int]] = {}
     for worker in model.pool.workers:
         groups.setdefault(worker.device.kind, []).append(worker.device.index)
@@ -169,13 +172,13 @@ def config_of(runtime: Runtime, model: ServedModel) -> dict[str, Any]:
         max_queue_delay_us=round(s.max_batch_delay_ms * 1000),
         max_queue_size=s.max_queue_images,
     )
-    return model_config(model_metadata(model.spec), scheduling, instances)
+    return model_config(model_metadata(model.spec, v2model.encoded), scheduling, instances)
 
 
-def statistics_of(runtime: Runtime, models: Iterable[ServedModel]) -> dict[str, Any]:
-    """``model_statistics`` of ``models``."""
+def statistics_of(runtime: Runtime, models: Iterable[V2Model]) -> dict[str, Any]:
+    """``model_statistics`` of ``models``: an alias's are its model's counts."""
     stats = runtime.metrics.stats
-    return model_statistics((m.name, VERSION, stats.of(m.name)) for m in models)
+    return model_statistics((m.name, VERSION, stats.of(m.served.name)) for m in models)
 
 
 def state_of(runtime: Runtime, model: ServedModel) -> tuple[str, str]:

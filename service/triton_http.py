@@ -12,13 +12,13 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from pydantic import BaseModel
 
-from service.errors import BadRequestError, ModelNotFoundError
+from service.errors import BadRequestError
 from service.inputs import read_body
 from service.responses import FastJSONResponse
-from service.runtime import Runtime, ServedModel
+from service.runtime import Runtime
 from service.triton_ext import config_of, index_of, statistics_of
 from service.v2 import V2Error
-from service.v2_encode import VERSION
+from service.v2_names import V2Model, every_model, resolve
 
 # A repository index request is a small JSON object; anything larger is not one.
 MAX_INDEX_BODY_BYTES = 64 * 1024
@@ -40,14 +40,11 @@ def _runtime(request: Request) -> Runtime:
     return runtime
 
 
-def _model(request: Request, name: str) -> ServedModel:
+def _model(request: Request, name: str) -> V2Model:
     """The path's model (and version), labelled on the request for metrics and logs."""
-    served = _runtime(request).engine.model(name)
-    version = request.path_params.get("version")
-    if version is not None and version != VERSION:
-        raise ModelNotFoundError(f"{name} version {version}", [f"{name} version {VERSION}"])
-    request.state.model = served.name
-    return served
+    model = resolve(_runtime(request).engine, name, request.path_params.get("version"))
+    request.state.model = model.served.name
+    return model
 
 
 @router.get("/v2/models/{model}/versions/{version}/config", include_in_schema=False)
@@ -67,7 +64,7 @@ async def model_config(request: Request, model: str) -> Response:
 )  # fmt: skip
 async def all_statistics(request: Request) -> Response:
     runtime = _runtime(request)
-    return FastJSONResponse(statistics_of(runtime, runtime.models.values()))
+    return FastJSONResponse(statistics_of(runtime, every_model(runtime.models)))
 
 
 @router.get("/v2/models/{model}/versions/{version}/stats", include_in_schema=False)

@@ -17,14 +17,13 @@ from pydantic import BaseModel
 
 from contract.schema import ModelSpec
 from service.engine import Job
-from service.errors import ModelNotFoundError
 from service.httpcall import deadline, disconnect_watch, engine_of
 from service.inputs import INLINE_PARSE_BYTES, read_body
 from service.reading import Reading
 from service.responses import V2, FastJSONResponse, protocol_route
-from service.runtime import ServedModel
 from service.v2_codec import HEADER_LENGTH, job, parse_request
-from service.v2_encode import EXTENSIONS, VERSION, encode_response, model_metadata
+from service.v2_encode import EXTENSIONS, encode_response, model_metadata
+from service.v2_names import V2Model, resolve
 
 ENDPOINT = "v2_infer"
 
@@ -81,15 +80,13 @@ def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
 router = APIRouter(tags=["v2"], route_class=protocol_route(V2))
 
 
-def _served(request: Request, name: str) -> ServedModel:
-    """The model (and version) of the path; the request is labelled with the model for
-    the metrics and the access log once it is known to be served."""
-    served = engine_of(request).model(name)
-    version = request.path_params.get("version")
-    if version is not None and version != VERSION:
-        raise ModelNotFoundError(f"{name} version {version}", [f"{name} version {VERSION}"])
-    request.state.model = served.name
-    return served
+def _served(request: Request, name: str) -> V2Model:
+    """The model (and version) of the path, or its alias (service/v2_names.py); the
+    request is labelled with the model for the metrics and the access log once it is
+    known to be served."""
+    model = resolve(engine_of(request), name, request.path_params.get("version"))
+    request.state.model = model.served.name
+    return model
 
 
 @router.get(
@@ -122,8 +119,8 @@ async def server_ready(request: Request) -> Response:
     summary="Model metadata: inputs and outputs with datatype and shape",
 )  # fmt: skip
 async def get_model_metadata(request: Request, model: str) -> Response:
-    served = _served(request, model)
-    return FastJSONResponse(model_metadata(served.spec))
+    v2model = _served(request, model)
+    return FastJSONResponse(model_metadata(v2model.spec, v2model.encoded))
 
 
 @router.get("/v2/models/{model}/versions/{version}/ready", include_in_schema=False)
@@ -132,10 +129,10 @@ async def get_model_metadata(request: Request, model: str) -> Response:
     summary="200 when the model can serve; 400 while warming up or draining",
 )  # fmt: skip
 async def model_ready(request: Request, model: str) -> Response:
-    served = _served(request, model)
-    if not served.serving or request.app.state.runtime.draining:
-        return FastJSONResponse({"error": f"model {served.name} is not ready"}, status_code=400)
-    return FastJSONResponse({"name": served.name, "ready": True})
+    v2model = _served(request, model)
+    if not v2model.served.serving or request.app.state.runtime.draining:
+        return FastJSONResponse({"error": f"model {v2model.name} is not ready"}, status_code=400)
+    return FastJSONResponse({"name": v2model.name, "ready": True})
 
 
 # Not in the OpenAPI schema: no generated body is a valid tensor, so schema fuzzers learn
@@ -144,7 +141,7 @@ async def model_ready(request: Request, model: str) -> Response:
 @router.post("/v2/models/{model}/infer", include_in_schema=False)
 async def infer(request: Request, model: str) -> Response:
     engine = engine_of(request)
-    served = _served(request, model)
+    v2model = _served(request, model)
     limit = deadline(request, engine)
     s = engine.settings
 
@@ -155,12 +152,13 @@ async def infer(request: Request, model: str) -> Response:
             header_length=request.headers.get(HEADER_LENGTH),
             content_encoding=request.headers.get("content-encoding"),
             spec=spec, max_images=s.max_images_per_request, max_body_bytes=s.max_body_bytes,
+            encoded=v2model.encoded,
         )  # fmt: skip
         # A compressed body may inflate far past its size: parsed off the loop too.
         inline = len(body) <= INLINE_PARSE_BYTES and not request.headers.get("content-encoding")
         return job(run() if inline else await engine.parse(run))
 
     result = await engine.infer(
-        served, parse, endpoint=ENDPOINT, deadline=limit, gone=disconnect_watch(request)
+        v2model.served, parse, endpoint=ENDPOINT, deadline=limit, gone=disconnect_watch(request)
     )
-    return encode_response(served.spec, result.job.request, result.outputs)
+    return encode_response(v2model.spec, result.job.request, result.outputs, v2model.name)

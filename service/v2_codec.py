@@ -156,17 +156,26 @@ def encoded_images(data: Any, raw: memoryview | None, count: int) -> list[bytes]
     return items
 
 
-def check_input(datatype: Any, shape: list[int], spec: ModelSpec, max_images: int) -> int:
+def check_input(
+    datatype: Any, shape: list[int], spec: ModelSpec, max_images: int, encoded: bool = False
+) -> int:
     """The image count of input ``images`` with this datatype and shape (either
-    transport's); 400 for a datatype or shape the model does not take, 413 past the limit."""
+    transport's); 400 for a datatype or shape the model (``encoded``: its alias, which
+    takes encoded files only) does not take, 413 past the limit."""
     where = f"input '{INPUT}'"
     expected = "[N, {}]".format(", ".join(map(str, spec.input_shape)))
+    if encoded and datatype != "BYTES":
+        raise BadRequestError(
+            f"{where}: this name of model {spec.name!r} takes encoded image files only, "
+            f"BYTES [N] or [N, 1]; got {datatype} (send UINT8 to {spec.name!r})"
+        )
     if datatype == "UINT8":
         if len(shape) != 4 or tuple(shape[1:]) != spec.input_shape:
             raise BadRequestError(f"{where}: UINT8 shape must be {expected}, got {shape}")
     elif datatype == "BYTES":
-        if len(shape) != 1:
-            raise BadRequestError(f"{where}: BYTES shape must be [N], got {shape}")
+        # [N, 1]: one file per batch item, as a model whose dims are [1] gets it.
+        if len(shape) not in (1, 2) or shape[1:] not in ([], [1]):
+            raise BadRequestError(f"{where}: BYTES shape must be [N] or [N, 1], got {shape}")
     else:
         raise BadRequestError(
             f"{where}: datatype {datatype} is not supported; send UINT8 {expected} "
@@ -181,13 +190,13 @@ def check_input(datatype: Any, shape: list[int], spec: ModelSpec, max_images: in
 
 
 def _images(
-    inp: dict[str, Any], binary: memoryview | None, spec: ModelSpec, max_images: int
+    inp: dict[str, Any], binary: memoryview | None, spec: ModelSpec, max_images: int, encoded: bool
 ) -> np.ndarray | list[bytes]:
     where = f"input '{INPUT}'"
     datatype, shape = inp.get("datatype"), inp.get("shape")
     if not isinstance(shape, list) or not all(_uint(d) for d in shape):
         raise BadRequestError(f"{where}: 'shape' must be a list of non-negative integers")
-    count = check_input(datatype, shape, spec, max_images)
+    count = check_input(datatype, shape, spec, max_images, encoded)
     params = _parameters(inp, where)
     raw: memoryview | None = None
     if "binary_data_size" in params:
@@ -274,9 +283,11 @@ def parse_request(
     spec: ModelSpec,
     max_images: int,
     max_body_bytes: int,
+    encoded: bool = False,
 ) -> InferenceRequest:
-    """An inference request body (JSON, or JSON + binary tensor data) for model ``spec``;
-    every fault of the client's is a 400 (413 past the limits) naming the field."""
+    """An inference request body (JSON, or JSON + binary tensor data) for model ``spec``
+    (``encoded``: its alias); every fault of the client's is a 400 (413 past the limits)
+    naming the field."""
     body = decode_content(body, content_encoding, max_body_bytes)
     doc, binary = split_body(body, header_length)
     request_id = doc.get("id")
@@ -295,7 +306,7 @@ def parse_request(
             )
     if len(names) > 1:
         raise BadRequestError(f"input '{INPUT}' given {len(names)} times")
-    images = _images(inputs[0], binary, spec, max_images)
+    images = _images(inputs[0], binary, spec, max_images, encoded)
     outputs = _outputs(doc.get("outputs"), binary_default, spec)
     return InferenceRequest(request_id or None, images, outputs)
 

@@ -15,8 +15,9 @@ from contract.schema import EMBEDDING, INPUT, LOGITS, PROBABILITIES, ModelSpec
 from service.postprocess import Outputs, top_k
 from service.responses import FastJSONResponse
 from service.v2_codec import HEADER_LENGTH, InferenceRequest, RequestedOutput
+from service.v2_names import ENCODED_SUFFIX, VERSION
 
-VERSION = "1"  # a repository holds one version of each model
+__all__ = ["VERSION"]  # re-exported: the front ends' version
 PLATFORM = "onnxruntime_onnx"
 # Triton's names; the last three are service/triton_http.py's (and the gRPC server's).
 EXTENSIONS = (
@@ -58,9 +59,12 @@ def output_tensors(
     return out
 
 
-def encode_response(spec: ModelSpec, request: InferenceRequest, results: Outputs) -> Response:
+def encode_response(
+    spec: ModelSpec, request: InferenceRequest, results: Outputs, name: str | None = None
+) -> Response:
     """JSON, or JSON + binary tensor data (``application/octet-stream`` with
-    ``Inference-Header-Content-Length``) when any output is binary."""
+    ``Inference-Header-Content-Length``) when any output is binary; ``name``: the model
+    name the request addressed (``spec.name`` or its alias)."""
     outputs: list[dict[str, Any]] = []
     chunks: list[bytes] = []
     for req, datatype, shape, value in output_tensors(spec, request, results):
@@ -78,7 +82,7 @@ def encode_response(spec: ModelSpec, request: InferenceRequest, results: Outputs
         else:
             entry["data"] = data
         outputs.append(entry)
-    doc: dict[str, Any] = {"model_name": spec.name, "model_version": VERSION}
+    doc: dict[str, Any] = {"model_name": name or spec.name, "model_version": VERSION}
     if request.id:
         doc["id"] = request.id
     doc["outputs"] = outputs
@@ -95,15 +99,22 @@ def encode_response(spec: ModelSpec, request: InferenceRequest, results: Outputs
 # --- metadata ---
 
 
-def model_metadata(spec: ModelSpec) -> dict[str, Any]:
-    # Only the UINT8 form of `images` is listed: a tensor has one datatype in the
-    # protocol's metadata; BYTES [N] (encoded files) is this server's convenience.
+def model_metadata(spec: ModelSpec, encoded: bool = False) -> dict[str, Any]:
+    """The model's metadata; ``encoded``: its alias's (service/v2_names.py), whose one
+    input is encoded image files, ``BYTES [-1, 1]``."""
+    # A tensor has one datatype in the protocol's metadata: the model lists the UINT8 form
+    # of `images`; BYTES [N] (encoded files) is this server's convenience, listed only by
+    # the alias.
     classes = [-1, spec.num_classes]
+    if encoded:
+        image = {"name": INPUT, "datatype": "BYTES", "shape": [-1, 1]}
+    else:
+        image = {"name": INPUT, "datatype": "UINT8", "shape": [-1, *spec.input_shape]}
     return {
-        "name": spec.name,
+        "name": spec.name + ENCODED_SUFFIX if encoded else spec.name,
         "versions": [VERSION],
         "platform": PLATFORM,
-        "inputs": [{"name": INPUT, "datatype": "UINT8", "shape": [-1, *spec.input_shape]}],
+        "inputs": [image],
         "outputs": [
             {"name": LOGITS, "datatype": "FP32", "shape": classes},
             {"name": PROBABILITIES, "datatype": "FP32", "shape": classes},

@@ -11,16 +11,23 @@ As a script, the throughput figures of docs/benchmarks.md: a `resnet-serve` on a
 
     python -m tools.perf_analyzer --repository model_repository --model resnet20_cifar10 \\
         --concurrency 1:8 --window-ms 2000
+
+With ``--bytes FILE|DIR ...``, encoded image files instead of preprocessed UINT8: sent as
+``BYTES`` to the model's ``.encoded`` name (service/v2_names.py), whose metadata declares
+them, from an ``--input-data`` file (``input_data``).
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import csv
 import io
+import json
 import os
 import platform
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -29,6 +36,8 @@ import urllib.request
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from service.v2_names import ENCODED_SUFFIX
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / ".cache" / "tests"
@@ -86,11 +95,24 @@ class PerfAnalyzer:
             raise Unavailable(f"perf_analyzer does not start: {why} (is libb64-0d installed?)")
         return tool
 
-    def run(self, args: list[str], timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    def run(
+        self, args: list[str], timeout: float = 300, cwd: str | None = None
+    ) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [str(self.binary), *args], env=self.env, capture_output=True, text=True,
-            timeout=timeout, check=False,
+            timeout=timeout, check=False, cwd=cwd,
         )  # fmt: skip
+
+
+def input_data(files: list[bytes], name: str = "images") -> dict[str, object]:
+    """perf_analyzer's ``--input-data`` JSON sending each of ``files`` as one BYTES
+    element, shape [1], in turn. Its ``b64`` content is the tensor's raw bytes as sent,
+    for BYTES the serialized form: each element's 4-byte little-endian length first."""
+    steps = []
+    for data in files:
+        raw = struct.pack("<I", len(data)) + data
+        steps.append({name: {"b64": base64.b64encode(raw).decode(), "shape": [1]}})
+    return {"data": steps}
 
 
 def report_rows(text: str) -> list[dict[str, str]]:
@@ -143,7 +165,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-trials", type=int, default=10, help="windows at most per step")
     parser.add_argument("--protocol", default="http", choices=("http", "grpc"))
     parser.add_argument("--server-arg", default="", help="more resnet-serve options")
+    parser.add_argument(
+        "--bytes", nargs="+", type=Path, metavar="FILE|DIR",
+        help="send these encoded image files (a directory: every file in it) as BYTES to "
+        "MODEL.encoded, instead of random UINT8 images to MODEL",
+    )  # fmt: skip
     args = parser.parse_args(argv)
+    files: list[bytes] = []
+    for path in args.bytes or ():
+        paths = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+        files += [p.read_bytes() for p in paths]
+    if args.bytes and not files:
+        raise SystemExit("--bytes: no files")
     home = CACHE / HOME_NAME
     if not (home / "bin" / "perf_analyzer").is_file():
         install(home)
@@ -161,11 +194,15 @@ def main(argv: list[str] | None = None) -> None:
             with tempfile.TemporaryDirectory() as tmp:
                 out = Path(tmp) / "report.csv"
                 start, end = args.concurrency.split(":")
-                command = ["-m", args.model, "-u", f"127.0.0.1:{target}", "-i", args.protocol,
+                model, data = args.model, []
+                if files:
+                    model, data = args.model + ENCODED_SUFFIX, ["--input-data", "input.json"]
+                    (Path(tmp) / "input.json").write_text(json.dumps(input_data(files)))
+                command = ["-m", model, *data, "-u", f"127.0.0.1:{target}", "-i", args.protocol,
                            "--concurrency-range", f"{start}:{end}:1", "-p", str(args.window_ms),
                            "-s", str(args.stability_percent), "-r", str(args.max_trials),
                            "-f", str(out)]  # fmt: skip
-                run = tool.run(command, timeout=3600)
+                run = tool.run(command, timeout=3600, cwd=tmp)
                 if run.returncode != 0:
                     raise SystemExit(f"perf_analyzer failed:\n{run.stdout}\n{run.stderr}")
                 rows = report_rows(out.read_text())

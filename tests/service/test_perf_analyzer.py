@@ -1,7 +1,8 @@
 """Triton's perf_analyzer, unchanged, against `resnet-serve`: it reads the model metadata
-and configuration, sends preprocessed UINT8 images at concurrency 1 to 8, and reads the
-statistics extension around every measurement window. Any failed request stops it with
-a non-zero exit; the statistics must count every request it sent, and none failed.
+and configuration, sends preprocessed UINT8 images (to the model) or encoded PNG files as
+BYTES (to its ``.encoded`` name, whose metadata declares them) at concurrency 1 to 8, and
+reads the statistics extension around every measurement window. Any failed request stops
+it with a non-zero exit; the statistics must count every request it sent, and none failed.
 
 Bounded: windows of 250 ms, a stability bound no run misses (the verdict never depends
 on the machine's speed or load), about 10 s per run."""
@@ -12,11 +13,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import orjson
 import pytest
 
 from service.settings import Settings
+from service.v2_names import ENCODED_SUFFIX
 from tests.service.servers import ProcessServer, free_port
-from tools.perf_analyzer import PerfAnalyzer, report_rows
+from tools.perf_analyzer import PerfAnalyzer, input_data, report_rows
 
 MODEL = "resnet20_cifar10"
 CONCURRENCY = range(1, 9)
@@ -38,18 +41,38 @@ def served(r20_repository: Path) -> Iterator[tuple[ProcessServer, int | None]]:
     assert srv.stop() == 0
 
 
-def _stats(srv: ProcessServer) -> dict:
-    r = httpx.get(f"{srv.url}/v2/models/{MODEL}/stats")
+@pytest.fixture(scope="module")
+def pngs(tmp_path_factory: pytest.TempPathFactory, cifar_pngs: list[bytes]) -> Path:
+    """perf_analyzer's --input-data: 16 CIFAR test images as PNG files, BYTES shape [1]."""
+    path = tmp_path_factory.mktemp("input") / "pngs.json"
+    path.write_bytes(orjson.dumps(input_data(cifar_pngs[:16])))
+    return path
+
+
+def _stats(srv: ProcessServer, model: str = MODEL) -> dict:
+    r = httpx.get(f"{srv.url}/v2/models/{model}/stats")
     assert r.status_code == 200, r.text
     (entry,) = r.json()["model_stats"]
+    assert entry["name"] == model
     return entry["inference_stats"]
 
 
-def _profile(tool: PerfAnalyzer, srv: ProcessServer, url: str, protocol: str, tmp: Path) -> None:
-    before = _stats(srv)
+def _profile(
+    tool: PerfAnalyzer,
+    srv: ProcessServer,
+    url: str,
+    protocol: str,
+    tmp: Path,
+    data: Path | None = None,
+) -> None:
+    """perf_analyzer at concurrency 1..8: UINT8 to the model, or (``data``: its
+    --input-data) encoded files to the model's .encoded name."""
+    model = MODEL if data is None else MODEL + ENCODED_SUFFIX
+    before = _stats(srv, model)
     report = tmp / "report.csv"
+    inputs = [] if data is None else ["--input-data", str(data)]
     proc = tool.run(
-        ["-m", MODEL, "-u", url, "-i", protocol,
+        ["-m", model, *inputs, "-u", url, "-i", protocol,
          "--concurrency-range", f"{CONCURRENCY[0]}:{CONCURRENCY[-1]}:1",
          *BOUNDED, "-f", str(report)]
     )  # fmt: skip
@@ -61,7 +84,7 @@ def _profile(tool: PerfAnalyzer, srv: ProcessServer, url: str, protocol: str, tm
         assert float(row["Inferences/Second"]) > 0, row
         # Read from the statistics extension: the server's own split of the latency.
         assert int(row["Server Compute Infer"]) > 0, row
-    after = _stats(srv)
+    after = _stats(srv, model)
     assert after["fail"]["count"] == before["fail"]["count"], after
     # Every request perf_analyzer sent, measured or not (warm-up, windows), is counted.
     sent = after["success"]["count"] - before["success"]["count"]
@@ -82,6 +105,19 @@ def test_grpc_uint8(
 ) -> None:
     srv, grpc_port = served
     _profile(perf_analyzer, srv, f"127.0.0.1:{grpc_port}", "grpc", tmp_path)
+
+
+@pytest.mark.parametrize("protocol", ["http", pytest.param("grpc", marks=NO_GRPC)])
+def test_bytes(
+    perf_analyzer: PerfAnalyzer,
+    served: tuple[ProcessServer, int | None],
+    pngs: Path,
+    tmp_path: Path,
+    protocol: str,
+) -> None:
+    srv, grpc_port = served
+    port = grpc_port if protocol == "grpc" else srv.port
+    _profile(perf_analyzer, srv, f"127.0.0.1:{port}", protocol, tmp_path, pngs)
 
 
 def test_http_with_an_api_key(perf_analyzer: PerfAnalyzer, r20_repository: Path) -> None:

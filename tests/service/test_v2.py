@@ -357,7 +357,7 @@ ZEROS = [0] * 3072
         (_images_input("UINT8", [1, 32, 32, 3], [256] * 3072), ["0 to 255"]),
         (_images_input("UINT8", [1, 32, 32, 3], [0.5] * 3072), ["0 to 255"]),
         (_images_input("UINT8", [0, 32, 32, 3], []), ["no images"]),
-        (_images_input("BYTES", [1, 1], ["x"]), ["BYTES shape must be [N]"]),
+        (_images_input("BYTES", [1, 2], ["x", "y"]), ["BYTES shape must be [N] or [N, 1]"]),
         (_images_input("BYTES", [2], ["%%%"]), ["image 0", "base64"]),
         (_images_input("BYTES", [1], ["aGVsbG8="]), ["image 0", "not a recognised image"]),
         ({"inputs": [{"name": "pixels", "datatype": "UINT8", "shape": [1]}]}, ["'pixels'"]),
