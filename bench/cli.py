@@ -26,7 +26,13 @@ from pydantic import ValidationError
 
 from bench import corpus as corpus_mod
 from bench import load, offline, report
-from bench.servers import ServerError, ServerProcess, start_naive, start_service
+from bench.servers import (
+    ServerError,
+    ServerProcess,
+    start_naive,
+    start_ort_baseline,
+    start_service,
+)
 from service.settings import Settings
 
 if TYPE_CHECKING:
@@ -92,9 +98,14 @@ def build_parser() -> argparse.ArgumentParser:
         "same weights, one image per request",
     )  # fmt: skip
     p.add_argument(
+        "--baseline-ort", action="store_true",
+        help="also sweep FastAPI + onnxruntime (bench/baseline_ort.py) on the same model.onnx "
+        "and preprocessing, a `def` endpoint without batching, one image per request",
+    )  # fmt: skip
+    p.add_argument(
         "--baseline-concurrency", type=_positive_ints,
-        help="the baseline's steps (default: --concurrency); it serves one request at a time, "
-        "so more clients only queue longer",
+        help="the baselines' steps (default: --concurrency); the PyTorch one serves one "
+        "request at a time, so more clients only queue longer",
     )  # fmt: skip
     p.add_argument(
         "--baseline-weights",
@@ -236,13 +247,22 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _baseline_info() -> str:
-    threads = os.environ.get("OMP_NUM_THREADS")
-    return (
-        "naive FastAPI + PyTorch eager (bench/naive_server.py) under uvicorn, one image per "
-        "request, torch intra-op threads "
-        + (f"{threads} (OMP_NUM_THREADS)" if threads else "default (one per core)")
-    )
+def _baseline_info(args: argparse.Namespace) -> str | None:
+    parts = []
+    if args.baseline_ort:
+        parts.append(
+            "FastAPI + onnxruntime (bench/baseline_ort.py) under uvicorn: `def` endpoint, one "
+            "session with onnxruntime's default options, the service's preprocessing, no "
+            "batching, one image per request"
+        )
+    if args.baseline:
+        threads = os.environ.get("OMP_NUM_THREADS")
+        parts.append(
+            "naive FastAPI + PyTorch eager (bench/naive_server.py) under uvicorn, one image per "
+            "request, torch intra-op threads "
+            + (f"{threads} (OMP_NUM_THREADS)" if threads else "default (one per core)")
+        )
+    return "; ".join(parts) or None
 
 
 def _with_server(
@@ -280,7 +300,7 @@ def _meta(
         "model_dir": str(model_dir) if model_dir is not None else None,
         "model_info": _model_info(model_dir),
         "versions": _versions(),
-        "baseline": _baseline_info() if args.baseline else None,
+        "baseline": _baseline_info(args),
         "endpoint_path": path,
         "images_per_request": args.images_per_request,
         "concurrency": args.concurrency,
@@ -330,8 +350,10 @@ def run(args: argparse.Namespace) -> int:
         usage_errors.append("--start-server needs --repository and --model")
     if args.baseline and args.repository is None:
         usage_errors.append("--baseline needs --repository (and the model) to build the model")
-    if args.baseline and args.endpoint != "classify":
-        usage_errors.append("--baseline compares classification only (--endpoint classify)")
+    if args.baseline_ort and args.repository is None:
+        usage_errors.append("--baseline-ort needs --repository (and the model)")
+    if (args.baseline or args.baseline_ort) and args.endpoint != "classify":
+        usage_errors.append("the baselines compare classification only (--endpoint classify)")
     if min(args.images_per_request, args.corpus_size, args.offline_rounds) < 1:
         usage_errors.append(
             "--images-per-request, --corpus-size and --offline-rounds must be positive"
@@ -398,20 +420,28 @@ def run(args: argparse.Namespace) -> int:
                 display.log("offline limits skipped: give --repository to measure them")
             # The baseline first: a model it cannot rebuild (weights not found) fails in
             # seconds rather than after the whole service sweep.
+            baselines: list[tuple[str, Callable[[], ServerProcess]]] = []
+            if args.baseline_ort:
+                assert model_dir is not None
+                baselines.append(("ort", lambda: start_ort_baseline(model_dir, out / "ort.log")))
             if args.baseline:
                 assert model_dir is not None
-                display.log("starting the naive baseline")
-                naive_bodies = load.request_bodies(images, 1)
+                baselines.append(
+                    ("naive", lambda: start_naive(model_dir, args.baseline_weights,
+                                                  out / "naive.log"))
+                )  # fmt: skip
+            one_image = load.request_bodies(images, 1)
+            for system, start in baselines:
+                display.log(f"starting the {report.SYSTEM_LABELS[system]} baseline")
 
-                def run_naive(server: ServerProcess) -> list[load.StepResult]:
-                    target = load.Target("naive", server.url + "/classify", 1, "classify")
+                def run_baseline(
+                    server: ServerProcess, system: str = system
+                ) -> list[load.StepResult]:
+                    target = load.Target(system, server.url + "/classify", 1, "classify")
                     levels = args.baseline_concurrency or args.concurrency
-                    return sweep(display, target, naive_bodies, args, server.pid, levels)
+                    return sweep(display, target, one_image, args, server.pid, levels)
 
-                steps += _with_server(
-                    lambda: start_naive(model_dir, args.baseline_weights, out / "naive.log"),
-                    run_naive,
-                )
+                steps += _with_server(start, run_baseline)
 
             bodies = load.request_bodies(images, args.images_per_request)
 
@@ -438,7 +468,8 @@ def run(args: argparse.Namespace) -> int:
 
     meta["loadavg_after"] = list(os.getloadavg())
     meta["finished_at"] = datetime.now().astimezone().isoformat(timespec="seconds")
-    steps.sort(key=lambda st: (st.system != "service", st.concurrency))
+    order = ["service", *report.BASELINES]
+    steps.sort(key=lambda st: (order.index(st.system), st.concurrency))
     ratio_rows = report.ratios(steps, offline_result, args.ratio_concurrency)
     text = report.markdown(meta, steps, offline_result, ratio_rows)
     (out / "results.md").write_text(text, encoding="utf-8")

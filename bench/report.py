@@ -15,7 +15,13 @@ import orjson
 from bench.load import StepResult
 from bench.offline import OfflineResult, Rate
 
-SYSTEM_LABELS = {"service": "resnet-serve", "naive": "naive FastAPI + PyTorch"}
+SYSTEM_LABELS = {
+    "service": "resnet-serve",
+    "naive": "naive FastAPI + PyTorch",
+    "ort": "FastAPI + onnxruntime",
+}
+# The baselines, in the order their rows and ratios appear.
+BASELINES = ("ort", "naive")
 
 
 @dataclass(frozen=True)
@@ -64,6 +70,40 @@ def _div(a: float, b: float) -> float | None:
     return a / b if b > 0 and math.isfinite(a) and math.isfinite(b) else None
 
 
+def _baseline_ratios(
+    steps: Sequence[StepResult],
+    system: str,
+    svc_c: StepResult | None,
+    svc_1: StepResult | None,
+    svc_peak: StepResult | None,
+    c: int,
+) -> list[Ratio]:
+    """The service against one baseline: peak to peak, at ``c`` clients, one client's p50."""
+    out: list[Ratio] = []
+    peak = _peak(steps, system)
+    if svc_peak is None or peak is None:
+        return out
+    out.append(Ratio(
+        f"service peak / {system} peak (img/s)", _div(svc_peak.img_s, peak.img_s),
+        f"{svc_peak.img_s:.1f} (at {svc_peak.concurrency}) / "
+        f"{peak.img_s:.1f} (at {peak.concurrency})",
+    ))  # fmt: skip
+    at_c = _step(steps, system, c)
+    if svc_c is not None and at_c is not None:
+        out.append(Ratio(
+            f"service@{c} / {system}@{c} (img/s)", _div(svc_c.img_s, at_c.img_s),
+            f"{svc_c.img_s:.1f} / {at_c.img_s:.1f}",
+        ))  # fmt: skip
+    one = _step(steps, system, 1)
+    if svc_1 is not None and one is not None:
+        # Inverted, so that above 1 means "the service is better" in every row.
+        a, b = one.percentile(50), svc_1.percentile(50)
+        out.append(Ratio(
+            f"{system} 1-client p50 / service 1-client p50 (ms)", _div(a, b), f"{a:.1f} / {b:.1f}"
+        ))  # fmt: skip
+    return out
+
+
 def ratios(
     steps: Sequence[StepResult], offline: OfflineResult | None, at_concurrency: int = 16
 ) -> list[Ratio]:
@@ -94,26 +134,8 @@ def ratios(
         else:
             p50 = svc_1.percentile(50)
             out.append(Ratio(name, _div(p50, single), f"{p50:.1f} / {single:.1f}"))
-    naive_peak = _peak(steps, "naive")
-    if svc_peak is not None and naive_peak is not None:
-        out.append(Ratio(
-            "service peak / naive peak (img/s)", _div(svc_peak.img_s, naive_peak.img_s),
-            f"{svc_peak.img_s:.1f} (at {svc_peak.concurrency}) / "
-            f"{naive_peak.img_s:.1f} (at {naive_peak.concurrency})",
-        ))  # fmt: skip
-        naive_c = _step(steps, "naive", c)
-        if svc_c is not None and naive_c is not None:
-            out.append(Ratio(
-                f"service@{c} / naive@{c} (img/s)", _div(svc_c.img_s, naive_c.img_s),
-                f"{svc_c.img_s:.1f} / {naive_c.img_s:.1f}",
-            ))  # fmt: skip
-        naive_1 = _step(steps, "naive", 1)
-        if svc_1 is not None and naive_1 is not None:
-            # Inverted, so that above 1 means "the service is better" in every row.
-            a, b = naive_1.percentile(50), svc_1.percentile(50)
-            out.append(Ratio(
-                "naive 1-client p50 / service 1-client p50 (ms)", _div(a, b), f"{a:.1f} / {b:.1f}"
-            ))  # fmt: skip
+    for system in BASELINES:
+        out += _baseline_ratios(steps, system, svc_c, svc_1, svc_peak, c)
     return out
 
 
@@ -226,7 +248,7 @@ def plot(
     import matplotlib.pyplot as plt
 
     fig, (ax_t, ax_l) = plt.subplots(1, 2, figsize=(13, 5))
-    for system, marker in (("service", "o"), ("naive", "s")):
+    for system, marker in (("service", "o"), ("ort", "^"), ("naive", "s")):
         mine = [s for s in steps if s.system == system]
         if not mine:
             continue

@@ -15,7 +15,7 @@ from typing import NoReturn
 import uvicorn
 from pydantic import ValidationError
 
-from service import logs
+from service import logs, workers
 from service.app import create_app
 from service.metrics import Metrics
 from service.repository import RepositoryError
@@ -104,12 +104,15 @@ def _exit_now(sig: int, frame: FrameType | None) -> None:
     _end_process(0)
 
 
-def bind(host: str, port: int) -> socket.socket:
+def bind(host: str, port: int, reuse_port: bool = False) -> socket.socket:
     """The listening address, bound before the models load: a port already in use fails
     in a second with one line, not after the load with uvicorn's log record. The same
-    socket as uvicorn's own (``Config.bind_socket``), handed to it."""
+    socket as uvicorn's own (``Config.bind_socket``), handed to it. ``reuse_port``: one of
+    the ``--workers``, sharing the port with the others (service/workers.py)."""
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
         sock.bind((host, port))
     except OSError:
@@ -131,8 +134,12 @@ def main(argv: list[str] | None = None) -> int:
     # late Ctrl-C into a KeyboardInterrupt traceback).
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, _exit_now)
+    is_worker = workers.worker_index() is not None
     try:
-        sock = bind(settings.host, settings.port)
+        if settings.workers > 1 and not is_worker:
+            reserved = bind(settings.host, settings.port, reuse_port=True)
+        else:
+            sock = bind(settings.host, settings.port, reuse_port=is_worker)
     except OSError as exc:
         hint = (
             ": another process is using it; stop that one or choose another --port"
@@ -145,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return EXIT_LISTEN
+    if settings.workers > 1 and not is_worker:
+        return workers.Supervisor(settings, sys.argv[1:] if argv is None else argv).run(reserved)
     try:
         # Loaded before the server starts, so a bad repository fails fast with a message.
         runtime = Runtime.load(settings, Metrics())

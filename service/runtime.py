@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from service import tuning, workers
 from service.batcher import Batcher, Expectation, Result
 from service.errors import (
     InvalidImageError,
@@ -83,6 +84,7 @@ class ServedModel:
     batcher: Batcher | None = None
     ready: bool = False
     self_check: SelfCheck | None = None
+    tuning_choice: tuning.Choice | None = None
 
     @property
     def name(self) -> str:
@@ -100,7 +102,9 @@ class ServedModel:
     def status(self) -> dict[str, Any]:
         """What this process found about the model, beside its model.json."""
         check = self.self_check.to_json() if self.self_check is not None else None
-        return {"ready": self.serving, "self_check_result": check}
+        choice = self.tuning_choice
+        tuned = choice.report() if choice is not None else None
+        return {"ready": self.serving, "self_check_result": check, "tuning": tuned}
 
 
 @dataclass(eq=False)
@@ -111,6 +115,8 @@ class Runtime:
     decode_options: DecodeOptions
     decode_pool: ThreadPoolExecutor = field(init=False)
     draining: bool = False
+    # --tuning auto found nothing cached for these: measured in the background after ready.
+    untuned: list[ModelSpec] = field(default_factory=list)
     _warmup: asyncio.Task[None] | None = None
     _stop_warmup: threading.Event = field(default_factory=threading.Event)
 
@@ -131,10 +137,20 @@ class Runtime:
                 f"(served: {', '.join(names)})"
             )
         models = {}
+        untuned = []
         for spec in specs:
             t = time.perf_counter()
-            model = ServedModel(spec, SessionPool.load(spec, settings))
-            model.self_check = _self_check(model, settings, metrics)
+            choice, missing = tuning.find(spec, settings)
+            tuned = tuning.apply(choice, settings)
+            if choice is not None:
+                log.info("%s: tuned settings %s (from %s)", spec.name, choice.settings,
+                         choice.source)  # fmt: skip
+            if missing:
+                untuned.append(spec)
+            if len(specs) == 1:
+                settings = tuned  # one model: its decode threads are the process's
+            model = ServedModel(spec, SessionPool.load(spec, tuned), tuning_choice=choice)
+            model.self_check = _self_check(model, tuned, metrics)
             models[spec.name] = model
             log.info("%s: loaded in %.2fs", spec.name, time.perf_counter() - t)
         options = DecodeOptions(
@@ -142,7 +158,7 @@ class Runtime:
             formats=tuple(f.upper() for f in settings.image_formats),
             jpeg_draft=settings.jpeg_draft,
         )
-        return cls(settings, metrics, models, options)
+        return cls(settings, metrics, models, options, untuned=untuned)
 
     @property
     def default_model(self) -> str:
@@ -229,6 +245,8 @@ class Runtime:
         elapsed = process_age_s()
         self.metrics.time_to_ready.set(elapsed)
         log.info("ready: %s, %.2fs after the process started", ", ".join(names), elapsed)
+        if self.untuned and workers.worker_index() in (None, 0):  # one measures, not each
+            tuning.tune_in_background(self.untuned, self.settings)
 
     async def stop(self) -> None:
         self.draining = True
