@@ -44,7 +44,7 @@ def status_class(status: int) -> str:
 
 # How often each worker of ``--workers`` writes its live gauges (read from callables in one
 # process) to the shared files, besides at each scrape it answers itself.
-LIVE_REFRESH_S = 1.0
+LIVE_REFRESH_S = 0.25
 
 
 def multiprocess() -> bool:

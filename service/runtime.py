@@ -166,7 +166,11 @@ class Runtime:
 
     @property
     def ready(self) -> bool:
-        return not self.draining and all(m.serving for m in self.models.values())
+        return (
+            not self.draining
+            and all(m.serving for m in self.models.values())
+            and workers.peers_ready()
+        )
 
     def get(self, name: str | None) -> ServedModel:
         try:
@@ -244,6 +248,7 @@ class Runtime:
             log.info("%s: warmed up in %.2fs", m.name, time.perf_counter() - t)
         elapsed = process_age_s()
         self.metrics.time_to_ready.set(elapsed)
+        workers.mark_ready()
         log.info("ready: %s, %.2fs after the process started", ", ".join(names), elapsed)
         if self.untuned and workers.worker_index() in (None, 0):  # one measures, not each
             tuning.tune_in_background(self.untuned, self.settings)

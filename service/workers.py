@@ -42,12 +42,35 @@ log = logging.getLogger(__name__)
 # Set in the environment of the processes the supervisor starts: their worker index.
 WORKER_ENV = "_RESNET_SERVE_WORKER"
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+# Where each worker leaves a file once ready, and how many workers there are: a worker is
+# ready (``/readyz``) when all are, whichever of them a probe's connection reaches.
+READY_DIR_ENV = "_RESNET_SERVE_READY_DIR"
+COUNT_ENV = "_RESNET_SERVE_WORKERS"
+_all_ready = False
 
 
 def worker_index() -> int | None:
     """This process's index among the workers, or None outside ``--workers``."""
     value = os.environ.get(WORKER_ENV)
     return int(value) if value is not None else None
+
+
+def mark_ready() -> None:
+    """This worker is ready (nothing outside ``--workers``)."""
+    index, path = worker_index(), os.environ.get(READY_DIR_ENV)
+    if index is not None and path:
+        (Path(path) / str(index)).touch()
+
+
+def peers_ready() -> bool:
+    """Whether every worker is ready; True outside ``--workers``. Once true it stays so:
+    a worker that ends ends the service (the supervisor stops the others)."""
+    global _all_ready
+    path = os.environ.get(READY_DIR_ENV)
+    if _all_ready or worker_index() is None or not path:
+        return True
+    _all_ready = len(list(Path(path).iterdir())) >= int(os.environ.get(COUNT_ENV, "1"))
+    return _all_ready
 
 
 def split_threads(settings: Settings) -> dict[str, str]:
@@ -79,6 +102,7 @@ class Supervisor:
         self.procs: list[subprocess.Popen[bytes]] = []
         self.stopping = False
         self._own_dir: str | None = None
+        self._ready_dir = tempfile.mkdtemp(prefix="resnet-serve-ready-")
 
     def _metrics_dir(self) -> str:
         path = os.environ.get(MULTIPROC_ENV)
@@ -98,8 +122,14 @@ class Supervisor:
                 p.send_signal(sig)
 
     def run(self, sock: socket.socket) -> int:
+        from prometheus_client.multiprocess import mark_process_dead
+
         port = sock.getsockname()[1]
-        env = {**os.environ, **split_threads(self.settings), MULTIPROC_ENV: self._metrics_dir()}
+        metrics_dir = self._metrics_dir()
+        env = {
+            **os.environ, **split_threads(self.settings), MULTIPROC_ENV: metrics_dir,
+            READY_DIR_ENV: self._ready_dir, COUNT_ENV: str(self.settings.workers),
+        }  # fmt: skip
         # The resolved port last: argparse keeps the last occurrence of an option.
         argv = [sys.executable, "-m", "service.cli", *self.argv, "--port", str(port)]
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -123,7 +153,10 @@ class Supervisor:
             self._forward(signal.SIGTERM, None)
             for p in self.procs:
                 p.wait()
+                # Its live gauges (in flight, queued, ready) go; counters stay in the sums.
+                mark_process_dead(p.pid, metrics_dir)
             sock.close()
+            shutil.rmtree(self._ready_dir, ignore_errors=True)
             if self._own_dir is not None:
                 shutil.rmtree(self._own_dir, ignore_errors=True)
 
