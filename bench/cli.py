@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import ValidationError
 
 from bench import corpus as corpus_mod
-from bench import load, offline, report
+from bench import load, offline, report, tune
 from bench.servers import (
     ServerError,
     ServerProcess,
@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
         "model file, optionally a naive FastAPI + PyTorch baseline (--baseline), and write "
         "results.md, results.png and results.json.",
     )
-    target = p.add_mutually_exclusive_group(required=True)
+    target = p.add_mutually_exclusive_group()
     target.add_argument("--url", help="a running service, e.g. http://127.0.0.1:8000")
     target.add_argument(
         "--start-server", action="store_true", help="start resnet-serve on a free local port"
@@ -111,6 +111,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--baseline-weights",
         help="default | random | PATH for the baseline (default: what model.json records)",
     )
+    p.add_argument(
+        "--tune", action="store_true",
+        help="first search the best settings for this model on this machine (service.tuning, "
+        "full search), write OUT/tuning.json and the --tuning auto cache, and run the rest "
+        "(offline limits, a started service) with them; alone, only the search",
+    )  # fmt: skip
+    p.add_argument("--tune-budget", type=float, default=180.0, help="seconds, about (180)")
+    p.add_argument("--tune-rounds", type=int, default=2, help="rounds per configuration (2)")
     p.add_argument("--no-offline", action="store_true", help="skip the offline limits")
     p.add_argument(
         "--offline-seconds", type=float, default=2.0,
@@ -346,6 +354,10 @@ def run(args: argparse.Namespace) -> int:
     if args.duration is None and args.requests is None:
         args.duration = 10.0
     usage_errors = []
+    if args.url is None and not args.start_server and not args.tune:
+        usage_errors.append("one of --url, --start-server or --tune is needed")
+    if args.tune and (args.repository is None or args.model is None):
+        usage_errors.append("--tune needs --repository and --model")
     if args.start_server and (args.repository is None or args.model is None):
         usage_errors.append("--start-server needs --repository and --model")
     if args.baseline and args.repository is None:
@@ -376,7 +388,7 @@ def run(args: argparse.Namespace) -> int:
         headers.append((name.strip(), value.strip()))
 
     try:
-        model = args.model or _served_default(args.url)
+        model = args.model or _served_default(str(args.url))
     except (OSError, ValueError, KeyError, StopIteration) as exc:
         print(
             f"resnet-bench: cannot read the served models from {args.url}: {exc}", file=sys.stderr
@@ -405,6 +417,20 @@ def run(args: argparse.Namespace) -> int:
     path = f"/v1/models/{model}/{args.endpoint}"
     if args.endpoint == "embed":
         path += f"?encoding={args.encoding}"
+    tuning_md = ""
+    if args.tune:
+        assert model_dir is not None and settings is not None
+        with Display(not args.no_progress) as display:
+            tuned = tune.run(
+                model_dir, images, settings, out, args.tune_budget, args.tune_rounds, display.log
+            )
+        tuning_md = tune.markdown(tuned)
+        if args.url is None and not args.start_server:
+            (out / "results.md").write_text(tuning_md, encoding="utf-8")
+            print(tuning_md)
+            return 0
+        server_args += ["--tuning", str(tuned)]
+        settings = offline.service_settings(args.repository, model, server_args)
     meta = _meta(args, model, model_dir, settings, spec, images, server_args, path)
 
     steps: list[load.StepResult] = []
@@ -471,7 +497,9 @@ def run(args: argparse.Namespace) -> int:
     order = ["service", *report.BASELINES]
     steps.sort(key=lambda st: (order.index(st.system), st.concurrency))
     ratio_rows = report.ratios(steps, offline_result, args.ratio_concurrency)
-    text = report.markdown(meta, steps, offline_result, ratio_rows)
+    text = report.markdown(meta, steps, offline_result, ratio_rows) + (
+        "\n" + tuning_md if tuning_md else ""
+    )
     (out / "results.md").write_text(text, encoding="utf-8")
     report.dump_json(out / "results.json", meta, steps, offline_result, ratio_rows)
     info = meta["model_info"]

@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from service import tuning
 from service.cli import settings_from_args
 from service.preprocess import DecodeOptions, preprocess
 from service.repository import ModelSpec, load_model_spec
@@ -235,6 +236,8 @@ def measure(
     best round: other work on the machine only ever slows a run down, so the fastest round
     is the closest to the limit, and interleaving spreads a busy spell over all of them."""
     spec = load_model_spec(model_dir)
+    # As resnet-serve starts the model: with the tuning --tuning names (or auto has cached).
+    settings = tuning.apply(tuning.find(spec, settings)[0], settings)
     options = DecodeOptions(max_pixels=settings.max_image_pixels, jpeg_draft=settings.jpeg_draft)
     # One served model, as resnet-serve --models NAME: its sessions share the cores.
     pool = SessionPool.load(spec, settings)
