@@ -75,7 +75,9 @@ def peers_ready() -> bool:
 
 def split_threads(settings: Settings) -> dict[str, str]:
     """The environment that splits the cores among the workers: threads the user did not
-    set become cores / workers (at least one), for onnxruntime (per session) and decoding."""
+    set become cores / workers (at least one), for onnxruntime (per session) and decoding.
+    Given explicitly to the workers, a tuned choice does not override them (only its batch
+    size applies)."""
     per_worker = max(1, cpu_count() // settings.workers)
     env = {}
     if settings.intra_op_threads == 0:
@@ -84,6 +86,9 @@ def split_threads(settings: Settings) -> dict[str, str]:
         )
     if settings.decode_workers == 0:
         env["RESNET_SERVE_DECODE_WORKERS"] = str(per_worker)
+    # Fixed too, so that a tuning measured for the whole machine (service/tuning.py) does not
+    # multiply sessions across workers whose threads are already split.
+    env["RESNET_SERVE_SESSIONS_PER_DEVICE"] = str(settings.sessions_per_device)
     return env
 
 

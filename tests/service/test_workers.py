@@ -161,3 +161,20 @@ def test_port_in_use(r20_repository: Path) -> None:
         )  # fmt: skip
     assert proc.returncode == 3, proc.stderr
     assert "cannot listen" in proc.stderr
+
+
+def test_cores_are_split_unless_given() -> None:
+    from service.settings import Settings, cpu_count
+    from service.workers import split_threads
+
+    per = max(1, cpu_count() // 2)
+    env = split_threads(Settings(workers=2))
+    assert env == {
+        "RESNET_SERVE_INTRA_OP_THREADS": str(per),
+        "RESNET_SERVE_DECODE_WORKERS": str(per),
+        "RESNET_SERVE_SESSIONS_PER_DEVICE": "1",
+    }
+    given = split_threads(Settings(workers=2, intra_op_threads=3, decode_workers=5))
+    assert given == {"RESNET_SERVE_SESSIONS_PER_DEVICE": "1"}
+    two = split_threads(Settings(workers=2, sessions_per_device=2))
+    assert two["RESNET_SERVE_INTRA_OP_THREADS"] == str(max(1, per // 2))
