@@ -44,7 +44,7 @@ def test_search_measures_and_picks_a_candidate(r20_repository: Path, tmp_path: P
     assert chosen in [{k: m[k] for k in tuning.TUNED_FIELDS} for m in pipelines]
     # The winner is the fastest within the tie margin.
     assert choice.img_s >= max(m["img_s"] for m in pipelines) * (1 - tuning.TIE) - 0.01
-    assert len(lines) == len(engine) + len(pipelines)
+    assert len(lines) == len(engine) + len(pipelines)  # one round
     path = tmp_path / "t.json"
     tuning.save([choice], path)
     (back,) = tuning.load_file(path)
