@@ -33,6 +33,7 @@ from bench.servers import (
     start_ort_baseline,
     start_service,
 )
+from service.repository import RepositoryError
 from service.settings import Settings
 
 if TYPE_CHECKING:
@@ -409,6 +410,9 @@ def run(args: argparse.Namespace) -> int:
         )
     except ValidationError as exc:
         print(f"resnet-bench: invalid --server-arg: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except RepositoryError as exc:  # a --tuning file that does not fit
+        print(f"resnet-bench: {exc}", file=sys.stderr)
         return EXIT_USAGE
     out = args.out or Path("bench-results") / datetime.now().strftime("%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)

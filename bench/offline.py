@@ -102,9 +102,16 @@ class OfflineResult:
 
 
 def service_settings(repository: Path, model: str, server_args: Sequence[str]) -> Settings:
-    """The ``Settings`` that ``resnet-serve`` builds from these arguments (and the
-    ``RESNET_SERVE_*`` environment), so offline and HTTP runs share one configuration."""
-    return settings_from_args(["--repository", str(repository), "--models", model, *server_args])
+    """The ``Settings`` that ``resnet-serve`` serves ``model`` with, from these arguments (and
+    the ``RESNET_SERVE_*`` environment) and the tuning they name (``--tuning``, or what
+    ``auto`` has cached), so offline and HTTP runs share one configuration."""
+    settings = settings_from_args(
+        ["--repository", str(repository), "--models", model, *server_args]
+    )
+    model_dir = repository / model
+    if not (model_dir / "model.json").is_file():
+        return settings  # said by the caller, with its own message
+    return tuning.apply(tuning.find(load_model_spec(model_dir), settings)[0], settings)
 
 
 def _loop(fn: Callable[[int], int], seconds: float, min_ops: int) -> tuple[float, list[float]]:
@@ -236,8 +243,6 @@ def measure(
     best round: other work on the machine only ever slows a run down, so the fastest round
     is the closest to the limit, and interleaving spreads a busy spell over all of them."""
     spec = load_model_spec(model_dir)
-    # As resnet-serve starts the model: with the tuning --tuning names (or auto has cached).
-    settings = tuning.apply(tuning.find(spec, settings)[0], settings)
     options = DecodeOptions(max_pixels=settings.max_image_pixels, jpeg_draft=settings.jpeg_draft)
     # One served model, as resnet-serve --models NAME: its sessions share the cores.
     pool = SessionPool.load(spec, settings)
