@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from service import tuning
+from service import tuner, tuning
 from service.repository import load_model_spec
 from service.settings import Settings
 
@@ -24,7 +24,7 @@ def run(
     path (for ``--tuning``)."""
     spec = load_model_spec(model_dir)
     log(f"tuning {spec.name}: about {budget_s:g} s, {rounds} round(s) per configuration")
-    choice = tuning.search(
+    choice = tuner.search(
         spec, images, budget_s=budget_s, latency_bound_ms=settings.latency_slo_ms / 2,
         max_batch=settings.max_batch_size, rounds=rounds, full=True, log_fn=log,
     )  # fmt: skip

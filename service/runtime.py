@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from service import tuning, workers
+from service import tuner, tuning, workers
 from service.batcher import Batcher, Expectation, Result
 from service.errors import (
     InvalidImageError,
@@ -251,7 +251,7 @@ class Runtime:
         workers.mark_ready()
         log.info("ready: %s, %.2fs after the process started", ", ".join(names), elapsed)
         if self.untuned and workers.worker_index() in (None, 0):  # one measures, not each
-            tuning.tune_in_background(self.untuned, self.settings)
+            tuner.tune_in_background(self.untuned, self.settings)
 
     async def stop(self) -> None:
         self.draining = True

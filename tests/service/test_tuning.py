@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from service import tuning
+from service import tuner, tuning
 from service.repository import RepositoryError, load_model_spec
 from service.settings import Settings
 from tests.service.servers import ProcessServer, metric_value, wait_until
@@ -31,9 +31,9 @@ def _choice(spec_dir: Path, **settings: int) -> tuning.Choice:
 
 def test_search_measures_and_picks_a_candidate(r20_repository: Path, tmp_path: Path) -> None:
     spec = load_model_spec(r20_repository / MODEL)
-    images = tuning.synthetic_jpegs(4)
+    images = tuner.synthetic_jpegs(4)
     lines: list[str] = []
-    choice = tuning.search(spec, images, budget_s=3.0, max_batch=8, log_fn=lines.append)
+    choice = tuner.search(spec, images, budget_s=3.0, max_batch=8, log_fn=lines.append)
     assert choice.key["model_sha256"] == spec.metadata["onnx_sha256"]
     assert choice.key["cpus"] >= 1 and choice.key["onnxruntime"]
     engine = [m for m in choice.measured if m["stage"] == "engine"]
@@ -43,7 +43,7 @@ def test_search_measures_and_picks_a_candidate(r20_repository: Path, tmp_path: P
     chosen = {k: choice.settings[k] for k in tuning.TUNED_FIELDS}
     assert chosen in [{k: m[k] for k in tuning.TUNED_FIELDS} for m in pipelines]
     # The winner is the fastest within the tie margin.
-    assert choice.img_s >= max(m["img_s"] for m in pipelines) * (1 - tuning.TIE) - 0.01
+    assert choice.img_s >= max(m["img_s"] for m in pipelines) * (1 - tuner.TIE) - 0.01
     assert len(lines) == len(engine) + len(pipelines)  # one round
     path = tmp_path / "t.json"
     tuning.save([choice], path)
