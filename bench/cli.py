@@ -33,7 +33,8 @@ from bench.servers import (
     start_ort_baseline,
     start_service,
 )
-from service.repository import RepositoryError
+from service import tuning
+from service.repository import RepositoryError, load_model_spec
 from service.settings import Settings
 
 if TYPE_CHECKING:
@@ -274,6 +275,13 @@ def _baseline_info(args: argparse.Namespace) -> str | None:
     return "; ".join(parts) or None
 
 
+def _tunes_in_background(model_dir: Path | None, settings: Settings | None) -> bool:
+    """Whether a started service will run its tuning search during the measurements."""
+    if model_dir is None or settings is None or settings.tuning != "auto":
+        return False
+    return tuning.find(load_model_spec(model_dir), settings)[1]
+
+
 def _with_server(
     start: Callable[[], ServerProcess], run: Callable[[ServerProcess], list[load.StepResult]]
 ) -> list[load.StepResult]:
@@ -486,6 +494,12 @@ def run(args: argparse.Namespace) -> int:
 
             if args.start_server:
                 display.log(f"starting resnet-serve for {model}")
+                if _tunes_in_background(model_dir, settings):
+                    display.log(
+                        "warning: --tuning auto has nothing cached for this model here, so the "
+                        "service measures in the background (at nice 19) during the run; "
+                        "run --tune first, or --server-arg='--tuning off'"
+                    )
                 steps += _with_server(
                     lambda: start_service(args.repository, model, server_args, out / "service.log"),
                     run_service,

@@ -35,3 +35,16 @@ def test_tune_alone_writes_the_file_and_the_cache(
 def test_tune_needs_a_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--tune", "--out", str(tmp_path)]) == 2
     assert "--tune needs --repository and --model" in capsys.readouterr().err
+
+
+def test_warns_when_the_service_would_tune_during_the_run(
+    cifar_repository: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from bench.cli import _tunes_in_background
+    from service.settings import Settings
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    model_dir = cifar_repository / "resnet20_cifar10"
+    assert _tunes_in_background(model_dir, Settings(tuning="auto"))
+    assert not _tunes_in_background(model_dir, Settings(tuning="off"))
+    assert not _tunes_in_background(None, Settings(tuning="auto"))
