@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import shlex
@@ -121,6 +122,11 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument("--tune-budget", type=float, default=180.0, help="seconds, about (180)")
     p.add_argument("--tune-rounds", type=int, default=2, help="rounds per configuration (2)")
+    p.add_argument(
+        "--rounds", type=int, default=1,
+        help="sweep every system this many times, interleaved (all servers up at once); the "
+        "ratios to the baselines are then medians of paired rounds (default 1)",
+    )  # fmt: skip
     p.add_argument("--no-offline", action="store_true", help="skip the offline limits")
     p.add_argument(
         "--offline-seconds", type=float, default=2.0,
@@ -282,6 +288,46 @@ def _tunes_in_background(model_dir: Path | None, settings: Settings | None) -> b
     return tuning.find(load_model_spec(model_dir), settings)[1]
 
 
+# A system under test: its label, how to start it (None: already running), its sweep.
+System = tuple[
+    str,
+    "Callable[[], ServerProcess] | None",
+    "Callable[[ServerProcess | None], list[load.StepResult]]",
+]
+
+
+def run_systems(
+    systems: list[System], rounds: int, log: Callable[[str], None]
+) -> list[load.StepResult]:
+    """Each system's sweep. One round: one system after the other, each server up only for
+    its own sweep. Several: every server up at once (idle ones take no CPU), the sweeps
+    interleaved round after round, so that a busy spell on the machine falls on all of
+    them rather than on one (the report pairs the rounds)."""
+    if rounds == 1:
+        steps: list[load.StepResult] = []
+        for label, start, sweep_fn in systems:
+            log(f"starting {label}" if start else f"measuring {label}")
+            steps += _with_server(start, sweep_fn) if start else sweep_fn(None)
+        return steps
+    with contextlib.ExitStack() as stack:
+        servers = []
+        for label, start, _ in systems:
+            server = None
+            if start is not None:
+                log(f"starting {label}")
+                server = start()
+                stack.callback(server.stop)
+            servers.append(server)
+        steps = []
+        for r in range(1, rounds + 1):
+            for (label, _, sweep_fn), server in zip(systems, servers, strict=True):
+                log(f"round {r}/{rounds}: {label}")
+                for step in sweep_fn(server):
+                    step.round = r
+                    steps.append(step)
+        return steps
+
+
 def _with_server(
     start: Callable[[], ServerProcess], run: Callable[[ServerProcess], list[load.StepResult]]
 ) -> list[load.StepResult]:
@@ -375,9 +421,9 @@ def run(args: argparse.Namespace) -> int:
         usage_errors.append("--baseline-ort needs --repository (and the model)")
     if (args.baseline or args.baseline_ort) and args.endpoint != "classify":
         usage_errors.append("the baselines compare classification only (--endpoint classify)")
-    if min(args.images_per_request, args.corpus_size, args.offline_rounds) < 1:
+    if min(args.images_per_request, args.corpus_size, args.offline_rounds, args.rounds) < 1:
         usage_errors.append(
-            "--images-per-request, --corpus-size and --offline-rounds must be positive"
+            "--images-per-request, --corpus-size, --offline-rounds and --rounds must be positive"
         )
     if (args.duration is not None and args.duration <= 0) or (
         args.requests is not None and args.requests < 1
@@ -469,17 +515,18 @@ def run(args: argparse.Namespace) -> int:
                                                   out / "naive.log"))
                 )  # fmt: skip
             one_image = load.request_bodies(images, 1)
+            systems: list[System] = []
             for system, start in baselines:
-                display.log(f"starting the {report.SYSTEM_LABELS[system]} baseline")
 
                 def run_baseline(
-                    server: ServerProcess, system: str = system
+                    server: ServerProcess | None, system: str = system
                 ) -> list[load.StepResult]:
+                    assert server is not None
                     target = load.Target(system, server.url + "/classify", 1, "classify")
                     levels = args.baseline_concurrency or args.concurrency
                     return sweep(display, target, one_image, args, server.pid, levels)
 
-                steps += _with_server(start, run_baseline)
+                systems.append((report.SYSTEM_LABELS[system], start, run_baseline))
 
             bodies = load.request_bodies(images, args.images_per_request)
 
@@ -492,20 +539,20 @@ def run(args: argparse.Namespace) -> int:
                 pid = server.pid if server else None
                 return sweep(display, target, bodies, args, pid, args.concurrency)
 
+            start_svc = None
             if args.start_server:
-                display.log(f"starting resnet-serve for {model}")
                 if _tunes_in_background(model_dir, settings):
                     display.log(
                         "warning: --tuning auto has nothing cached for this model here, so the "
                         "service measures in the background (at nice 19) during the run; "
                         "run --tune first, or --server-arg='--tuning off'"
                     )
-                steps += _with_server(
-                    lambda: start_service(args.repository, model, server_args, out / "service.log"),
-                    run_service,
-                )
-            else:
-                steps += run_service(None)
+
+                def start_svc() -> ServerProcess:
+                    return start_service(args.repository, model, server_args, out / "service.log")
+
+            systems.append(("resnet-serve", start_svc, run_service))
+            steps += run_systems(systems, args.rounds, display.log)
         except ServerError as exc:
             print(f"resnet-bench: {exc}", file=sys.stderr)
             return 1
@@ -513,7 +560,7 @@ def run(args: argparse.Namespace) -> int:
     meta["loadavg_after"] = list(os.getloadavg())
     meta["finished_at"] = datetime.now().astimezone().isoformat(timespec="seconds")
     order = ["service", *report.BASELINES]
-    steps.sort(key=lambda st: (order.index(st.system), st.concurrency))
+    steps.sort(key=lambda st: (order.index(st.system), st.concurrency, st.round))
     ratio_rows = report.ratios(steps, offline_result, args.ratio_concurrency)
     text = report.markdown(meta, steps, offline_result, ratio_rows) + (
         "\n" + tuning_md if tuning_md else ""

@@ -57,6 +57,7 @@ class StepResult:
     server_cpu_s: float | None = None
     # Differences of the service's batch counters over the window (see BATCH_METRICS).
     batches: dict[str, float] | None = None
+    round: int = 1  # of --rounds: the systems' sweeps interleaved, round after round
 
     @property
     def mean_batch(self) -> float | None:
@@ -85,6 +86,7 @@ class StepResult:
         return {
             "system": self.system,
             "concurrency": self.concurrency,
+            "round": self.round,
             "images_per_request": self.images_per_request,
             "window_s": self.window_s,
             "ok": self.ok,

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import orjson
 
 from bench.load import StepResult
@@ -104,6 +105,38 @@ def _baseline_ratios(
     return out
 
 
+def paired_ratios(steps: Sequence[StepResult], system: str) -> list[Ratio]:
+    """With ``--rounds``: the service against ``system`` round by round, at every client
+    count both ran (img/s), and one client's p50 inverted; each the median of the rounds'
+    ratios, all of them in the note. A round pairs two sweeps a few seconds apart, so a
+    slow spell of the machine weighs on both sides of its ratio."""
+    rounds = sorted({s.round for s in steps})
+    if len(rounds) < 2:
+        return []
+    out: list[Ratio] = []
+    by_key = {(s.system, s.concurrency, s.round): s for s in steps}
+    levels = sorted({s.concurrency for s in steps if s.system == system})
+    for c in levels:
+        pairs = [(by_key.get(("service", c, r)), by_key.get((system, c, r))) for r in rounds]
+        if not all(a and b for a, b in pairs):
+            continue
+        values = [_div(a.img_s, b.img_s) for a, b in pairs]  # type: ignore[union-attr]
+        if c == 1:
+            lat = [_div(b.percentile(50), a.percentile(50)) for a, b in pairs]  # type: ignore[union-attr]
+            out.append(_median_ratio(
+                f"{system} 1-client p50 / service 1-client p50 (ms), paired rounds", lat
+            ))  # fmt: skip
+        out.append(_median_ratio(f"service@{c} / {system}@{c} (img/s), paired rounds", values))
+    return out
+
+
+def _median_ratio(name: str, values: list[float | None]) -> Ratio:
+    known = [v for v in values if v is not None]
+    note = ", ".join("n/a" if v is None else f"{v:.2f}" for v in values)
+    median = float(np.median(known)) if known else None
+    return Ratio(name, median, f"median of {len(values)}: {note}")
+
+
 def ratios(
     steps: Sequence[StepResult], offline: OfflineResult | None, at_concurrency: int = 16
 ) -> list[Ratio]:
@@ -136,6 +169,7 @@ def ratios(
             out.append(Ratio(name, _div(p50, single), f"{p50:.1f} / {single:.1f}"))
     for system in BASELINES:
         out += _baseline_ratios(steps, system, svc_c, svc_1, svc_peak, c)
+        out += paired_ratios(steps, system)
     return out
 
 
@@ -207,9 +241,11 @@ def markdown(
         "| client CPU | server CPU | mean batch |",
         "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|",
     ]
+    many = len({s.round for s in steps}) > 1
     for s in steps:
         lines.append(
-            f"| {SYSTEM_LABELS.get(s.system, s.system)} | {s.concurrency} | {s.img_s:.1f} "
+            f"| {SYSTEM_LABELS.get(s.system, s.system)}{f' (round {s.round})' if many else ''} "
+            f"| {s.concurrency} | {s.img_s:.1f} "
             f"| {s.req_s:.1f} | {_ms(s.percentile(50))} | {_ms(s.percentile(95))} "
             f"| {_ms(s.percentile(99))} | {_errors(s)} | {_cpu(s.client_cpu_s, s.window_s)} "
             f"| {_cpu(s.server_cpu_s, s.window_s)} | {_batch(s)} |"
@@ -249,7 +285,7 @@ def plot(
 
     fig, (ax_t, ax_l) = plt.subplots(1, 2, figsize=(13, 5))
     for system, marker in (("service", "o"), ("ort", "^"), ("naive", "s")):
-        mine = [s for s in steps if s.system == system]
+        mine = [s for s in steps if s.system == system and s.round == 1]  # --rounds: the first
         if not mine:
             continue
         label = SYSTEM_LABELS.get(system, system)
