@@ -128,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"resnet-serve: invalid option: {exc}", file=sys.stderr)
         return EXIT_USAGE
     logs.configure(settings.log_level, settings.log_format)
+    workers.tag_logs()
     # Before anything slow: Ctrl-C while the models load is not a KeyboardInterrupt
     # traceback. uvicorn puts its own handlers in place while it serves and restores these
     # after, so asyncio's runner never installs its SIGINT handler (which would turn a

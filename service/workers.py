@@ -55,6 +55,27 @@ def worker_index() -> int | None:
     return int(value) if value is not None else None
 
 
+class WorkerTag(logging.Filter):
+    """Every log record of a worker carries its index (``worker`` in the JSON lines): the
+    workers share one output."""
+
+    def __init__(self, index: int) -> None:
+        super().__init__()
+        self.index = index
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.worker = self.index
+        return True
+
+
+def tag_logs() -> None:
+    """In a worker, tag what the root logger's handlers write (nothing outside one)."""
+    index = worker_index()
+    if index is not None:
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(WorkerTag(index))
+
+
 def mark_ready() -> None:
     """This worker is ready (nothing outside ``--workers``)."""
     index, path = worker_index(), os.environ.get(READY_DIR_ENV)
