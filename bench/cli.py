@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import shlex
@@ -25,8 +26,16 @@ from typing import TYPE_CHECKING, Any
 from pydantic import ValidationError
 
 from bench import corpus as corpus_mod
-from bench import load, offline, report
-from bench.servers import ServerError, ServerProcess, start_naive, start_service
+from bench import load, offline, report, tune
+from bench.servers import (
+    ServerError,
+    ServerProcess,
+    start_naive,
+    start_ort_baseline,
+    start_service,
+)
+from service import tuning
+from service.repository import RepositoryError, load_model_spec
 from service.settings import Settings
 
 if TYPE_CHECKING:
@@ -56,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
         "model file, optionally a naive FastAPI + PyTorch baseline (--baseline), and write "
         "results.md, results.png and results.json.",
     )
-    target = p.add_mutually_exclusive_group(required=True)
+    target = p.add_mutually_exclusive_group()
     target.add_argument("--url", help="a running service, e.g. http://127.0.0.1:8000")
     target.add_argument(
         "--start-server", action="store_true", help="start resnet-serve on a free local port"
@@ -92,14 +101,32 @@ def build_parser() -> argparse.ArgumentParser:
         "same weights, one image per request",
     )  # fmt: skip
     p.add_argument(
+        "--baseline-ort", action="store_true",
+        help="also sweep FastAPI + onnxruntime (bench/baseline_ort.py) on the same model.onnx "
+        "and preprocessing, a `def` endpoint without batching, one image per request",
+    )  # fmt: skip
+    p.add_argument(
         "--baseline-concurrency", type=_positive_ints,
-        help="the baseline's steps (default: --concurrency); it serves one request at a time, "
-        "so more clients only queue longer",
+        help="the baselines' steps (default: --concurrency); the PyTorch one serves one "
+        "request at a time, so more clients only queue longer",
     )  # fmt: skip
     p.add_argument(
         "--baseline-weights",
         help="default | random | PATH for the baseline (default: what model.json records)",
     )
+    p.add_argument(
+        "--tune", action="store_true",
+        help="first search the best settings for this model on this machine (service.tuning, "
+        "full search), write OUT/tuning.json and the --tuning auto cache, and run the rest "
+        "(offline limits, a started service) with them; alone, only the search",
+    )  # fmt: skip
+    p.add_argument("--tune-budget", type=float, default=180.0, help="seconds, about (180)")
+    p.add_argument("--tune-rounds", type=int, default=2, help="rounds per configuration (2)")
+    p.add_argument(
+        "--rounds", type=int, default=1,
+        help="sweep every system this many times, interleaved (all servers up at once); the "
+        "ratios to the baselines are then medians of paired rounds (default 1)",
+    )  # fmt: skip
     p.add_argument("--no-offline", action="store_true", help="skip the offline limits")
     p.add_argument(
         "--offline-seconds", type=float, default=2.0,
@@ -236,13 +263,69 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _baseline_info() -> str:
-    threads = os.environ.get("OMP_NUM_THREADS")
-    return (
-        "naive FastAPI + PyTorch eager (bench/naive_server.py) under uvicorn, one image per "
-        "request, torch intra-op threads "
-        + (f"{threads} (OMP_NUM_THREADS)" if threads else "default (one per core)")
-    )
+def _baseline_info(args: argparse.Namespace) -> str | None:
+    parts = []
+    if args.baseline_ort:
+        parts.append(
+            "FastAPI + onnxruntime (bench/baseline_ort.py) under uvicorn: `def` endpoint, one "
+            "session with onnxruntime's default options, the service's preprocessing, no "
+            "batching, one image per request"
+        )
+    if args.baseline:
+        threads = os.environ.get("OMP_NUM_THREADS")
+        parts.append(
+            "naive FastAPI + PyTorch eager (bench/naive_server.py) under uvicorn, one image per "
+            "request, torch intra-op threads "
+            + (f"{threads} (OMP_NUM_THREADS)" if threads else "default (one per core)")
+        )
+    return "; ".join(parts) or None
+
+
+def _tunes_in_background(model_dir: Path | None, settings: Settings | None) -> bool:
+    """Whether a started service will run its tuning search during the measurements."""
+    if model_dir is None or settings is None or settings.tuning != "auto":
+        return False
+    return tuning.find(load_model_spec(model_dir), settings)[1]
+
+
+# A system under test: its label, how to start it (None: already running), its sweep.
+System = tuple[
+    str,
+    "Callable[[], ServerProcess] | None",
+    "Callable[[ServerProcess | None], list[load.StepResult]]",
+]
+
+
+def run_systems(
+    systems: list[System], rounds: int, log: Callable[[str], None]
+) -> list[load.StepResult]:
+    """Each system's sweep. One round: one system after the other, each server up only for
+    its own sweep. Several: every server up at once (idle ones take no CPU), the sweeps
+    interleaved round after round, so that a busy spell on the machine falls on all of
+    them rather than on one (the report pairs the rounds)."""
+    if rounds == 1:
+        steps: list[load.StepResult] = []
+        for label, start, sweep_fn in systems:
+            log(f"starting {label}" if start else f"measuring {label}")
+            steps += _with_server(start, sweep_fn) if start else sweep_fn(None)
+        return steps
+    with contextlib.ExitStack() as stack:
+        servers = []
+        for label, start, _ in systems:
+            server = None
+            if start is not None:
+                log(f"starting {label}")
+                server = start()
+                stack.callback(server.stop)
+            servers.append(server)
+        steps = []
+        for r in range(1, rounds + 1):
+            for (label, _, sweep_fn), server in zip(systems, servers, strict=True):
+                log(f"round {r}/{rounds}: {label}")
+                for step in sweep_fn(server):
+                    step.round = r
+                    steps.append(step)
+        return steps
 
 
 def _with_server(
@@ -280,7 +363,7 @@ def _meta(
         "model_dir": str(model_dir) if model_dir is not None else None,
         "model_info": _model_info(model_dir),
         "versions": _versions(),
-        "baseline": _baseline_info() if args.baseline else None,
+        "baseline": _baseline_info(args),
         "endpoint_path": path,
         "images_per_request": args.images_per_request,
         "concurrency": args.concurrency,
@@ -326,15 +409,21 @@ def run(args: argparse.Namespace) -> int:
     if args.duration is None and args.requests is None:
         args.duration = 10.0
     usage_errors = []
+    if args.url is None and not args.start_server and not args.tune:
+        usage_errors.append("one of --url, --start-server or --tune is needed")
+    if args.tune and (args.repository is None or args.model is None):
+        usage_errors.append("--tune needs --repository and --model")
     if args.start_server and (args.repository is None or args.model is None):
         usage_errors.append("--start-server needs --repository and --model")
     if args.baseline and args.repository is None:
         usage_errors.append("--baseline needs --repository (and the model) to build the model")
-    if args.baseline and args.endpoint != "classify":
-        usage_errors.append("--baseline compares classification only (--endpoint classify)")
-    if min(args.images_per_request, args.corpus_size, args.offline_rounds) < 1:
+    if args.baseline_ort and args.repository is None:
+        usage_errors.append("--baseline-ort needs --repository (and the model)")
+    if (args.baseline or args.baseline_ort) and args.endpoint != "classify":
+        usage_errors.append("the baselines compare classification only (--endpoint classify)")
+    if min(args.images_per_request, args.corpus_size, args.offline_rounds, args.rounds) < 1:
         usage_errors.append(
-            "--images-per-request, --corpus-size and --offline-rounds must be positive"
+            "--images-per-request, --corpus-size, --offline-rounds and --rounds must be positive"
         )
     if (args.duration is not None and args.duration <= 0) or (
         args.requests is not None and args.requests < 1
@@ -354,7 +443,7 @@ def run(args: argparse.Namespace) -> int:
         headers.append((name.strip(), value.strip()))
 
     try:
-        model = args.model or _served_default(args.url)
+        model = args.model or _served_default(str(args.url))
     except (OSError, ValueError, KeyError, StopIteration) as exc:
         print(
             f"resnet-bench: cannot read the served models from {args.url}: {exc}", file=sys.stderr
@@ -376,6 +465,9 @@ def run(args: argparse.Namespace) -> int:
     except ValidationError as exc:
         print(f"resnet-bench: invalid --server-arg: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except RepositoryError as exc:  # a --tuning file that does not fit
+        print(f"resnet-bench: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     out = args.out or Path("bench-results") / datetime.now().strftime("%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
     spec = corpus_mod.CorpusSpec(count=args.corpus_size)
@@ -383,6 +475,20 @@ def run(args: argparse.Namespace) -> int:
     path = f"/v1/models/{model}/{args.endpoint}"
     if args.endpoint == "embed":
         path += f"?encoding={args.encoding}"
+    tuning_md = ""
+    if args.tune:
+        assert model_dir is not None and settings is not None
+        with Display(not args.no_progress) as display:
+            tuned = tune.run(
+                model_dir, images, settings, out, args.tune_budget, args.tune_rounds, display.log
+            )
+        tuning_md = tune.markdown(tuned)
+        if args.url is None and not args.start_server:
+            (out / "results.md").write_text(tuning_md, encoding="utf-8")
+            print(tuning_md)
+            return 0
+        server_args += ["--tuning", str(tuned)]
+        settings = offline.service_settings(args.repository, model, server_args)
     meta = _meta(args, model, model_dir, settings, spec, images, server_args, path)
 
     steps: list[load.StepResult] = []
@@ -398,20 +504,29 @@ def run(args: argparse.Namespace) -> int:
                 display.log("offline limits skipped: give --repository to measure them")
             # The baseline first: a model it cannot rebuild (weights not found) fails in
             # seconds rather than after the whole service sweep.
+            baselines: list[tuple[str, Callable[[], ServerProcess]]] = []
+            if args.baseline_ort:
+                assert model_dir is not None
+                baselines.append(("ort", lambda: start_ort_baseline(model_dir, out / "ort.log")))
             if args.baseline:
                 assert model_dir is not None
-                display.log("starting the naive baseline")
-                naive_bodies = load.request_bodies(images, 1)
+                baselines.append(
+                    ("naive", lambda: start_naive(model_dir, args.baseline_weights,
+                                                  out / "naive.log"))
+                )  # fmt: skip
+            one_image = load.request_bodies(images, 1)
+            systems: list[System] = []
+            for system, start in baselines:
 
-                def run_naive(server: ServerProcess) -> list[load.StepResult]:
-                    target = load.Target("naive", server.url + "/classify", 1, "classify")
+                def run_baseline(
+                    server: ServerProcess | None, system: str = system
+                ) -> list[load.StepResult]:
+                    assert server is not None
+                    target = load.Target(system, server.url + "/classify", 1, "classify")
                     levels = args.baseline_concurrency or args.concurrency
-                    return sweep(display, target, naive_bodies, args, server.pid, levels)
+                    return sweep(display, target, one_image, args, server.pid, levels)
 
-                steps += _with_server(
-                    lambda: start_naive(model_dir, args.baseline_weights, out / "naive.log"),
-                    run_naive,
-                )
+                systems.append((report.SYSTEM_LABELS[system], start, run_baseline))
 
             bodies = load.request_bodies(images, args.images_per_request)
 
@@ -424,23 +539,32 @@ def run(args: argparse.Namespace) -> int:
                 pid = server.pid if server else None
                 return sweep(display, target, bodies, args, pid, args.concurrency)
 
+            start_svc = None
             if args.start_server:
-                display.log(f"starting resnet-serve for {model}")
-                steps += _with_server(
-                    lambda: start_service(args.repository, model, server_args, out / "service.log"),
-                    run_service,
-                )
-            else:
-                steps += run_service(None)
+                if _tunes_in_background(model_dir, settings):
+                    display.log(
+                        "warning: --tuning auto has nothing cached for this model here, so the "
+                        "service measures in the background (at nice 19) during the run; "
+                        "run --tune first, or --server-arg='--tuning off'"
+                    )
+
+                def start_svc() -> ServerProcess:
+                    return start_service(args.repository, model, server_args, out / "service.log")
+
+            systems.append(("resnet-serve", start_svc, run_service))
+            steps += run_systems(systems, args.rounds, display.log)
         except ServerError as exc:
             print(f"resnet-bench: {exc}", file=sys.stderr)
             return 1
 
     meta["loadavg_after"] = list(os.getloadavg())
     meta["finished_at"] = datetime.now().astimezone().isoformat(timespec="seconds")
-    steps.sort(key=lambda st: (st.system != "service", st.concurrency))
+    order = ["service", *report.BASELINES]
+    steps.sort(key=lambda st: (order.index(st.system), st.concurrency, st.round))
     ratio_rows = report.ratios(steps, offline_result, args.ratio_concurrency)
-    text = report.markdown(meta, steps, offline_result, ratio_rows)
+    text = report.markdown(meta, steps, offline_result, ratio_rows) + (
+        "\n" + tuning_md if tuning_md else ""
+    )
     (out / "results.md").write_text(text, encoding="utf-8")
     report.dump_json(out / "results.json", meta, steps, offline_result, ratio_rows)
     info = meta["model_info"]

@@ -57,6 +57,7 @@ class StepResult:
     server_cpu_s: float | None = None
     # Differences of the service's batch counters over the window (see BATCH_METRICS).
     batches: dict[str, float] | None = None
+    round: int = 1  # of --rounds: the systems' sweeps interleaved, round after round
 
     @property
     def mean_batch(self) -> float | None:
@@ -85,6 +86,7 @@ class StepResult:
         return {
             "system": self.system,
             "concurrency": self.concurrency,
+            "round": self.round,
             "images_per_request": self.images_per_request,
             "window_s": self.window_s,
             "ok": self.ok,
@@ -144,15 +146,26 @@ def check_answer(body: bytes, target: Target) -> str | None:
     return None
 
 
+def _children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children", encoding="ascii") as f:
+            return [int(p) for p in f.read().split()]
+    except OSError:
+        return []
+
+
 def process_cpu_s(pid: int) -> float | None:
-    """User + system CPU seconds of ``pid`` so far (Linux), or None where unreadable."""
+    """User + system CPU seconds of ``pid`` and its live descendants so far (Linux: the
+    workers of ``resnet-serve --workers`` are children of the process started), or None
+    where unreadable."""
     try:
         with open(f"/proc/{pid}/stat", encoding="ascii") as f:
             fields = f.read().rsplit(")", 1)[1].split()
     except OSError:
         return None
     # Fields 14 and 15 of proc(5) (utime, stime), counted after the ")" of the name.
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    own = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return own + sum(process_cpu_s(c) or 0.0 for c in _children(pid))
 
 
 BATCH_METRICS = {

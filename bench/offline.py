@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from contract.preprocess import DecodeOptions, preprocess
+from service import tuning
 from service.cli import settings_from_args
 from service.repository import ModelSpec, load_model_spec
 from service.sessions import SessionPool, Worker
@@ -101,9 +102,16 @@ class OfflineResult:
 
 
 def service_settings(repository: Path, model: str, server_args: Sequence[str]) -> Settings:
-    """The ``Settings`` that ``resnet-serve`` builds from these arguments (and the
-    ``RESNET_SERVE_*`` environment), so offline and HTTP runs share one configuration."""
-    return settings_from_args(["--repository", str(repository), "--models", model, *server_args])
+    """The ``Settings`` that ``resnet-serve`` serves ``model`` with, from these arguments (and
+    the ``RESNET_SERVE_*`` environment) and the tuning they name (``--tuning``, or what
+    ``auto`` has cached), so offline and HTTP runs share one configuration."""
+    settings = settings_from_args(
+        ["--repository", str(repository), "--models", model, *server_args]
+    )
+    model_dir = repository / model
+    if not (model_dir / "model.json").is_file():
+        return settings  # said by the caller, with its own message
+    return tuning.apply(tuning.find(load_model_spec(model_dir), settings)[0], settings)
 
 
 def _loop(fn: Callable[[int], int], seconds: float, min_ops: int) -> tuple[float, list[float]]:

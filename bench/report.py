@@ -10,12 +10,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import orjson
 
 from bench.load import StepResult
 from bench.offline import OfflineResult, Rate
 
-SYSTEM_LABELS = {"service": "resnet-serve", "naive": "naive FastAPI + PyTorch"}
+SYSTEM_LABELS = {
+    "service": "resnet-serve",
+    "naive": "naive FastAPI + PyTorch",
+    "ort": "FastAPI + onnxruntime",
+}
+# The baselines, in the order their rows and ratios appear.
+BASELINES = ("ort", "naive")
 
 
 @dataclass(frozen=True)
@@ -64,6 +71,72 @@ def _div(a: float, b: float) -> float | None:
     return a / b if b > 0 and math.isfinite(a) and math.isfinite(b) else None
 
 
+def _baseline_ratios(
+    steps: Sequence[StepResult],
+    system: str,
+    svc_c: StepResult | None,
+    svc_1: StepResult | None,
+    svc_peak: StepResult | None,
+    c: int,
+) -> list[Ratio]:
+    """The service against one baseline: peak to peak, at ``c`` clients, one client's p50."""
+    out: list[Ratio] = []
+    peak = _peak(steps, system)
+    if svc_peak is None or peak is None:
+        return out
+    out.append(Ratio(
+        f"service peak / {system} peak (img/s)", _div(svc_peak.img_s, peak.img_s),
+        f"{svc_peak.img_s:.1f} (at {svc_peak.concurrency}) / "
+        f"{peak.img_s:.1f} (at {peak.concurrency})",
+    ))  # fmt: skip
+    at_c = _step(steps, system, c)
+    if svc_c is not None and at_c is not None:
+        out.append(Ratio(
+            f"service@{c} / {system}@{c} (img/s)", _div(svc_c.img_s, at_c.img_s),
+            f"{svc_c.img_s:.1f} / {at_c.img_s:.1f}",
+        ))  # fmt: skip
+    one = _step(steps, system, 1)
+    if svc_1 is not None and one is not None:
+        # Inverted, so that above 1 means "the service is better" in every row.
+        a, b = one.percentile(50), svc_1.percentile(50)
+        out.append(Ratio(
+            f"{system} 1-client p50 / service 1-client p50 (ms)", _div(a, b), f"{a:.1f} / {b:.1f}"
+        ))  # fmt: skip
+    return out
+
+
+def paired_ratios(steps: Sequence[StepResult], system: str) -> list[Ratio]:
+    """With ``--rounds``: the service against ``system`` round by round, at every client
+    count both ran (img/s), and one client's p50 inverted; each the median of the rounds'
+    ratios, all of them in the note. A round pairs two sweeps a few seconds apart, so a
+    slow spell of the machine weighs on both sides of its ratio."""
+    rounds = sorted({s.round for s in steps})
+    if len(rounds) < 2:
+        return []
+    out: list[Ratio] = []
+    by_key = {(s.system, s.concurrency, s.round): s for s in steps}
+    levels = sorted({s.concurrency for s in steps if s.system == system})
+    for c in levels:
+        pairs = [(by_key.get(("service", c, r)), by_key.get((system, c, r))) for r in rounds]
+        if not all(a and b for a, b in pairs):
+            continue
+        values = [_div(a.img_s, b.img_s) for a, b in pairs]  # type: ignore[union-attr]
+        if c == 1:
+            lat = [_div(b.percentile(50), a.percentile(50)) for a, b in pairs]  # type: ignore[union-attr]
+            out.append(_median_ratio(
+                f"{system} 1-client p50 / service 1-client p50 (ms), paired rounds", lat
+            ))  # fmt: skip
+        out.append(_median_ratio(f"service@{c} / {system}@{c} (img/s), paired rounds", values))
+    return out
+
+
+def _median_ratio(name: str, values: list[float | None]) -> Ratio:
+    known = [v for v in values if v is not None]
+    note = ", ".join("n/a" if v is None else f"{v:.2f}" for v in values)
+    median = float(np.median(known)) if known else None
+    return Ratio(name, median, f"median of {len(values)}: {note}")
+
+
 def ratios(
     steps: Sequence[StepResult], offline: OfflineResult | None, at_concurrency: int = 16
 ) -> list[Ratio]:
@@ -94,26 +167,9 @@ def ratios(
         else:
             p50 = svc_1.percentile(50)
             out.append(Ratio(name, _div(p50, single), f"{p50:.1f} / {single:.1f}"))
-    naive_peak = _peak(steps, "naive")
-    if svc_peak is not None and naive_peak is not None:
-        out.append(Ratio(
-            "service peak / naive peak (img/s)", _div(svc_peak.img_s, naive_peak.img_s),
-            f"{svc_peak.img_s:.1f} (at {svc_peak.concurrency}) / "
-            f"{naive_peak.img_s:.1f} (at {naive_peak.concurrency})",
-        ))  # fmt: skip
-        naive_c = _step(steps, "naive", c)
-        if svc_c is not None and naive_c is not None:
-            out.append(Ratio(
-                f"service@{c} / naive@{c} (img/s)", _div(svc_c.img_s, naive_c.img_s),
-                f"{svc_c.img_s:.1f} / {naive_c.img_s:.1f}",
-            ))  # fmt: skip
-        naive_1 = _step(steps, "naive", 1)
-        if svc_1 is not None and naive_1 is not None:
-            # Inverted, so that above 1 means "the service is better" in every row.
-            a, b = naive_1.percentile(50), svc_1.percentile(50)
-            out.append(Ratio(
-                "naive 1-client p50 / service 1-client p50 (ms)", _div(a, b), f"{a:.1f} / {b:.1f}"
-            ))  # fmt: skip
+    for system in BASELINES:
+        out += _baseline_ratios(steps, system, svc_c, svc_1, svc_peak, c)
+        out += paired_ratios(steps, system)
     return out
 
 
@@ -185,9 +241,11 @@ def markdown(
         "| client CPU | server CPU | mean batch |",
         "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|",
     ]
+    many = len({s.round for s in steps}) > 1
     for s in steps:
         lines.append(
-            f"| {SYSTEM_LABELS.get(s.system, s.system)} | {s.concurrency} | {s.img_s:.1f} "
+            f"| {SYSTEM_LABELS.get(s.system, s.system)}{f' (round {s.round})' if many else ''} "
+            f"| {s.concurrency} | {s.img_s:.1f} "
             f"| {s.req_s:.1f} | {_ms(s.percentile(50))} | {_ms(s.percentile(95))} "
             f"| {_ms(s.percentile(99))} | {_errors(s)} | {_cpu(s.client_cpu_s, s.window_s)} "
             f"| {_cpu(s.server_cpu_s, s.window_s)} | {_batch(s)} |"
@@ -226,8 +284,8 @@ def plot(
     import matplotlib.pyplot as plt
 
     fig, (ax_t, ax_l) = plt.subplots(1, 2, figsize=(13, 5))
-    for system, marker in (("service", "o"), ("naive", "s")):
-        mine = [s for s in steps if s.system == system]
+    for system, marker in (("service", "o"), ("ort", "^"), ("naive", "s")):
+        mine = [s for s in steps if s.system == system and s.round == 1]  # --rounds: the first
         if not mine:
             continue
         label = SYSTEM_LABELS.get(system, system)

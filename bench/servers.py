@@ -123,18 +123,36 @@ def start_service(
     return server
 
 
-def start_naive(
-    model_dir: Path, weights: str | None, log_path: Path, ready_timeout_s: float = 300.0
+def _uvicorn_factory(
+    system: str, factory: str, env: dict[str, str], log_path: Path, ready_timeout_s: float
 ) -> ServerProcess:
     port = free_port()
     argv = [
-        sys.executable, "-m", "uvicorn", "bench.naive_server:app_from_env", "--factory",
+        sys.executable, "-m", "uvicorn", factory, "--factory",
         "--host", "127.0.0.1", "--port", str(port),
         "--log-level", "warning", "--no-access-log",
     ]  # fmt: skip
+    server = _spawn(system, argv, port, log_path, env)
+    server.wait_ready("/healthz", ready_timeout_s)
+    return server
+
+
+def start_ort_baseline(
+    model_dir: Path, log_path: Path, ready_timeout_s: float = 300.0
+) -> ServerProcess:
+    """FastAPI + onnxruntime (bench/baseline_ort.py) on the model's own model.onnx."""
+    env = {"BASELINE_MODEL_DIR": str(model_dir)}
+    return _uvicorn_factory(
+        "ort", "bench.baseline_ort:app_from_env", env, log_path, ready_timeout_s
+    )
+
+
+def start_naive(
+    model_dir: Path, weights: str | None, log_path: Path, ready_timeout_s: float = 300.0
+) -> ServerProcess:
     env = {"NAIVE_MODEL_DIR": str(model_dir)}
     if weights:
         env["NAIVE_WEIGHTS"] = weights
-    server = _spawn("naive", argv, port, log_path, env)
-    server.wait_ready("/healthz", ready_timeout_s)
-    return server
+    return _uvicorn_factory(
+        "naive", "bench.naive_server:app_from_env", env, log_path, ready_timeout_s
+    )

@@ -15,7 +15,7 @@ from typing import NoReturn
 import uvicorn
 from pydantic import ValidationError
 
-from service import logs
+from service import logs, workers
 from service.app import create_app
 from service.connections import ConnectionLimits, connection_limit, guarded_protocol, raise_fd_limit
 from service.metrics import Metrics
@@ -105,12 +105,15 @@ def _exit_now(sig: int, frame: FrameType | None) -> None:
     _end_process(0)
 
 
-def bind(host: str, port: int) -> socket.socket:
+def bind(host: str, port: int, reuse_port: bool = False) -> socket.socket:
     """The listening address, bound before the models load: a port already in use fails
     in a second with one line, not after the load with uvicorn's log record. The same
-    socket as uvicorn's own (``Config.bind_socket``), handed to it."""
+    socket as uvicorn's own (``Config.bind_socket``), handed to it. ``reuse_port``: one of
+    the ``--workers``, sharing the port with the others (service/workers.py)."""
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
         sock.bind((host, port))
     except OSError:
@@ -126,14 +129,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"resnet-serve: invalid option: {exc}", file=sys.stderr)
         return EXIT_USAGE
     logs.configure(settings.log_level, settings.log_format)
+    workers.tag_logs()
     # Before anything slow: Ctrl-C while the models load is not a KeyboardInterrupt
     # traceback. uvicorn puts its own handlers in place while it serves and restores these
     # after, so asyncio's runner never installs its SIGINT handler (which would turn a
     # late Ctrl-C into a KeyboardInterrupt traceback).
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, _exit_now)
+    is_worker = workers.worker_index() is not None
     try:
-        sock = bind(settings.host, settings.port)
+        if settings.workers > 1 and not is_worker:
+            reserved = bind(settings.host, settings.port, reuse_port=True)
+        else:
+            sock = bind(settings.host, settings.port, reuse_port=is_worker)
     except OSError as exc:
         hint = (
             ": another process is using it; stop that one or choose another --port"
@@ -146,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return EXIT_LISTEN
+    if settings.workers > 1 and not is_worker:
+        return workers.Supervisor(settings, sys.argv[1:] if argv is None else argv).run(reserved)
     try:
         # Loaded before the server starts, so a bad repository fails fast with a message.
         runtime = Runtime.load(settings, Metrics())

@@ -25,7 +25,7 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as rpc
 
 from contract.schema import ModelSpec
-from service import logs
+from service import logs, workers
 from service.auth import key_matches
 from service.engine import Engine, Job
 from service.errors import CLIENT_ERRORS, UnauthorizedError, answer, message
@@ -210,7 +210,9 @@ class GrpcServer:
             options=[
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", -1),
-                ("grpc.so_reuseport", 0),  # a port in use is an error, not a shared port
+                # A port in use is an error, not a shared port; but --workers' processes
+                # share it, as they share the HTTP port.
+                ("grpc.so_reuseport", int(workers.worker_index() is not None)),
             ]
         )
         rpc.add_GRPCInferenceServiceServicer_to_server(Servicer(runtime), self.server)

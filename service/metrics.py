@@ -9,11 +9,17 @@ the second.
 
 from __future__ import annotations
 
+import os
 import platform
-from collections.abc import Callable
+import threading
+import time
+from collections.abc import Callable, Iterable
 from importlib import metadata
+from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, values
+from prometheus_client.metrics_core import Metric
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from service.stats import Stats
 
@@ -49,6 +55,31 @@ def status_class(status: int) -> str:
     return f"{status // 100}xx"
 
 
+# How often each worker of ``--workers`` writes its live gauges (read from callables in one
+# process) to the shared files, besides at each scrape it answers itself.
+LIVE_REFRESH_S = 0.25
+
+
+def multiprocess() -> bool:
+    """prometheus-client's multiprocess mode: the directory is set, and was set when
+    prometheus_client was imported (it chooses its value storage then)."""
+    return bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR")) and (
+        values.ValueClass is not values.MutexValue
+    )
+
+
+class _Refreshing(MultiProcessCollector):
+    """Every process's files, after writing this process's live gauges to its own."""
+
+    def __init__(self, registry: CollectorRegistry, refresh: Callable[[], None]) -> None:
+        super().__init__(registry)
+        self._refresh = refresh
+
+    def collect(self) -> Iterable[Metric]:
+        self._refresh()
+        return super().collect()
+
+
 def _version(package: str) -> str:
     try:
         return metadata.version(package)
@@ -57,15 +88,33 @@ def _version(package: str) -> str:
 
 
 class Metrics:
+    """``registry`` is what ``/metrics`` exposes. Under ``--workers`` (multiprocess mode)
+    it holds one collector that reads every worker's files, and the metrics below write to
+    this process's file; a gauge's ``multiprocess_mode`` says how workers combine: ``sum``
+    for quantities (in flight, queued, sessions), ``max`` for settings and facts, ``min`` for
+    readiness (a model is ready when it is ready in every worker); ``live``: the values of
+    a worker that ended go with it."""
+
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
-        self.registry = registry or CollectorRegistry()
-        # Triton's statistics extension: counters the batcher feeds beside these metrics.
+        self.multiprocess = registry is None and multiprocess()
+        self._live: list[tuple[Any, Callable[[], float]]] = []
+        self._live_lock = threading.Lock()
+        if self.multiprocess:
+            self.registry = CollectorRegistry()
+            _Refreshing(self.registry, self.refresh)
+            r: CollectorRegistry | None = None  # the files are the storage
+        else:
+            self.registry = registry or CollectorRegistry()
+            r = self.registry
+        # Triton's statistics extension: counters the batcher feeds beside these metrics
+        # (per process: under --workers, those of the worker that answers).
         self.stats = Stats()
-        r = self.registry
         p = "resnet_serve_"
 
-        def gauge(name: str, doc: str, labels: tuple[str, ...] = ("model",)) -> Gauge:
-            return Gauge(p + name, doc, list(labels), registry=r)
+        def gauge(
+            name: str, doc: str, labels: tuple[str, ...] = ("model",), mode: str = "livesum"
+        ) -> Gauge:
+            return Gauge(p + name, doc, list(labels), registry=r, multiprocess_mode=mode)  # type: ignore[arg-type]
 
         def counter(name: str, doc: str, labels: tuple[str, ...] = ("model",)) -> Counter:
             return Counter(p + name, doc, list(labels), registry=r)
@@ -131,7 +180,9 @@ class Metrics:
             "max_queue_images", "Images admitted at most (--max-queue-images); beyond, 503"
         )
         self.max_batch_size = gauge(
-            "max_batch_size", "Images per batch at most (the largest batch bucket)"
+            "max_batch_size",
+            "Images per batch at most (the largest batch bucket)",
+            mode="livemax",
         )
         self.sessions = gauge(
             "sessions", "onnxruntime sessions of the model (devices x sessions per device)"
@@ -153,31 +204,38 @@ class Metrics:
             "model_self_check",
             "1 when the model's outputs on its reference images are within the bounds "
             "recorded at export, 0 when not (served only with --self-check warn)",
+            mode="livemin",
         )
         self.time_to_ready = gauge(
             "time_to_ready_seconds",
             "Seconds from the process start until every model was warmed up",
             (),
+            mode="livemax",
         )
         self.model_ready = gauge(
-            "model_ready", "1 when the model is warmed up and has a healthy session, else 0"
+            "model_ready",
+            "1 when the model is warmed up and has a healthy session, else 0",
+            mode="livemin",
         )
         self.model_info = gauge(
             "model_info",
             "Always 1: the model's precision (fp32, fp16, int8)",
             ("model", "precision"),
+            mode="livemax",
         )
         self.build_info = gauge(
             "build_info",
             "Always 1: the service's version, onnxruntime's, the execution provider in use "
             "and Python's",
             ("version", "onnxruntime", "provider", "python"),
+            mode="livemax",
         )
         self.latency_slo = gauge(
             "latency_slo_seconds",
             "The p99 latency objective of successful inference requests (--latency-slo-ms), "
             "for the latency alert to compare with",
             (),
+            mode="livemax",
         )
 
     def set_build_info(self, provider: str) -> None:
@@ -205,9 +263,9 @@ class Metrics:
         self.max_queue_images.labels(name).set(max_queue_images)
         self.max_batch_size.labels(name).set(max_batch_size)
         self.sessions.labels(name).set(sessions)
-        self.admitted.labels(name).set_function(admitted)
-        self.sessions_healthy.labels(name).set_function(healthy_sessions)
-        self.model_ready.labels(name).set_function(ready)
+        self._live_gauge(self.admitted.labels(name), admitted)
+        self._live_gauge(self.sessions_healthy.labels(name), healthy_sessions)
+        self._live_gauge(self.model_ready.labels(name), ready)
         self.queue_depth.labels(name).set(0)
         for endpoint, statuses in INFERENCE_STATUSES.items():
             self.images.labels(endpoint, name)
@@ -219,3 +277,28 @@ class Metrics:
         for family in (self.queue_wait, self.preprocess_duration, self.inference_duration,
                        self.batch_size, self.batch_padding, self.inference_failures):  # fmt: skip
             family.labels(name)
+
+    def _live_gauge(self, child: Any, fn: Callable[[], float]) -> None:
+        """A gauge read from ``fn``: at each scrape in one process; under multiprocess mode
+        (where a scrape reads files, not callables) written to this process's file at each
+        scrape it answers and every LIVE_REFRESH_S by a thread."""
+        if not self.multiprocess:
+            child.set_function(fn)
+            return
+        with self._live_lock:
+            first = not self._live
+            self._live.append((child, fn))
+        child.set(fn())
+        if first:
+            threading.Thread(target=self._refresh_forever, name="metrics-live", daemon=True).start()
+
+    def refresh(self) -> None:
+        with self._live_lock:
+            live = list(self._live)
+        for child, fn in live:
+            child.set(fn())
+
+    def _refresh_forever(self) -> None:
+        while True:
+            time.sleep(LIVE_REFRESH_S)
+            self.refresh()

@@ -16,6 +16,7 @@ from typing import Any
 
 from contract.preprocess import DecodeOptions, warm_decoder
 from contract.selfcheck import SelfCheck
+from service import tuner, tuning, workers
 from service.batcher import Batcher
 from service.engine import Engine
 from service.loadcheck import self_check
@@ -77,6 +78,7 @@ class ServedModel:
     batcher: Batcher | None = None
     ready: bool = False
     self_check: SelfCheck | None = None
+    tuning_choice: tuning.Choice | None = None
 
     @property
     def name(self) -> str:
@@ -94,7 +96,9 @@ class ServedModel:
     def status(self) -> dict[str, Any]:
         """What this process found about the model, beside its model.json."""
         check = self.self_check.to_json() if self.self_check is not None else None
-        return {"ready": self.serving, "self_check_result": check}
+        choice = self.tuning_choice
+        tuned = choice.report() if choice is not None else None
+        return {"ready": self.serving, "self_check_result": check, "tuning": tuned}
 
 
 @dataclass(eq=False)
@@ -108,6 +112,8 @@ class Runtime:
     _draining: bool = False
     _drain_hooks: list[Callable[[], None]] = field(default_factory=list)
     _loop: asyncio.AbstractEventLoop | None = None
+    # --tuning auto found nothing cached for these: measured in the background after ready.
+    untuned: list[ModelSpec] = field(default_factory=list)
     _warmup: asyncio.Task[None] | None = None
     _stop_warmup: threading.Event = field(default_factory=threading.Event)
 
@@ -129,10 +135,20 @@ class Runtime:
                 f"(served: {', '.join(names)})"
             )
         models = {}
+        untuned = []
         for spec in specs:
             t = time.perf_counter()
-            model = ServedModel(spec, SessionPool.load(spec, settings))
-            model.self_check = self_check(model.spec, model.pool, settings, metrics)
+            choice, missing = tuning.find(spec, settings)
+            tuned = tuning.apply(choice, settings)
+            if choice is not None:
+                log.info("%s: tuned settings %s (from %s)", spec.name, choice.settings,
+                         choice.source)  # fmt: skip
+            if missing:
+                untuned.append(spec)
+            if len(specs) == 1:
+                settings = tuned  # one model: its decode threads are the process's
+            model = ServedModel(spec, SessionPool.load(spec, tuned), tuning_choice=choice)
+            model.self_check = self_check(model.spec, model.pool, tuned, metrics)
             models[spec.name] = model
             log.info("%s: loaded in %.2fs", spec.name, time.perf_counter() - t)
         options = DecodeOptions(
@@ -140,7 +156,7 @@ class Runtime:
             formats=tuple(f.upper() for f in settings.image_formats),
             jpeg_draft=settings.jpeg_draft,
         )
-        return cls(settings, metrics, models, options)
+        return cls(settings, metrics, models, options, untuned=untuned)
 
     @property
     def draining(self) -> bool:
@@ -165,7 +181,11 @@ class Runtime:
 
     @property
     def ready(self) -> bool:
-        return not self.draining and all(m.serving for m in self.models.values())
+        return (
+            not self.draining
+            and all(m.serving for m in self.models.values())
+            and workers.peers_ready()
+        )
 
     async def start(self) -> None:
         s = self.settings
@@ -238,7 +258,10 @@ class Runtime:
             log.info("%s: warmed up in %.2fs", m.name, time.perf_counter() - t)
         elapsed = process_age_s()
         self.metrics.time_to_ready.set(elapsed)
+        workers.mark_ready()
         log.info("ready: %s, %.2fs after the process started", ", ".join(names), elapsed)
+        if self.untuned and workers.worker_index() in (None, 0):  # one measures, not each
+            tuner.tune_in_background(self.untuned, self.settings)
 
     async def stop(self) -> None:
         self.draining = True

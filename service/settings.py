@@ -53,6 +53,14 @@ class Settings(BaseSettings):
         description="port of the KServe V2 / Triton gRPC API on --host (0: off; needs the "
         "`grpc` extra)",
     )
+    workers: int = Field(
+        1,
+        ge=1,
+        le=256,
+        description="server processes sharing the port (SO_REUSEPORT), each with its own "
+        "sessions, batcher and event loop, the cores split between them: for small models, "
+        "where one event loop is the limit",
+    )
     device: str = Field("cpu", description="cpu, cuda or cuda:0,1 (no CUDA provider: cpu, logged)")
     sessions_per_device: int = Field(1, ge=1, description="onnxruntime sessions per model/device")
     intra_op_threads: int = Field(
@@ -100,6 +108,15 @@ class Settings(BaseSettings):
         "resnet_serve_latency_slo_seconds, which the latency alert compares p99 with",
     )
     decode_workers: int = Field(0, ge=0, description="image decoding threads (0: one per core)")
+    tuning: str = Field(
+        "auto",
+        description="auto: the settings measured best for this model, CPU and onnxruntime "
+        "(cached; none yet: measured in the background after ready, applied at the next "
+        "start); off; or a file written by resnet-bench --tune. Options given explicitly win",
+    )
+    tuning_budget_s: float = Field(
+        60.0, gt=0, description="time the background search of --tuning auto takes, about"
+    )
     jpeg_draft: bool = Field(True, description="JPEG DCT-domain downscale before resizing")
     max_body_bytes: int = Field(32 * 1024 * 1024, ge=1, description="request body, at most")
     max_buffered_bytes: int = Field(

@@ -20,6 +20,11 @@ import pytest
 from tools import perf_analyzer as perf_analyzer_tool
 from tools.perf_analyzer import PerfAnalyzer
 
+# Servers started by the suite keep their given settings: no tuning cached on the machine
+# applies, and none is measured in the background (CPU the other tests need). The tests of
+# tuning itself set it.
+os.environ.setdefault("RESNET_SERVE_TUNING", "off")
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("RESNET_SERVE_SHARED", ROOT.parent / "shared"))
 WEIGHTS_HOME = SHARED / "weights"

@@ -54,7 +54,8 @@ def bench_run(cifar_repository: Path, tmp_path_factory: pytest.TempPathFactory) 
             "--requests", str(REQUESTS), "--warmup", "0.3",
             "--offline-seconds", "0.1", "--offline-rounds", "2",
             "--corpus-size", "16", "--corpus-dir", str(corpus_dir),
-            "--baseline", "--ratio-concurrency", "4", "--out", str(out), "--no-progress",
+            "--baseline", "--baseline-ort", "--ratio-concurrency", "4",
+            "--out", str(out), "--no-progress",
         ])  # fmt: skip
     return rc, out
 
@@ -67,6 +68,7 @@ def test_markdown_report(bench_run: tuple[int, Path]) -> None:
     assert header == HTTP_COLUMNS
     assert [(r[0], r[1]) for r in rows] == [
         ("resnet-serve", "1"), ("resnet-serve", "4"),
+        ("FastAPI + onnxruntime", "1"), ("FastAPI + onnxruntime", "4"),
         ("naive FastAPI + PyTorch", "1"), ("naive FastAPI + PyTorch", "4"),
     ]  # fmt: skip
     for r in rows:
@@ -84,6 +86,8 @@ def test_markdown_report(bench_run: tuple[int, Path]) -> None:
     assert "service@4 / offline pipeline (img/s)" in names
     assert "service 1-client p50 / offline single-image p50 (ms)" in names
     assert "service peak / naive peak (img/s)" in names
+    assert "service@4 / ort@4 (img/s)" in names
+    assert "ort 1-client p50 / service 1-client p50 (ms)" in names
     assert all(float(r[1]) > 0 for r in ratios)
 
 
@@ -94,7 +98,7 @@ def test_json_dump(bench_run: tuple[int, Path]) -> None:
     assert doc["meta"]["model_info"]["arch"] == "resnet20_cifar10"
     steps = doc["steps"]
     assert [(s["system"], s["concurrency"]) for s in steps] == [
-        ("service", 1), ("service", 4), ("naive", 1), ("naive", 4),
+        ("service", 1), ("service", 4), ("ort", 1), ("ort", 4), ("naive", 1), ("naive", 4),
     ]  # fmt: skip
     for s in steps:
         assert s["errors"] == {}
@@ -118,7 +122,8 @@ def test_plot_and_server_logs(bench_run: tuple[int, Path]) -> None:
     with Image.open(out / "results.png") as img:
         assert img.format == "PNG"
         assert img.width > 800 and img.height > 300
-    assert (out / "service.log").exists() and (out / "naive.log").exists()
+    for log in ("service.log", "naive.log", "ort.log"):
+        assert (out / log).exists()
 
 
 def test_usage_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -119,3 +121,32 @@ def test_answers_are_checked() -> None:
     assert check_answer(b'{"embeddings": ["a", "b"]}', target) is None
     assert check_answer(b'{"results": [1, 2]}', target) == "expected 2 embeddings"
     assert check_answer(b"not json", target) == "invalid JSON"
+
+
+def test_process_cpu_counts_the_children() -> None:
+    """A server started with --workers does its work in child processes."""
+    import subprocess
+    import sys
+
+    from bench.load import _children, process_cpu_s
+    from tests.service.servers import wait_until
+
+    burn = (
+        "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.3: pass\n"
+        "time.sleep(60)"
+    )
+    parent = subprocess.Popen([
+        sys.executable, "-c",
+        f"import subprocess, sys; subprocess.Popen([sys.executable, '-c', {burn!r}]).wait()",
+    ])  # fmt: skip
+    try:
+        wait_until(lambda: len(_children(parent.pid)) == 1, timeout=30)
+        (child,) = _children(parent.pid)
+        wait_until(lambda: (process_cpu_s(child) or 0) >= 0.3, timeout=30)
+        total, own_child = process_cpu_s(parent.pid), process_cpu_s(child)
+        assert total is not None and own_child is not None
+        assert total >= own_child >= 0.3
+    finally:
+        for pid in _children(parent.pid):
+            os.kill(pid, signal.SIGKILL)
+        parent.wait(timeout=30)

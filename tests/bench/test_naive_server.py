@@ -17,7 +17,7 @@ pytest.importorskip("torch")
 from bench.naive_server import create_app, load_model, weights_source
 from models.catalog import get_variant
 from models.weights import WeightsError
-from tests.service.servers import png, thread_server
+from tests.service.servers import classify_each, png, thread_server
 
 R20_URL = get_variant("resnet20_cifar10").weights.url  # type: ignore[union-attr]
 
@@ -42,10 +42,7 @@ def test_same_top1_as_the_service(
     labels = cifar_test["labels"][:32]
     blobs = [png(img) for img in images]
     with thread_server(cifar_repository, models="resnet20_cifar10") as srv:
-        files = [("file", (f"{i}.png", b, "image/png")) for i, b in enumerate(blobs)]
-        resp = httpx.post(srv.url + "/v1/models/resnet20_cifar10/classify", files=files)
-        assert resp.status_code == 200, resp.text
-        served = [r["predictions"] for r in resp.json()["results"]]
+        served = classify_each(srv.url, "resnet20_cifar10", blobs)
 
     naive = asyncio.run(_classify_naive(create_app(cifar_repository / "resnet20_cifar10"), blobs))
     assert [p[0]["index"] for p in naive] == [p[0]["index"] for p in served]

@@ -1,0 +1,62 @@
+"""``resnet-bench --tune``: the full search of ``service.tuning`` on the benchmark's photo
+corpus, written where ``resnet-serve --tuning FILE`` and ``--tuning auto`` read it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from service import tuner, tuning
+from service.repository import load_model_spec
+from service.settings import Settings
+
+
+def run(
+    model_dir: Path,
+    images: Sequence[bytes],
+    settings: Settings,
+    out: Path,
+    budget_s: float,
+    rounds: int,
+    log: Callable[[str], None],
+) -> Path:
+    """Search, then write ``out/tuning.json`` and this machine's cache entry; the file's
+    path (for ``--tuning``)."""
+    spec = load_model_spec(model_dir)
+    log(f"tuning {spec.name}: about {budget_s:g} s, {rounds} round(s) per configuration")
+    choice = tuner.search(
+        spec, images, budget_s=budget_s, latency_bound_ms=settings.latency_slo_ms / 2,
+        max_batch=settings.max_batch_size, rounds=rounds, full=True, log_fn=log,
+    )  # fmt: skip
+    path = out / "tuning.json"
+    tuning.save([choice], path)
+    cache = tuning.cache_path(choice.key)
+    tuning.save([choice], cache)
+    log(
+        f"tuning {spec.name}: chose {choice.settings}: {choice.img_s:.1f} img/s offline, batch "
+        f"p50 {choice.batch_p50_ms:.1f} ms ({choice.seconds:.0f} s); wrote {path} and {cache}"
+    )
+    return path
+
+
+def markdown(path: Path) -> str:
+    """The search's measurements as a table, best first."""
+    (choice,) = tuning.load_file(path)
+    lines = [
+        "## Tuning (offline, this machine)",
+        "",
+        f"Chosen: `{choice.settings}`, {choice.img_s:.1f} img/s, batch p50 "
+        f"{choice.batch_p50_ms:.1f} ms (bound {choice.latency_bound_ms:g} ms); key "
+        f"`{choice.key}`; {choice.seconds:.0f} s.",
+        "",
+        "| stage | max batch | sessions | intra-op | decode | img/s | batch p50 ms |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    rows = sorted(choice.measured, key=lambda m: (m["stage"] != "pipeline", -m["img_s"]))
+    for m in rows:
+        decode = m["decode_workers"] if m["stage"] == "pipeline" else "-"
+        lines.append(
+            f"| {m['stage']} | {m['max_batch_size']} | {m['sessions_per_device']} | "
+            f"{m['intra_op_threads']} | {decode} | {m['img_s']:.1f} | {m['batch_p50_ms']:.1f} |"
+        )
+    return "\n".join(lines) + "\n"

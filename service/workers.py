@@ -1,0 +1,203 @@
+"""``--workers N``: N server processes on one port, for models small enough that one
+event loop (HTTP parsing, routing, JSON) is the bottleneck rather than the engine.
+
+The first process is a supervisor: it reserves the address (``service.cli.bind`` with
+``SO_REUSEPORT``: a socket that never listens, so it takes no connections; port 0 resolves
+there, once, for every worker), then starts N copies
+of ``resnet-serve``, each binding the same address with ``SO_REUSEPORT`` and listening on
+its own socket: the kernel spreads new connections over them, each with its own sessions,
+batcher, decode pool and event loop. The cores are split between them (intra-op and decode
+threads = cores / N unless set), so they do not oversubscribe the CPU.
+
+Metrics: prometheus-client's multiprocess mode. The supervisor gives every worker one
+``PROMETHEUS_MULTIPROC_DIR``; each worker's ``/metrics`` reads all of them (counters and
+histograms summed, gauges per their ``multiprocess_mode``), so a scrape is the service's
+totals whichever worker answers it.
+
+Signals: SIGTERM or SIGINT to the supervisor is passed on to every worker, which drains as
+one process does (readiness 503, in-flight requests answered); the supervisor exits 0 once
+all of them did. A worker that exits on its own ends the others and the supervisor with its
+exit code: the orchestrator restarts the whole, as it would restart one process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import FrameType
+
+from service.settings import Settings, cpu_count
+
+log = logging.getLogger(__name__)
+# Set in the environment of the processes the supervisor starts: their worker index.
+WORKER_ENV = "_RESNET_SERVE_WORKER"
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+# Where each worker leaves a file once ready, and how many workers there are: a worker is
+# ready (``/readyz``) when all are, whichever of them a probe's connection reaches.
+READY_DIR_ENV = "_RESNET_SERVE_READY_DIR"
+COUNT_ENV = "_RESNET_SERVE_WORKERS"
+_all_ready = False
+
+
+def worker_index() -> int | None:
+    """This process's index among the workers, or None outside ``--workers``."""
+    value = os.environ.get(WORKER_ENV)
+    return int(value) if value is not None else None
+
+
+class WorkerTag(logging.Filter):
+    """Every log record of a worker carries its index (``worker`` in the JSON lines): the
+    workers share one output."""
+
+    def __init__(self, index: int) -> None:
+        super().__init__()
+        self.index = index
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.worker = self.index
+        return True
+
+
+def tag_logs() -> None:
+    """In a worker, tag what the root logger's handlers write (nothing outside one)."""
+    index = worker_index()
+    if index is not None:
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(WorkerTag(index))
+
+
+def mark_ready() -> None:
+    """This worker is ready (nothing outside ``--workers``)."""
+    index, path = worker_index(), os.environ.get(READY_DIR_ENV)
+    if index is not None and path:
+        (Path(path) / str(index)).touch()
+
+
+def peers_ready() -> bool:
+    """Whether every worker is ready; True outside ``--workers``. Once true it stays so:
+    a worker that ends ends the service (the supervisor stops the others)."""
+    global _all_ready
+    path = os.environ.get(READY_DIR_ENV)
+    if _all_ready or worker_index() is None or not path:
+        return True
+    _all_ready = len(list(Path(path).iterdir())) >= int(os.environ.get(COUNT_ENV, "1"))
+    return _all_ready
+
+
+def split_threads(settings: Settings) -> dict[str, str]:
+    """The environment that splits the cores among the workers: threads the user did not
+    set become cores / workers (at least one), for onnxruntime (per session) and decoding.
+    Given explicitly to the workers, a tuned choice does not override them (only its batch
+    size applies)."""
+    per_worker = max(1, cpu_count() // settings.workers)
+    env = {}
+    if settings.intra_op_threads == 0:
+        env["RESNET_SERVE_INTRA_OP_THREADS"] = str(
+            max(1, per_worker // settings.sessions_per_device)
+        )
+    if settings.decode_workers == 0:
+        env["RESNET_SERVE_DECODE_WORKERS"] = str(per_worker)
+    # Fixed too, so that a tuning measured for the whole machine (service/tuning.py) does not
+    # multiply sessions across workers whose threads are already split.
+    env["RESNET_SERVE_SESSIONS_PER_DEVICE"] = str(settings.sessions_per_device)
+    return env
+
+
+def _die_with_parent() -> None:
+    """In a worker, before it runs: SIGTERM when the supervisor dies, even by SIGKILL, so
+    that no orphan keeps serving on the port (Linux's PR_SET_PDEATHSIG)."""
+    # Not Linux: no such call; the supervisor's own handlers still stop the workers.
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+
+
+class Supervisor:
+    def __init__(self, settings: Settings, argv: list[str]) -> None:
+        self.settings = settings
+        self.argv = argv
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.stopping = False
+        self._own_dir: str | None = None
+        self._ready_dir = tempfile.mkdtemp(prefix="resnet-serve-ready-")
+
+    def _metrics_dir(self) -> str:
+        path = os.environ.get(MULTIPROC_ENV)
+        if path:
+            # A directory given by the operator: last run's files would add to this one's.
+            Path(path).mkdir(parents=True, exist_ok=True)
+            for f in Path(path).glob("*.db"):
+                f.unlink()
+            return path
+        self._own_dir = tempfile.mkdtemp(prefix="resnet-serve-metrics-")
+        return self._own_dir
+
+    def _forward(self, sig: int, frame: FrameType | None) -> None:
+        self.stopping = True
+        for p in self.procs:
+            if p.poll() is None:
+                p.send_signal(sig)
+
+    def run(self, sock: socket.socket) -> int:
+        from prometheus_client.multiprocess import mark_process_dead
+
+        port = sock.getsockname()[1]
+        metrics_dir = self._metrics_dir()
+        env = {
+            **os.environ, **split_threads(self.settings), MULTIPROC_ENV: metrics_dir,
+            READY_DIR_ENV: self._ready_dir, COUNT_ENV: str(self.settings.workers),
+        }  # fmt: skip
+        # The resolved port last: argparse keeps the last occurrence of an option.
+        argv = [sys.executable, "-m", "service.cli", *self.argv, "--port", str(port)]
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._forward)
+        try:
+            for i in range(self.settings.workers):
+                # A session of their own: a terminal's Ctrl-C reaches the supervisor alone,
+                # which passes it on once (twice would be "quit now, skip the drain").
+                self.procs.append(
+                    subprocess.Popen(
+                        argv, env={**env, WORKER_ENV: str(i)}, start_new_session=True,
+                        preexec_fn=_die_with_parent,
+                    )
+                )  # fmt: skip
+            log.info(
+                "%d workers on port %d (pids %s)",
+                len(self.procs), port, ", ".join(str(p.pid) for p in self.procs),
+            )  # fmt: skip
+            return self._wait()
+        finally:
+            self._forward(signal.SIGTERM, None)
+            for p in self.procs:
+                p.wait()
+                # Its live gauges (in flight, queued, ready) go; counters stay in the sums.
+                mark_process_dead(p.pid, metrics_dir)
+            sock.close()
+            shutil.rmtree(self._ready_dir, ignore_errors=True)
+            if self._own_dir is not None:
+                shutil.rmtree(self._own_dir, ignore_errors=True)
+
+    def _wait(self) -> int:
+        while True:
+            codes = [p.poll() for p in self.procs]
+            if all(c is not None for c in codes):
+                return next((c for c in codes if c), 0)
+            failed = next((c for c in codes if c is not None and c != 0), None)
+            if not self.stopping and any(c is not None for c in codes):
+                # A worker ended without being asked to: the service is not whole any more.
+                log.error("a worker exited (code %s): stopping the others", failed)
+                self.stopping = True
+                self._forward(signal.SIGTERM, None)
+                for p in self.procs:
+                    p.wait()
+                return failed if failed is not None else 1
+            time.sleep(0.1)

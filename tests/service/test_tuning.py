@@ -1,0 +1,134 @@
+"""Self-tuning: the search on the real model, a tuning file applied at startup (and shown
+in /v1/models/{m}), options given explicitly winning over it, and --tuning auto measuring
+in the background, caching, and using the cache at the next start. Nothing here depends
+on which configuration wins: that is the machine's business."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import httpx
+import pytest
+
+from service import tuner, tuning
+from service.repository import RepositoryError, load_model_spec
+from service.settings import Settings
+from tests.service.servers import ProcessServer, metric_value, wait_until
+
+MODEL = "resnet20_cifar10"
+
+
+def _choice(spec_dir: Path, **settings: int) -> tuning.Choice:
+    spec = load_model_spec(spec_dir)
+    return tuning.Choice(
+        model=spec.name, key=tuning.machine_key(spec), settings=settings, img_s=1.0,
+        batch_p50_ms=1.0, latency_bound_ms=500.0, measured_at="2026-01-01T00:00:00+00:00",
+        seconds=1.0,
+    )  # fmt: skip
+
+
+def test_search_measures_and_picks_a_candidate(r20_repository: Path, tmp_path: Path) -> None:
+    spec = load_model_spec(r20_repository / MODEL)
+    images = tuner.synthetic_jpegs(4)
+    lines: list[str] = []
+    choice = tuner.search(spec, images, budget_s=3.0, max_batch=8, log_fn=lines.append)
+    assert choice.key["model_sha256"] == spec.metadata["onnx_sha256"]
+    assert choice.key["cpus"] >= 1 and choice.key["onnxruntime"]
+    engine = [m for m in choice.measured if m["stage"] == "engine"]
+    pipelines = [m for m in choice.measured if m["stage"] == "pipeline"]
+    assert [m["max_batch_size"] for m in engine] == [1, 2, 4, 8]
+    assert pipelines and all(m["img_s"] > 0 and m["batch_p50_ms"] > 0 for m in pipelines)
+    chosen = {k: choice.settings[k] for k in tuning.TUNED_FIELDS}
+    assert chosen in [{k: m[k] for k in tuning.TUNED_FIELDS} for m in pipelines]
+    # The winner is the fastest within the tie margin.
+    assert choice.img_s >= max(m["img_s"] for m in pipelines) * (1 - tuner.TIE) - 0.01
+    assert len(lines) == len(engine) + len(pipelines)  # one round
+    path = tmp_path / "t.json"
+    tuning.save([choice], path)
+    (back,) = tuning.load_file(path)
+    assert back.to_json() == choice.to_json()
+
+
+def test_apply_keeps_what_was_given() -> None:
+    choice = tuning.Choice("m", {}, {"max_batch_size": 4, "intra_op_threads": 1,
+                                      "sessions_per_device": 2, "decode_workers": 1},
+                           1.0, 1.0, 1.0, "", 1.0)  # fmt: skip
+    tuned = tuning.apply(choice, Settings(max_batch_size=16))
+    assert (tuned.max_batch_size, tuned.sessions_per_device, tuned.decode_workers) == (16, 2, 1)
+    assert tuning.apply(None, Settings()) == Settings()
+    assert tuning.apply(choice, Settings(batch_buckets=[1, 32])).max_batch_size == 32
+
+
+def test_a_tuning_file_is_applied_and_reported(r20_repository: Path, tmp_path: Path) -> None:
+    path = tmp_path / "tuning.json"
+    settings = {"max_batch_size": 4, "intra_op_threads": 1, "sessions_per_device": 2,
+                "decode_workers": 1}  # fmt: skip
+    tuning.save([_choice(r20_repository / MODEL, **settings)], path)
+    srv = ProcessServer(r20_repository, tuning=str(path)).start()
+    try:
+        info = httpx.get(srv.url + f"/v1/models/{MODEL}").json()
+        assert info["tuning"]["settings"] == settings
+        assert info["tuning"]["source"] == str(path)
+        text = httpx.get(srv.url + "/metrics").text
+        assert metric_value(text, "resnet_serve_max_batch_size", model=MODEL) == 4
+        assert metric_value(text, "resnet_serve_sessions", model=MODEL) == 2
+    finally:
+        assert srv.stop() == 0
+    # An option given explicitly wins over the file.
+    srv = ProcessServer(r20_repository, tuning=str(path), max_batch_size="8").start()
+    try:
+        text = httpx.get(srv.url + "/metrics").text
+        assert metric_value(text, "resnet_serve_max_batch_size", model=MODEL) == 8
+        assert metric_value(text, "resnet_serve_sessions", model=MODEL) == 2
+    finally:
+        assert srv.stop() == 0
+
+
+def test_a_tuning_file_for_another_model_is_refused(
+    r20_repository: Path, cifar_repository: Path, tmp_path: Path
+) -> None:
+    path = tmp_path / "tuning.json"
+    tuning.save([_choice(cifar_repository / "resnet56_cifar10", max_batch_size=4)], path)
+    spec = load_model_spec(r20_repository / MODEL)
+    with pytest.raises(RepositoryError, match="no tuning for model"):
+        tuning.find(spec, Settings(tuning=str(path)))
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(RepositoryError, match="cannot read"):
+        tuning.find(spec, Settings(tuning=str(tmp_path / "bad.json")))
+
+
+def test_auto_measures_in_the_background_then_uses_the_cache(
+    r20_repository: Path, tmp_path: Path
+) -> None:
+    srv = ProcessServer(r20_repository, tuning="auto", tuning_budget_s="2", log_level="info")
+    srv.env["XDG_CACHE_HOME"] = str(tmp_path)
+    srv.start()  # ready without waiting for any measurement
+    try:
+        assert httpx.get(srv.url + f"/v1/models/{MODEL}").json()["tuning"] is None
+        cache = tmp_path / "resnet-serve" / "tuning"
+        wait_until(lambda: any(cache.glob("*.json")), timeout=180)
+        assert "tuned in" in srv.output()
+    finally:
+        assert srv.stop() == 0
+    (entry,) = cache.glob("*.json")
+    (choice,) = tuning.load_file(entry)
+    srv = ProcessServer(r20_repository, tuning="auto")
+    srv.env["XDG_CACHE_HOME"] = str(tmp_path)
+    srv.start()
+    try:
+        info = httpx.get(srv.url + f"/v1/models/{MODEL}").json()["tuning"]
+        assert info["source"] == f"cache {entry}"
+        assert info["settings"] == choice.settings
+        text = httpx.get(srv.url + "/metrics").text
+        assert (
+            metric_value(text, "resnet_serve_max_batch_size", model=MODEL)
+            == (choice.settings["max_batch_size"])
+        )
+    finally:
+        assert srv.stop() == 0
+    # Another model file (or CPU, or onnxruntime) is another key: not this entry.
+    other = dataclasses.replace(choice, key={**choice.key, "model_sha256": "0" * 64})
+    assert tuning.cache_path(other.key) != entry
+    assert json.loads(entry.read_text())["format_version"] == tuning.FORMAT_VERSION

@@ -1,0 +1,180 @@
+"""``--workers N``: processes sharing the port, metrics summed across them, one drain."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from prometheus_client.mmap_dict import MmapedDict
+
+from tests.service.servers import ProcessServer, free_port, metric_value, png, wait_until
+
+MODEL = "resnet20_cifar10"
+pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="SO_REUSEPORT and /proc")
+
+
+def _children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children", encoding="ascii") as f:
+        return [int(p) for p in f.read().split()]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def _answered_per_process(metrics_dir: Path) -> Counter[int]:
+    """Successful classify answers by worker pid, read from each worker's own file."""
+    out: Counter[int] = Counter()
+    for path in metrics_dir.glob("counter_*.db"):
+        pid = int(path.stem.split("_")[1])
+        for key, value, *_ in MmapedDict.read_all_values_from_file(str(path)):
+            _, sample, labels, _ = json.loads(key)
+            if sample == "resnet_serve_requests_total" and labels == {
+                "endpoint": "classify", "model": MODEL, "status": "200"
+            }:  # fmt: skip
+                out[pid] += int(value)
+    return out
+
+
+def test_requests_spread_over_workers_and_metrics_add_up(
+    r20_repository: Path, cifar_test: dict[str, np.ndarray], tmp_path: Path
+) -> None:
+    image = png(cifar_test["images"][0])
+    srv = ProcessServer(r20_repository, workers="2")
+    srv.env["PROMETHEUS_MULTIPROC_DIR"] = str(tmp_path)
+    srv.start()
+    try:
+        workers = _children(srv.proc.pid)  # type: ignore[union-attr]
+        assert len(workers) == 2
+        n = 40
+        for _ in range(n):  # a new connection each: the kernel picks a worker for each
+            r = httpx.post(
+                srv.url + f"/v1/models/{MODEL}/classify", content=image,
+                headers={"content-type": "image/png"},
+            )  # fmt: skip
+            assert r.status_code == 200, r.text
+            assert r.json()["results"][0]["predictions"][0]["label"] == "cat"
+        per_worker = _answered_per_process(tmp_path)
+        assert set(per_worker) == set(workers)
+        assert all(v > 0 for v in per_worker.values()), per_worker
+        assert sum(per_worker.values()) == n
+        # Whichever worker answers the scrape, it reports the service's totals.
+        for _ in range(6):
+            text = httpx.get(srv.url + "/metrics").text
+            assert metric_value(text, "resnet_serve_requests_total", endpoint="classify",
+                                model=MODEL, status="200") == n  # fmt: skip
+            assert metric_value(text, "resnet_serve_sessions", model=MODEL) == 2
+            assert metric_value(text, "resnet_serve_model_ready", model=MODEL) == 1
+            assert metric_value(text, "resnet_serve_max_batch_size", model=MODEL) == 32
+            hist = metric_value(text, "resnet_serve_request_duration_seconds_count",
+                                endpoint="classify", model=MODEL, status_class="2xx")  # fmt: skip
+            assert hist == n
+    finally:
+        assert srv.stop() == 0
+    for pid in workers:
+        assert not _alive(pid)
+    # The supervisor's own directory is the operator's here: kept, but no worker is live.
+    assert not list(tmp_path.glob("gauge_live*"))
+
+
+def test_sigterm_drains_every_worker(
+    r20_repository: Path, cifar_test: dict[str, np.ndarray]
+) -> None:
+    image = png(cifar_test["images"][1])
+    srv = ProcessServer(r20_repository, holdable=True, workers="2", log_level="info").start()
+    workers = _children(srv.proc.pid)  # type: ignore[union-attr]
+    answers: list[int] = []
+    n = 8
+
+    def send() -> None:
+        r = httpx.post(
+            srv.url + f"/v1/models/{MODEL}/classify", content=image,
+            headers={"content-type": "image/png"}, timeout=120,
+        )  # fmt: skip
+        answers.append(r.status_code)
+
+    srv.hold()
+    clients = [threading.Thread(target=send) for _ in range(n)]
+    try:
+        for t in clients:
+            t.start()
+
+        def all_in() -> bool:
+            text = httpx.get(srv.url + "/metrics").text
+            return metric_value(text, "resnet_serve_requests_in_flight") >= n + 1  # + scrape
+
+        wait_until(all_in, timeout=60)
+        assert srv.entered()
+        srv.proc.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
+        time.sleep(0.5)
+        assert srv.proc.poll() is None  # type: ignore[union-attr]  # waiting for the drain
+    finally:
+        srv.release()
+        for t in clients:
+            t.join(120)
+    assert answers == [200] * n
+    assert srv.stop() == 0
+    assert not any(_alive(pid) for pid in workers)
+    drained = [
+        doc for line in srv.output().splitlines() if line.startswith("{")
+        for doc in [json.loads(line)] if doc["message"] == "drained"
+    ]  # fmt: skip
+    assert sorted(d["worker"] for d in drained) == [0, 1]
+    # Each worker answered what it accepted, and together every request (the probes'
+    # paths are not API requests).
+    assert all(d["accepted"] == d["answered"] for d in drained)
+    assert sum(d["answered"] for d in drained) == n
+
+
+def test_a_worker_that_dies_ends_the_service(r20_repository: Path) -> None:
+    srv = ProcessServer(r20_repository, workers="2").start()
+    workers = _children(srv.proc.pid)  # type: ignore[union-attr]
+    os.kill(workers[0], signal.SIGKILL)
+    assert srv.proc.wait(timeout=60) != 0  # type: ignore[union-attr]
+    wait_until(lambda: not _alive(workers[1]), timeout=60)
+
+
+def test_port_in_use(r20_repository: Path) -> None:
+    port = free_port()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", port))
+        taken.listen()
+        proc = subprocess.run(
+            [sys.executable, "-m", "service.cli", "--repository", str(r20_repository),
+             "--port", str(port), "--workers", "2"],
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+    assert proc.returncode == 3, proc.stderr
+    assert "cannot listen" in proc.stderr
+
+
+def test_cores_are_split_unless_given() -> None:
+    from service.settings import Settings, cpu_count
+    from service.workers import split_threads
+
+    per = max(1, cpu_count() // 2)
+    env = split_threads(Settings(workers=2))
+    assert env == {
+        "RESNET_SERVE_INTRA_OP_THREADS": str(per),
+        "RESNET_SERVE_DECODE_WORKERS": str(per),
+        "RESNET_SERVE_SESSIONS_PER_DEVICE": "1",
+    }
+    given = split_threads(Settings(workers=2, intra_op_threads=3, decode_workers=5))
+    assert given == {"RESNET_SERVE_SESSIONS_PER_DEVICE": "1"}
+    two = split_threads(Settings(workers=2, sessions_per_device=2))
+    assert two["RESNET_SERVE_INTRA_OP_THREADS"] == str(max(1, per // 2))
