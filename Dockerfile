@@ -117,6 +117,10 @@ RUN --mount=type=bind,from=wheels,target=/wheels \
 
 # ---------------------------------------------------------------------------------------
 FROM python-gpu AS runtime-gpu
+# Tuning off: a container's cache is gone at its next start (and the root is read-only), so
+# --tuning auto would measure for a minute after every start and keep nothing; measure once
+# per node type with `resnet-bench --tune` and ship the file (RESNET_SERVE_TUNING=FILE).
+# gRPC off: the images install the runtime without the `grpc` extra (HTTP, V1 and V2).
 COPY --from=venv-gpu /opt/resnet-serve /opt/resnet-serve
 COPY --from=export /models /models
 ENV PATH=/opt/resnet-serve/bin:$PATH \
@@ -125,7 +129,9 @@ ENV PATH=/opt/resnet-serve/bin:$PATH \
     RESNET_SERVE_HOST=0.0.0.0 \
     RESNET_SERVE_PORT=8000 \
     RESNET_SERVE_DRAIN_TIMEOUT_S=25 \
-    RESNET_SERVE_DEVICE=cuda
+    RESNET_SERVE_DEVICE=cuda \
+    RESNET_SERVE_TUNING=off \
+    RESNET_SERVE_GRPC_PORT=0
 USER 10001:10001
 EXPOSE 8000
 # Liveness only; readiness (models warmed up) is GET /readyz, for orchestrators.
@@ -150,7 +156,9 @@ ENV PATH=/opt/resnet-serve/bin:$PATH \
     RESNET_SERVE_HOST=0.0.0.0 \
     RESNET_SERVE_PORT=8000 \
     RESNET_SERVE_DRAIN_TIMEOUT_S=25 \
-    RESNET_SERVE_DEVICE=cpu
+    RESNET_SERVE_DEVICE=cpu \
+    RESNET_SERVE_TUNING=off \
+    RESNET_SERVE_GRPC_PORT=0
 USER 10001:10001
 EXPOSE 8000
 HEALTHCHECK --interval=10s --timeout=3s --start-period=120s --retries=3 \
