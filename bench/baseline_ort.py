@@ -24,8 +24,8 @@ import numpy as np
 import onnxruntime as ort
 from fastapi import FastAPI, File
 
-from contract.preprocess import DecodeOptions, preprocess
-from service.repository import load_model_spec
+from resnet_serve.contract.preprocess import DecodeOptions, preprocess
+from resnet_serve.service.repository import load_model_spec
 
 
 def create_app(model_dir: Path) -> FastAPI:

@@ -25,18 +25,18 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
-from bench import corpus as corpus_mod
-from bench import load, offline, report, tune
-from bench.servers import (
+from resnet_serve.bench import corpus as corpus_mod
+from resnet_serve.bench import load, offline, report, tune
+from resnet_serve.bench.servers import (
     ServerError,
     ServerProcess,
     start_naive,
     start_ort_baseline,
     start_service,
 )
-from service import tuning
-from service.repository import RepositoryError, load_model_spec
-from service.settings import Settings
+from resnet_serve.service import tuning
+from resnet_serve.service.repository import RepositoryError, load_model_spec
+from resnet_serve.service.settings import Settings
 
 if TYPE_CHECKING:
     from rich.progress import TaskID

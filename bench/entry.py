@@ -35,6 +35,6 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return EXIT_USAGE
-    from bench.cli import main as bench_main
+    from resnet_serve.bench.cli import main as bench_main
 
     return bench_main(argv)

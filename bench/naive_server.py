@@ -27,8 +27,8 @@ from fastapi import FastAPI, UploadFile
 from PIL import Image
 from torch import nn
 
-from models.catalog import get_variant
-from models.weights import Weights, WeightsError, build_model, resolve
+from resnet_serve.models.catalog import get_variant
+from resnet_serve.models.weights import Weights, WeightsError, build_model, resolve
 
 _RESAMPLE = {
     "nearest": Image.Resampling.NEAREST,

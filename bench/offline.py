@@ -28,12 +28,12 @@ from typing import Any
 
 import numpy as np
 
-from contract.preprocess import DecodeOptions, preprocess
-from service import tuning
-from service.cli import settings_from_args
-from service.repository import ModelSpec, load_model_spec
-from service.sessions import SessionPool, Worker
-from service.settings import Settings
+from resnet_serve.contract.preprocess import DecodeOptions, preprocess
+from resnet_serve.service import tuning
+from resnet_serve.service.cli import settings_from_args
+from resnet_serve.service.repository import ModelSpec, load_model_spec
+from resnet_serve.service.sessions import SessionPool, Worker
+from resnet_serve.service.settings import Settings
 
 
 @dataclass

@@ -13,8 +13,8 @@ from typing import Any
 import numpy as np
 import orjson
 
-from bench.load import StepResult
-from bench.offline import OfflineResult, Rate
+from resnet_serve.bench.load import StepResult
+from resnet_serve.bench.offline import OfflineResult, Rate
 
 SYSTEM_LABELS = {
     "service": "resnet-serve",

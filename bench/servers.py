@@ -95,7 +95,7 @@ def resnet_serve_command() -> list[str]:
     """The installed ``resnet-serve`` script beside this interpreter (what users run),
     or the module when the package is not installed as scripts."""
     script = shutil.which("resnet-serve", path=str(Path(sys.executable).parent))
-    return [script] if script else [sys.executable, "-m", "service.cli"]
+    return [script] if script else [sys.executable, "-m", "resnet_serve.service.cli"]
 
 
 def start_service(
@@ -143,7 +143,7 @@ def start_ort_baseline(
     """FastAPI + onnxruntime (bench/baseline_ort.py) on the model's own model.onnx."""
     env = {"BASELINE_MODEL_DIR": str(model_dir)}
     return _uvicorn_factory(
-        "ort", "bench.baseline_ort:app_from_env", env, log_path, ready_timeout_s
+        "ort", "resnet_serve.bench.baseline_ort:app_from_env", env, log_path, ready_timeout_s
     )
 
 
@@ -154,5 +154,5 @@ def start_naive(
     if weights:
         env["NAIVE_WEIGHTS"] = weights
     return _uvicorn_factory(
-        "naive", "bench.naive_server:app_from_env", env, log_path, ready_timeout_s
+        "naive", "resnet_serve.bench.naive_server:app_from_env", env, log_path, ready_timeout_s
     )

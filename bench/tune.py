@@ -6,9 +6,9 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from service import tuner, tuning
-from service.repository import load_model_spec
-from service.settings import Settings
+from resnet_serve.service import tuner, tuning
+from resnet_serve.service.repository import load_model_spec
+from resnet_serve.service.settings import Settings
 
 
 def run(

@@ -9,9 +9,9 @@ from typing import Any
 import httpx
 import numpy as np
 
-from client import protocol
-from client.images import ImageLike
-from client.protocol import Call, Policy
+from resnet_serve.client import protocol
+from resnet_serve.client.images import ImageLike
+from resnet_serve.client.protocol import Call, Policy
 
 
 class AsyncClient:

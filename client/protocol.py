@@ -15,8 +15,8 @@ from urllib.parse import quote
 import httpx
 import numpy as np
 
-from client.errors import ConnectError, RequestTimeoutError, ServeError, from_answer
-from client.images import ImageLike, Part, encode_all
+from resnet_serve.client.errors import ConnectError, RequestTimeoutError, ServeError, from_answer
+from resnet_serve.client.images import ImageLike, Part, encode_all
 
 NPY = "application/x-npy"
 

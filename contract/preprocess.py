@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps
 
-from contract.schema import IMAGE_FORMATS, PreprocessSpec
+from resnet_serve.contract.schema import IMAGE_FORMATS, PreprocessSpec
 
 DEFAULT_FORMATS = IMAGE_FORMATS
 _RESAMPLE = {

@@ -13,7 +13,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from contract.schema import IMAGENET_MEAN, IMAGENET_STD, PreprocessSpec
+from resnet_serve.contract.schema import IMAGENET_MEAN, IMAGENET_STD, PreprocessSpec
 
 DATA_DIR = Path(__file__).parent / "data"
 
@@ -132,22 +132,24 @@ _PREACT_CIFAR = [f"preact_resnet{depth}_cifar10" for depth in (110, 164, 1001)]
 _HF_TIMM = "https://huggingface.co/timm/{}/resolve/main/model.safetensors"
 _RSB = "https://github.com/rwightman/pytorch-image-models/releases/download/v0.1-rsb-weights/"
 _INCEPTION = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+# Builders are named by module path (module:function), within this package.
+_PKG = __package__ + "."
 _TIMM = [
     # name, builder, family, weights URL, sha256 (prefix), (mean, std), top-1 @224, @288
-    ("resnet18.a1_in1k", "models.resnet:resnet18", "basic", _HF_TIMM.format("resnet18.a1_in1k"),
+    ("resnet18.a1_in1k", _PKG + "resnet:resnet18", "basic", _HF_TIMM.format("resnet18.a1_in1k"),
      "80c49dee3da4822c009c5a7fe591e9223c5a2cfcf95a4067ca4dfb5a7b89c612",
      (IMAGENET_MEAN, IMAGENET_STD), 71.504, 73.164),
-    ("resnet50.a1_in1k", "models.resnet:resnet50", "bottleneck",
+    ("resnet50.a1_in1k", _PKG + "resnet:resnet50", "bottleneck",
      _HF_TIMM.format("resnet50.a1_in1k"),
      "773525d5821de224f8f30c33377b7a795d7863e08522698200d3217d3f2a41bb",
      (IMAGENET_MEAN, IMAGENET_STD), 80.382, 81.240),
-    ("resnet101.a1h_in1k", "models.resnet:resnet101", "bottleneck",
+    ("resnet101.a1h_in1k", _PKG + "resnet:resnet101", "bottleneck",
      _HF_TIMM.format("resnet101.a1h_in1k"),
      "1a076c0384295e7d3704f201c5711ff245507db934230bab72ff3014a95f90fe",
      (IMAGENET_MEAN, IMAGENET_STD), 81.950, 82.796),
-    ("resnetv2_50", "models.preact:resnetv2_50", "preact", _RSB + "resnetv2_50_a1h-000cdf49.pth",
+    ("resnetv2_50", _PKG + "preact:resnetv2_50", "preact", _RSB + "resnetv2_50_a1h-000cdf49.pth",
      "000cdf49", _INCEPTION, 80.410, 81.406),
-    ("resnetv2_101", "models.preact:resnetv2_101", "preact",
+    ("resnetv2_101", _PKG + "preact:resnetv2_101", "preact",
      _RSB + "resnetv2_101_a1h-5d01f016.pth", "5d01f016", _INCEPTION, 82.042, 83.002),
 ]  # fmt: skip
 
@@ -190,13 +192,13 @@ VARIANTS: dict[str, Variant] = {
     **{
         name: _cifar10(
             name,
-            "models.cifar",
+            _PKG + "cifar",
             "cifar",
             WeightsSpec(_AKAMASTER + fname, _sha_prefix(fname), top1),
         )
         for name, fname, top1 in _CIFAR
     },
-    **{name: _cifar10(name, "models.preact", "preact_cifar", None) for name in _PREACT_CIFAR},
+    **{name: _cifar10(name, _PKG + "preact", "preact_cifar", None) for name in _PREACT_CIFAR},
     **{
         name: _imagenet(
             name,

@@ -14,7 +14,7 @@ from typing import Any
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.backbone import Backbone
+from resnet_serve.models.backbone import Backbone
 
 
 class PadShortcut(nn.Module):

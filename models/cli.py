@@ -7,7 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
-from models.catalog import VARIANTS, UnknownVariantError, get_variant, read_labels
+from resnet_serve.models.catalog import VARIANTS, UnknownVariantError, get_variant, read_labels
 
 EXIT_USAGE = 2
 EXIT_FAILED = 1
@@ -204,8 +204,13 @@ def main(argv: list[str] | None = None) -> int:
     # torch is imported only now: --list and usage errors stay instant.
     from tqdm import tqdm
 
-    from models.export import DEFAULT_OPSET, DEFAULT_TOLERANCE, ExportError, export_variant
-    from models.weights import WeightsError, class_labels, resolve
+    from resnet_serve.models.export import (
+        DEFAULT_OPSET,
+        DEFAULT_TOLERANCE,
+        ExportError,
+        export_variant,
+    )
+    from resnet_serve.models.weights import WeightsError, class_labels, resolve
 
     # The exporter warns about torchvision ops it cannot register; we use none of them.
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)

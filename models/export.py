@@ -23,9 +23,9 @@ import onnx
 import torch
 from torch import Tensor, nn
 
-from contract import schema, selfcheck
-from models.catalog import Preprocess, Variant
-from models.weights import Weights, build_model, class_labels, sha256_file
+from resnet_serve.contract import schema, selfcheck
+from resnet_serve.models.catalog import Preprocess, Variant
+from resnet_serve.models.weights import Weights, build_model, class_labels, sha256_file
 
 DEFAULT_OPSET = 18
 # Max error relative to the largest |value| of PyTorch's output, per output tensor.
@@ -253,7 +253,7 @@ def export_variant(
     calib = None
     if precision != "fp32":
         # Imported only here: the fp32 path needs neither the quantizer nor the runtime code.
-        from models import quantize
+        from resnet_serve.models import quantize
 
         # Read before the export, so that a bad image fails in seconds, not minutes.
         calib = quantize.prepare(

@@ -12,8 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from models.catalog import Variant
-from models.weights import Weights, WeightsError, sha256_file, unwrap_state_dict
+from resnet_serve.models.catalog import Variant
+from resnet_serve.models.weights import Weights, WeightsError, sha256_file, unwrap_state_dict
 
 HUB = "https://huggingface.co/"
 

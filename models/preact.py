@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.backbone import Backbone
-from models.resnet import conv1x1, conv3x3
+from resnet_serve.models.backbone import Backbone
+from resnet_serve.models.resnet import conv1x1, conv3x3
 
 Stem = Literal["imagenet", "cifar"]
 

@@ -30,10 +30,10 @@ import onnx
 import onnxruntime as ort
 from onnxruntime.quantization import CalibrationDataReader
 
-from contract.preprocess import DecodeOptions, ImageError, preprocess_array
-from contract.preprocess import preprocess as preprocess_bytes
-from models.catalog import Preprocess
-from models.export import ExportError, relative_error
+from resnet_serve.contract.preprocess import DecodeOptions, ImageError, preprocess_array
+from resnet_serve.contract.preprocess import preprocess as preprocess_bytes
+from resnet_serve.models.catalog import Preprocess
+from resnet_serve.models.export import ExportError, relative_error
 
 PRECISIONS = ("fp32", "int8", "fp16")
 CALIBRATION_METHODS = ("minmax", "percentile", "entropy")

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from models.catalog import Variant
+from resnet_serve.models.catalog import Variant
 
 RANDOM_SEED = 0
 # .tar: timm's train.py names its checkpoints *.pth.tar.
@@ -156,7 +156,7 @@ def resolve(variant: Variant, weights: str, progress: bool = False, ema: bool = 
     if ema and weights in ("default", "random"):
         raise WeightsError(f"EMA weights come from a checkpoint file, not from {weights!r}")
     if weights == "default":
-        from models import hub
+        from resnet_serve.models import hub
 
         if variant.weights is not None and hub.is_hub_url(variant.weights.url):
             return hub.load_hub_default(variant, progress=progress)

@@ -15,18 +15,18 @@ from fastapi.routing import APIRoute
 from starlette.middleware.cors import CORSMiddleware
 from starlette.types import Message, Scope
 
-from service import docs, ui
-from service.auth import AuthMiddleware
-from service.metrics import Metrics
-from service.middleware import RequestMiddleware, Traffic
-from service.responses import FastJSONResponse, add_error_handlers
-from service.routes import router
-from service.runtime import Runtime
-from service.settings import Settings
-from service.timing import TimingMiddleware
-from service.triton_http import router as triton_router
-from service.v1 import router as v1_router
-from service.v2 import router as v2_router
+from resnet_serve.service import docs, ui
+from resnet_serve.service.auth import AuthMiddleware
+from resnet_serve.service.metrics import Metrics
+from resnet_serve.service.middleware import RequestMiddleware, Traffic
+from resnet_serve.service.responses import FastJSONResponse, add_error_handlers
+from resnet_serve.service.routes import router
+from resnet_serve.service.runtime import Runtime
+from resnet_serve.service.settings import Settings
+from resnet_serve.service.timing import TimingMiddleware
+from resnet_serve.service.triton_http import router as triton_router
+from resnet_serve.service.v1 import router as v1_router
+from resnet_serve.service.v2 import router as v2_router
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ async def _start_grpc(runtime: Runtime) -> Any:
         return None
     try:
         # Imported only when on: grpcio and the protocol's stubs are the `grpc` extra.
-        from service.grpc_server import GrpcServer
+        from resnet_serve.service.grpc_server import GrpcServer
     except ImportError as exc:
         hint = "install the `grpc` extra (pip install 'resnet-serve[grpc]')"
         if "grpc_port" in runtime.settings.model_fields_set:

@@ -7,8 +7,8 @@ import hmac
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from service.errors import UnauthorizedError
-from service.responses import error_response, protocol_of
+from resnet_serve.service.errors import UnauthorizedError
+from resnet_serve.service.responses import error_response, protocol_of
 
 OPEN_PATHS = frozenset(
     {"/healthz", "/readyz", "/v2/health/live", "/v2/health/ready", "/openapi.json",

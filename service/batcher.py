@@ -24,16 +24,16 @@ from collections import deque
 
 import numpy as np
 
-from service.batchrecord import BatchRecord, QueuedImage, Result
-from service.errors import (
+from resnet_serve.service.batchrecord import BatchRecord, QueuedImage, Result
+from resnet_serve.service.errors import (
     InferenceFailedError,
     NotReadyError,
     OverloadedError,
     PayloadTooLargeError,
 )
-from service.metrics import Metrics
-from service.sessions import DEFAULT_OUTPUTS, Runner, SessionPool
-from service.timing import current
+from resnet_serve.service.metrics import Metrics
+from resnet_serve.service.sessions import DEFAULT_OUTPUTS, Runner, SessionPool
+from resnet_serve.service.timing import current
 
 log = logging.getLogger(__name__)
 

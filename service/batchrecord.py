@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from service.metrics import Metrics
-from service.timing import Timing
+from resnet_serve.service.metrics import Metrics
+from resnet_serve.service.timing import Timing
 
 # One image's outputs by name (rows of the batch's arrays): logits, embedding, and any
 # feature map its request asked for.

@@ -15,13 +15,18 @@ from typing import NoReturn
 import uvicorn
 from pydantic import ValidationError
 
-from service import logs, workers
-from service.app import create_app
-from service.connections import ConnectionLimits, connection_limit, guarded_protocol, raise_fd_limit
-from service.metrics import Metrics
-from service.repository import RepositoryError
-from service.runtime import Runtime
-from service.settings import Settings, options
+from resnet_serve.service import logs, workers
+from resnet_serve.service.app import create_app
+from resnet_serve.service.connections import (
+    ConnectionLimits,
+    connection_limit,
+    guarded_protocol,
+    raise_fd_limit,
+)
+from resnet_serve.service.metrics import Metrics
+from resnet_serve.service.repository import RepositoryError
+from resnet_serve.service.runtime import Runtime
+from resnet_serve.service.settings import Settings, options
 
 # Exit codes (the README lists them): 0 after a drain, EXIT_USAGE for an invalid option,
 # repository or model, EXIT_LISTEN when the address cannot be bound.

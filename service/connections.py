@@ -32,7 +32,7 @@ import httptools
 import orjson
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
-from service.metrics import Metrics
+from resnet_serve.service.metrics import Metrics
 
 log = logging.getLogger(__name__)
 LINGER_S = 1.0

@@ -17,8 +17,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 
-from service.batcher import Ticket
-from service.errors import InvalidImageError
+from resnet_serve.service.batcher import Ticket
+from resnet_serve.service.errors import InvalidImageError
 
 Work = Callable[[bytes, int], np.ndarray]
 

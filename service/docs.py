@@ -17,9 +17,9 @@ from typing import Any
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import FileResponse, HTMLResponse, Response
 
-from service.auth import is_open
-from service.errors import RouteNotFoundError
-from service.settings import Settings
+from resnet_serve.service.auth import is_open
+from resnet_serve.service.errors import RouteNotFoundError
+from resnet_serve.service.settings import Settings
 
 BEARER = "bearer"
 # The shipped files change only with the package: revalidated (ETag), never stale.

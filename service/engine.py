@@ -20,21 +20,21 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
-from contract.preprocess import preprocess
-from contract.schema import LOGITS, PROBABILITIES, ModelSpec
-from service.batcher import Batcher, Ticket
-from service.decoding import decode_all
-from service.errors import (
+from resnet_serve.contract.preprocess import preprocess
+from resnet_serve.contract.schema import LOGITS, PROBABILITIES, ModelSpec
+from resnet_serve.service.batcher import Batcher, Ticket
+from resnet_serve.service.decoding import decode_all
+from resnet_serve.service.errors import (
     InvalidParameterError,
     ModelNotFoundError,
     NotReadyError,
     RequestTimeoutError,
 )
-from service.postprocess import Outputs, Pooling
-from service.reading import STALL_S, ByteBudget, Reading
+from resnet_serve.service.postprocess import Outputs, Pooling
+from resnet_serve.service.reading import STALL_S, ByteBudget, Reading
 
 if TYPE_CHECKING:
-    from service.runtime import Runtime, ServedModel
+    from resnet_serve.service.runtime import Runtime, ServedModel
 
 
 @dataclass(frozen=True)

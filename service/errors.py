@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from contract.preprocess import (
+from resnet_serve.contract.preprocess import (
     ImageError,
     ImageTooLargeError,
     InvalidImageError,

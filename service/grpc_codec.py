@@ -16,11 +16,11 @@ from typing import Any
 import numpy as np
 from tritonclient.grpc import service_pb2 as pb
 
-from contract.schema import INPUT, ModelSpec
-from service.engine import Job
-from service.errors import BadRequestError
-from service.postprocess import Outputs
-from service.v2_codec import (
+from resnet_serve.contract.schema import INPUT, ModelSpec
+from resnet_serve.service.engine import Job
+from resnet_serve.service.errors import BadRequestError
+from resnet_serve.service.postprocess import Outputs
+from resnet_serve.service.v2_codec import (
     InferenceRequest,
     RequestedOutput,
     check_input,
@@ -29,7 +29,7 @@ from service.v2_codec import (
     requested_output,
     uint8_images,
 )
-from service.v2_encode import VERSION, model_metadata, output_tensors, serialize_bytes
+from resnet_serve.service.v2_encode import VERSION, model_metadata, output_tensors, serialize_bytes
 
 # Triton's own parameters that this server has nothing to do with (framing hints).
 UNSUPPORTED_PARAMETERS = ("shared_memory_region", "shared_memory_byte_size")

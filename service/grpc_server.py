@@ -24,18 +24,18 @@ from google.protobuf import json_format
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as rpc
 
-from contract.schema import ModelSpec
-from service import logs, workers
-from service.auth import key_matches
-from service.engine import Engine, Job
-from service.errors import CLIENT_ERRORS, UnauthorizedError, answer, message
-from service.grpc_codec import infer_response, job, metadata_response, parse_request
-from service.metrics import GRPC_ENDPOINTS, status_class
-from service.reading import Reading
-from service.runtime import Runtime
-from service.triton_ext import config_of, index_of, statistics_of
-from service.v2_encode import EXTENSIONS
-from service.v2_names import V2Model, base_name, every_model, resolve
+from resnet_serve.contract.schema import ModelSpec
+from resnet_serve.service import logs, workers
+from resnet_serve.service.auth import key_matches
+from resnet_serve.service.engine import Engine, Job
+from resnet_serve.service.errors import CLIENT_ERRORS, UnauthorizedError, answer, message
+from resnet_serve.service.grpc_codec import infer_response, job, metadata_response, parse_request
+from resnet_serve.service.metrics import GRPC_ENDPOINTS, status_class
+from resnet_serve.service.reading import Reading
+from resnet_serve.service.runtime import Runtime
+from resnet_serve.service.triton_ext import config_of, index_of, statistics_of
+from resnet_serve.service.v2_encode import EXTENSIONS
+from resnet_serve.service.v2_names import V2Model, base_name, every_model, resolve
 
 log = logging.getLogger(__name__)
 OPEN = frozenset({"ServerLive", "ServerReady"})

@@ -9,8 +9,8 @@ import time
 
 from fastapi import Request
 
-from service.engine import Engine
-from service.errors import InvalidParameterError
+from resnet_serve.service.engine import Engine
+from resnet_serve.service.errors import InvalidParameterError
 
 
 def engine_of(request: Request) -> Engine:

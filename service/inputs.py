@@ -15,15 +15,15 @@ from typing import Any
 import orjson
 from fastapi import Request
 
-from service.errors import (
+from resnet_serve.service.errors import (
     BadRequestError,
     InvalidImageError,
     InvalidParameterError,
     PayloadTooLargeError,
     UnsupportedMediaTypeError,
 )
-from service.multipart import parse_multipart
-from service.reading import Reading
+from resnet_serve.service.multipart import parse_multipart
+from resnet_serve.service.reading import Reading
 
 RAW_TYPES = ("image/", "application/octet-stream")
 # Quotes a JSON body may hold besides its images' strings: the parameters' names and

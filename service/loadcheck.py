@@ -8,11 +8,11 @@ import time
 
 import numpy as np
 
-from contract.schema import LOGITS, ModelSpec, RepositoryError
-from contract.selfcheck import ReferenceSetError, SelfCheck, load_reference, run_check
-from service.metrics import Metrics
-from service.sessions import Runner, SessionPool
-from service.settings import Settings
+from resnet_serve.contract.schema import LOGITS, ModelSpec, RepositoryError
+from resnet_serve.contract.selfcheck import ReferenceSetError, SelfCheck, load_reference, run_check
+from resnet_serve.service.metrics import Metrics
+from resnet_serve.service.sessions import Runner, SessionPool
+from resnet_serve.service.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, valu
 from prometheus_client.metrics_core import Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from service.stats import Stats
+from resnet_serve.service.stats import Stats
 
 # Seconds; fine at the low end, where a small model's whole request lives.
 LATENCY_BUCKETS = (

@@ -15,10 +15,10 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service import logs
-from service.errors import InternalError, NotReadyError, ServeError
-from service.metrics import Metrics, status_class
-from service.responses import error_response, protocol_of
+from resnet_serve.service import logs
+from resnet_serve.service.errors import InternalError, NotReadyError, ServeError
+from resnet_serve.service.metrics import Metrics, status_class
+from resnet_serve.service.responses import error_response, protocol_of
 
 log = logging.getLogger(__name__)
 # Generated request IDs: a random per-process prefix and a counter, 32 hex digits, unique

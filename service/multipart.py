@@ -15,7 +15,7 @@ from typing import Any
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, MultipartState, parse_options_header
 
-from service.errors import BadRequestError, PayloadTooLargeError
+from resnet_serve.service.errors import BadRequestError, PayloadTooLargeError
 
 FILE_FIELDS = ("file", "files", "image", "images")
 MAX_FIELDS = 64  # form fields that are not files: a handful of parameters

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from contract.schema import LOGITS, POOLS, PROBABILITIES
+from resnet_serve.contract.schema import LOGITS, POOLS, PROBABILITIES
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

@@ -4,8 +4,8 @@ batcher, which lasts only while bytes keep arriving."""
 
 from __future__ import annotations
 
-from service.batcher import Ticket
-from service.errors import OverloadedError
+from resnet_serve.service.batcher import Ticket
+from resnet_serve.service.errors import OverloadedError
 
 # A body with no bytes for this long stops being waited for by batches forming (it is
 # announced again with its next bytes). Never longer than the batch delay itself.

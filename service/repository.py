@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 # The model.json format itself is the contract's (shared with the build step).
-from contract.schema import ModelSpec, RepositoryError, load_model_spec
+from resnet_serve.contract.schema import ModelSpec, RepositoryError, load_model_spec
 
 __all__ = ["ModelSpec", "RepositoryError", "discover", "load_model_spec"]
 

@@ -16,7 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
-from service.errors import (
+from resnet_serve.service.errors import (
     CLIENT_ERRORS,
     BadRequestError,
     InternalError,
@@ -27,7 +27,7 @@ from service.errors import (
     v1_body,
     v2_body,
 )
-from service.errors import headers as error_headers
+from resnet_serve.service.errors import headers as error_headers
 
 log = logging.getLogger(__name__)
 V1, V2 = "v1", "v2"

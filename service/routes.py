@@ -7,7 +7,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from service.responses import V1, FastJSONResponse, protocol_route
+from resnet_serve.service.responses import V1, FastJSONResponse, protocol_route
 
 router = APIRouter(route_class=protocol_route(V1))
 

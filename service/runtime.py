@@ -14,16 +14,16 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from contract.preprocess import DecodeOptions, warm_decoder
-from contract.selfcheck import SelfCheck
-from service import tuner, tuning, workers
-from service.batcher import Batcher
-from service.engine import Engine
-from service.loadcheck import self_check
-from service.metrics import Metrics
-from service.repository import ModelSpec, RepositoryError, discover
-from service.sessions import SessionPool
-from service.settings import Settings
+from resnet_serve.contract.preprocess import DecodeOptions, warm_decoder
+from resnet_serve.contract.selfcheck import SelfCheck
+from resnet_serve.service import tuner, tuning, workers
+from resnet_serve.service.batcher import Batcher
+from resnet_serve.service.engine import Engine
+from resnet_serve.service.loadcheck import self_check
+from resnet_serve.service.metrics import Metrics
+from resnet_serve.service.repository import ModelSpec, RepositoryError, discover
+from resnet_serve.service.sessions import SessionPool
+from resnet_serve.service.settings import Settings
 
 # Progress lines during a long warmup (every bucket on CUDA), at most this often.
 PROGRESS_INTERVAL_S = 5.0

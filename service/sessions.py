@@ -17,8 +17,8 @@ from typing import Protocol
 import numpy as np
 import onnxruntime as ort
 
-from contract.schema import GRAPH_OUTPUTS, INPUT, ModelSpec
-from service.settings import Settings, cpu_count
+from resnet_serve.contract.schema import GRAPH_OUTPUTS, INPUT, ModelSpec
+from resnet_serve.service.settings import Settings, cpu_count
 
 log = logging.getLogger(__name__)
 

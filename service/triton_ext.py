@@ -19,12 +19,12 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from service.stats import OUTCOMES, STAGES, UNUSED, ModelStats
-from service.v2_encode import VERSION, model_metadata
+from resnet_serve.service.stats import OUTCOMES, STAGES, UNUSED, ModelStats
+from resnet_serve.service.v2_encode import VERSION, model_metadata
 
 if TYPE_CHECKING:
-    from service.runtime import Runtime, ServedModel
-    from service.v2_names import V2Model
+    from resnet_serve.service.runtime import Runtime, ServedModel
+    from resnet_serve.service.v2_names import V2Model
 
 BACKEND = "onnxruntime"
 # V2 datatypes to model_config.proto's DataType names; BYTES is TYPE_STRING there.

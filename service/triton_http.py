@@ -12,13 +12,13 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from pydantic import BaseModel
 
-from service.errors import BadRequestError
-from service.inputs import read_body
-from service.responses import FastJSONResponse
-from service.runtime import Runtime
-from service.triton_ext import config_of, index_of, statistics_of
-from service.v2 import V2Error
-from service.v2_names import V2Model, every_model, resolve
+from resnet_serve.service.errors import BadRequestError
+from resnet_serve.service.inputs import read_body
+from resnet_serve.service.responses import FastJSONResponse
+from resnet_serve.service.runtime import Runtime
+from resnet_serve.service.triton_ext import config_of, index_of, statistics_of
+from resnet_serve.service.v2 import V2Error
+from resnet_serve.service.v2_names import V2Model, every_model, resolve
 
 # A repository index request is a small JSON object; anything larger is not one.
 MAX_INDEX_BODY_BYTES = 64 * 1024

@@ -17,10 +17,10 @@ from typing import Any
 
 import numpy as np
 
-from contract.preprocess import DecodeOptions, preprocess
-from service.repository import ModelSpec
-from service.settings import Settings, cpu_count
-from service.tuning import Choice, cache_path, machine_key, save
+from resnet_serve.contract.preprocess import DecodeOptions, preprocess
+from resnet_serve.service.repository import ModelSpec
+from resnet_serve.service.settings import Settings, cpu_count
+from resnet_serve.service.tuning import Choice, cache_path, machine_key, save
 
 log = logging.getLogger(__name__)
 BATCH_SIZES = (1, 2, 4, 8, 16, 32)

@@ -30,8 +30,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from service.repository import ModelSpec, RepositoryError
-from service.settings import Settings, cpu_count
+from resnet_serve.service.repository import ModelSpec, RepositoryError
+from resnet_serve.service.settings import Settings, cpu_count
 
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 1

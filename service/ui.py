@@ -12,7 +12,7 @@ from __future__ import annotations
 from fastapi import APIRouter, FastAPI
 from fastapi.responses import Response
 
-from service.docs import html
+from resnet_serve.service.docs import html
 
 router = APIRouter(include_in_schema=False)
 

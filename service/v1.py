@@ -10,14 +10,14 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import Response
 from pydantic import BaseModel
 
-from contract.schema import LOGITS, PROBABILITIES, ModelSpec
-from service.engine import Job
-from service.httpcall import deadline, disconnect_watch, engine_of
-from service.inputs import read_payload
-from service.postprocess import encode_embeddings, to_npy, top_k
-from service.reading import Reading
-from service.responses import V1, FastJSONResponse, protocol_route
-from service.v1_schema import (
+from resnet_serve.contract.schema import LOGITS, PROBABILITIES, ModelSpec
+from resnet_serve.service.engine import Job
+from resnet_serve.service.httpcall import deadline, disconnect_watch, engine_of
+from resnet_serve.service.inputs import read_payload
+from resnet_serve.service.postprocess import encode_embeddings, to_npy, top_k
+from resnet_serve.service.reading import Reading
+from resnet_serve.service.responses import V1, FastJSONResponse, protocol_route
+from resnet_serve.service.v1_schema import (
     ERRORS,
     IMAGE_BODY,
     NPY,

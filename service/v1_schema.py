@@ -8,9 +8,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 
-from contract.schema import EMBEDDING, POOLS
-from service.errors import InvalidParameterError
-from service.postprocess import Pooling
+from resnet_serve.contract.schema import EMBEDDING, POOLS
+from resnet_serve.service.errors import InvalidParameterError
+from resnet_serve.service.postprocess import Pooling
 
 Pool = Literal["avg", "max", "gem", "none"]
 assert set(Pool.__args__) == set(POOLS)  # type: ignore[attr-defined]

@@ -15,15 +15,15 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from pydantic import BaseModel
 
-from contract.schema import ModelSpec
-from service.engine import Job
-from service.httpcall import deadline, disconnect_watch, engine_of
-from service.inputs import INLINE_PARSE_BYTES, read_body
-from service.reading import Reading
-from service.responses import V2, FastJSONResponse, protocol_route
-from service.v2_codec import HEADER_LENGTH, job, parse_request
-from service.v2_encode import EXTENSIONS, encode_response, model_metadata
-from service.v2_names import V2Model, resolve
+from resnet_serve.contract.schema import ModelSpec
+from resnet_serve.service.engine import Job
+from resnet_serve.service.httpcall import deadline, disconnect_watch, engine_of
+from resnet_serve.service.inputs import INLINE_PARSE_BYTES, read_body
+from resnet_serve.service.reading import Reading
+from resnet_serve.service.responses import V2, FastJSONResponse, protocol_route
+from resnet_serve.service.v2_codec import HEADER_LENGTH, job, parse_request
+from resnet_serve.service.v2_encode import EXTENSIONS, encode_response, model_metadata
+from resnet_serve.service.v2_names import V2Model, resolve
 
 ENDPOINT = "v2_infer"
 

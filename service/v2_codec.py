@@ -18,10 +18,10 @@ from typing import Any
 import numpy as np
 import orjson
 
-from contract.schema import INPUT, VECTOR_OUTPUTS, ModelSpec
-from service.engine import Job
-from service.errors import BadRequestError
-from service.inputs import decode_base64_image, decode_content, too_many
+from resnet_serve.contract.schema import INPUT, VECTOR_OUTPUTS, ModelSpec
+from resnet_serve.service.engine import Job
+from resnet_serve.service.errors import BadRequestError
+from resnet_serve.service.inputs import decode_base64_image, decode_content, too_many
 
 OUTPUTS = VECTOR_OUTPUTS
 HEADER_LENGTH = "Inference-Header-Content-Length"

@@ -11,11 +11,11 @@ import numpy as np
 import orjson
 from fastapi.responses import Response
 
-from contract.schema import EMBEDDING, INPUT, LOGITS, PROBABILITIES, ModelSpec
-from service.postprocess import Outputs, top_k
-from service.responses import FastJSONResponse
-from service.v2_codec import HEADER_LENGTH, InferenceRequest, RequestedOutput
-from service.v2_names import ENCODED_SUFFIX, VERSION
+from resnet_serve.contract.schema import EMBEDDING, INPUT, LOGITS, PROBABILITIES, ModelSpec
+from resnet_serve.service.postprocess import Outputs, top_k
+from resnet_serve.service.responses import FastJSONResponse
+from resnet_serve.service.v2_codec import HEADER_LENGTH, InferenceRequest, RequestedOutput
+from resnet_serve.service.v2_names import ENCODED_SUFFIX, VERSION
 
 __all__ = ["VERSION"]  # re-exported: the front ends' version
 PLATFORM = "onnxruntime_onnx"

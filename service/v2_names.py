@@ -20,12 +20,12 @@ from collections.abc import Container
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from service.errors import ModelNotFoundError
+from resnet_serve.service.errors import ModelNotFoundError
 
 if TYPE_CHECKING:
-    from contract.schema import ModelSpec
-    from service.engine import Engine
-    from service.runtime import ServedModel
+    from resnet_serve.contract.schema import ModelSpec
+    from resnet_serve.service.engine import Engine
+    from resnet_serve.service.runtime import ServedModel
 
 ENCODED_SUFFIX = ".encoded"
 VERSION = "1"  # a repository holds one version of each model

@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 from types import FrameType
 
-from service.settings import Settings, cpu_count
+from resnet_serve.service.settings import Settings, cpu_count
 
 log = logging.getLogger(__name__)
 # Set in the environment of the processes the supervisor starts: their worker index.
@@ -157,7 +157,7 @@ class Supervisor:
             READY_DIR_ENV: self._ready_dir, COUNT_ENV: str(self.settings.workers),
         }  # fmt: skip
         # The resolved port last: argparse keeps the last occurrence of an option.
-        argv = [sys.executable, "-m", "service.cli", *self.argv, "--port", str(port)]
+        argv = [sys.executable, "-m", "resnet_serve.service.cli", *self.argv, "--port", str(port)]
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._forward)
         try:

@@ -103,9 +103,9 @@ def torch_home(monkeypatch: pytest.MonkeyPatch) -> Path:
 def cifar_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A model repository with resnet20_cifar10 and resnet56_cifar10, real weights."""
     pytest.importorskip("torch")
-    from models.catalog import get_variant
-    from models.export import export_variant
-    from models.weights import resolve
+    from resnet_serve.models.catalog import get_variant
+    from resnet_serve.models.export import export_variant
+    from resnet_serve.models.weights import resolve
 
     repo = tmp_path_factory.mktemp("repository")
     old = os.environ.get("TORCH_HOME")
@@ -243,3 +243,28 @@ def kserve_path() -> Path:
         )  # fmt: skip
 
     return cached(KSERVE[0].replace("==", "-"), install)
+
+
+# The folders that install as resnet_serve.<name> (pyproject's package-dir).
+PACKAGES = ("contract", "service", "models", "bench", "client")
+
+
+@pytest.fixture(scope="session")
+def built_wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The distribution's wheel, built once from a copy of the sources, as ``pip install .``
+    builds it (the checkout itself gets no build/ or egg-info from it)."""
+    tmp = tmp_path_factory.mktemp("wheel")
+    src = tmp / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    for package in PACKAGES:
+        shutil.copytree(ROOT / package, src / package, ignore=shutil.ignore_patterns("__pycache__"))
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--disable-pip-version-check",
+         "-w", str(tmp / "dist"), str(src)],
+        capture_output=True, text=True, timeout=600, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (wheel,) = (tmp / "dist").glob("resnet_serve-*.whl")
+    return wheel

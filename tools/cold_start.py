@@ -86,7 +86,7 @@ def one_run(repository: Path, models: list[str], warm_requests: int) -> dict[str
     with tempfile.TemporaryFile() as log:
         t0 = time.perf_counter()
         proc = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", "--repository", str(repository),
+            [sys.executable, "-m", "resnet_serve.service.cli", "--repository", str(repository),
              "--models", ",".join(models), "--port", str(port)],
             env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
         )  # fmt: skip

@@ -28,10 +28,10 @@ import onnxruntime as ort
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from models import quantize  # noqa: E402
-from models.catalog import get_variant  # noqa: E402
-from models.export import export_variant, relative_error  # noqa: E402
-from models.weights import resolve  # noqa: E402
+from resnet_serve.models import quantize  # noqa: E402
+from resnet_serve.models.catalog import get_variant  # noqa: E402
+from resnet_serve.models.export import export_variant, relative_error  # noqa: E402
+from resnet_serve.models.weights import resolve  # noqa: E402
 
 SHARED = Path(os.environ.get("RESNET_SERVE_SHARED", ROOT.parent / "shared"))
 CIFAR_TRAIN = SHARED / "data" / "cifar10-train-932.npz"

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.servers import start_service
-from contract.schema import load_model_spec
+from resnet_serve.bench.servers import start_service
+from resnet_serve.contract.schema import load_model_spec
 
 
 def free_port() -> int:

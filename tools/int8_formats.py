@@ -48,10 +48,10 @@ def build(out: Path, formats: list[str]) -> None:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    from models import quantize as q
-    from models.catalog import get_variant
-    from models.export import export_variant
-    from models.weights import resolve
+    from resnet_serve.models import quantize as q
+    from resnet_serve.models.catalog import get_variant
+    from resnet_serve.models.export import export_variant
+    from resnet_serve.models.weights import resolve
 
     for name in (*CIFAR, "resnet50"):
         variant = get_variant(name)
@@ -99,7 +99,7 @@ def accuracy(root: Path, formats: list[str], emulate: str | None) -> None:
         cmd = ["qemu-x86_64", "-cpu", emulate, sys.executable, *argv]
         subprocess.run(cmd, check=True, stderr=subprocess.DEVNULL)
         return
-    from contract.selfcheck import cpu_description, logits_error
+    from resnet_serve.contract.selfcheck import cpu_description, logits_error
 
     with np.load(SHARED / "data" / "cifar10-test-846.npz") as d:
         images, labels = d["images"], d["labels"]
@@ -119,7 +119,7 @@ def accuracy(root: Path, formats: list[str], emulate: str | None) -> None:
 def speed(root: Path, formats: list[str], batches: list[int], rounds: int, seconds: float) -> None:
     import onnxruntime as ort
 
-    from contract.selfcheck import cpu_description
+    from resnet_serve.contract.selfcheck import cpu_description
 
     names = ["fp32", *formats]
     sessions = {}

@@ -18,8 +18,8 @@ import numpy as np
 import onnxruntime as ort
 from PIL import Image
 
-from contract.preprocess import DecodeOptions, preprocess
-from service.repository import load_model_spec
+from resnet_serve.contract.preprocess import DecodeOptions, preprocess
+from resnet_serve.service.repository import load_model_spec
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-test-846.npz"
 

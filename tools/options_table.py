@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from service.settings import options_table
+from resnet_serve.service.settings import options_table
 
 START, END = "<!-- options-table -->\n", "<!-- /options-table -->"
 

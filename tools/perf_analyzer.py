@@ -37,7 +37,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from service.v2_names import ENCODED_SUFFIX
+from resnet_serve.service.v2_names import ENCODED_SUFFIX
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / ".cache" / "tests"
@@ -182,8 +182,9 @@ def main(argv: list[str] | None = None) -> None:
         install(home)
     tool = PerfAnalyzer.at(home)
     port, grpc_port = _free_port(), _free_port()
-    server = [sys.executable, "-m", "service.cli", "--repository", str(args.repository),
-              "--models", args.model, "--port", str(port), *args.server_arg.split()]  # fmt: skip
+    server = [sys.executable, "-m", "resnet_serve.service.cli",
+              "--repository", str(args.repository), "--models", args.model,
+              "--port", str(port), *args.server_arg.split()]  # fmt: skip
     if args.protocol == "grpc":
         server += ["--grpc-port", str(grpc_port)]
     load_before = os.getloadavg()

@@ -126,7 +126,7 @@ def main() -> int:
         sk.bind(("127.0.0.1", 0))
         port = sk.getsockname()[1]
     env = {**os.environ, "RESNET_SERVE_LOG_LEVEL": "warning", "RESNET_SERVE_ACCESS_LOG": "false"}
-    cmd = [sys.executable, "-m", "service.cli", "--repository", str(args.repository),
+    cmd = [sys.executable, "-m", "resnet_serve.service.cli", "--repository", str(args.repository),
            "--models", args.model, "--port", str(port),
            "--max-body-bytes", str(args.max_body_bytes)]  # fmt: skip
     proc = subprocess.Popen(cmd, env=env)

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bench.baseline_ort import create_app
+from resnet_serve.bench.baseline_ort import create_app
 from tests.service.servers import classify_each, png, thread_server
 
 

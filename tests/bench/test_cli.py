@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from bench.cli import main
+from resnet_serve.bench.cli import main
 from tests.conftest import WEIGHTS_HOME
 
 REQUESTS = 8  # measured per step

@@ -11,7 +11,7 @@ from PIL import Image
 
 pytest.importorskip("skimage", reason="the corpus is cut from scikit-image's sample photos")
 
-from bench.corpus import SIZES, SOURCES, CorpusSpec, generate, load
+from resnet_serve.bench.corpus import SIZES, SOURCES, CorpusSpec, generate, load
 
 
 def test_generate_is_deterministic_and_seeded() -> None:

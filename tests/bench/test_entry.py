@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.entry import BENCH_EXTRA, INSTALL
+from resnet_serve.bench.entry import BENCH_EXTRA, INSTALL
 from tests.conftest import ROOT
 
 

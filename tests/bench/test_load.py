@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bench.load import (
+from resnet_serve.bench.load import (
     StepResult,
     Target,
     check_answer,
@@ -128,7 +128,7 @@ def test_process_cpu_counts_the_children() -> None:
     import subprocess
     import sys
 
-    from bench.load import _children, process_cpu_s
+    from resnet_serve.bench.load import _children, process_cpu_s
     from tests.service.servers import wait_until
 
     burn = (

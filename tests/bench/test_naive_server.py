@@ -14,9 +14,9 @@ from fastapi import FastAPI
 
 pytest.importorskip("torch")
 
-from bench.naive_server import create_app, load_model, weights_source
-from models.catalog import get_variant
-from models.weights import WeightsError
+from resnet_serve.bench.naive_server import create_app, load_model, weights_source
+from resnet_serve.models.catalog import get_variant
+from resnet_serve.models.weights import WeightsError
 from tests.service.servers import classify_each, png, thread_server
 
 R20_URL = get_variant("resnet20_cifar10").weights.url  # type: ignore[union-attr]

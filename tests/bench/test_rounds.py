@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 
-from bench.cli import run_systems
-from bench.load import StepResult
-from bench.report import paired_ratios
+from resnet_serve.bench.cli import run_systems
+from resnet_serve.bench.load import StepResult
+from resnet_serve.bench.report import paired_ratios
 
 
 def _step(system: str, c: int, r: int, ok: int, p50: float) -> StepResult:

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from bench.cli import main
-from service import tuning
+from resnet_serve.bench.cli import main
+from resnet_serve.service import tuning
 
 
 def test_tune_alone_writes_the_file_and_the_cache(
@@ -40,8 +40,8 @@ def test_tune_needs_a_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
 def test_warns_when_the_service_would_tune_during_the_run(
     cifar_repository: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from bench.cli import _tunes_in_background
-    from service.settings import Settings
+    from resnet_serve.bench.cli import _tunes_in_background
+    from resnet_serve.service.settings import Settings
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     model_dir = cifar_repository / "resnet20_cifar10"

@@ -18,10 +18,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import service.errors
-from client import AsyncClient, Client, Prediction, errors
-from client.protocol import retry_after_s
-from service.settings import Settings
+from resnet_serve.client import AsyncClient, Client, Prediction, errors
+from resnet_serve.client.protocol import retry_after_s
+from resnet_serve.service import errors as service_errors
+from resnet_serve.service.settings import Settings
 from tests.conftest import ROOT
 from tests.service.servers import (
     ThreadServer,
@@ -138,7 +138,7 @@ def _codes(cls: type) -> Iterator[type]:
 
 
 def test_every_error_code_of_the_service_has_its_class() -> None:
-    for cls in _codes(service.errors.ServeError):
+    for cls in _codes(service_errors.ServeError):
         if "code" in vars(cls):
             mirror = errors.BY_CODE[cls.code]
             assert mirror.status == cls.status, cls

@@ -10,7 +10,7 @@ from typing import Any
 
 import yaml
 
-from service.metrics import Metrics
+from resnet_serve.service.metrics import Metrics
 from tests.deploy.conftest import DEPLOY, K8S, load_yaml_docs, run
 from tests.deploy.test_prometheus import binary
 

@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 import yaml
 
-from service.settings import Settings
+from resnet_serve.service.settings import Settings
 from tests.conftest import ROOT
 from tests.deploy.conftest import DASHBOARD, RULES, load_yaml_docs, run
 from tests.deploy.promql import dashboard_queries, grafana_to_promql

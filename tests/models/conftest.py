@@ -15,9 +15,9 @@ CIFAR_MODELS = ("resnet20_cifar10", "resnet56_cifar10")
 def int8_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """resnet20/56_cifar10 quantized with the defaults on the 932 training images."""
     pytest.importorskip("torch")
-    from models.catalog import get_variant
-    from models.export import export_variant
-    from models.weights import resolve
+    from resnet_serve.models.catalog import get_variant
+    from resnet_serve.models.export import export_variant
+    from resnet_serve.models.weights import resolve
 
     repo = tmp_path_factory.mktemp("int8")
     with pytest.MonkeyPatch.context() as mp:

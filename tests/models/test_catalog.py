@@ -2,7 +2,7 @@ import re
 
 import pytest
 
-from models.catalog import VARIANTS, UnknownVariantError, get_variant
+from resnet_serve.models.catalog import VARIANTS, UnknownVariantError, get_variant
 
 IMAGENET = [
     "resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d",
@@ -82,7 +82,7 @@ def test_variants_without_a_test_size_refuse_one() -> None:
 
 
 def test_list_shows_every_source_and_published_top1(capsys) -> None:
-    from models.cli import main
+    from resnet_serve.models.cli import main
 
     assert main(["--list"]) == 0
     lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()[1:]}
@@ -97,7 +97,7 @@ def test_list_shows_every_source_and_published_top1(capsys) -> None:
 
 
 def test_test_size_of_a_variant_without_one_is_a_usage_error(tmp_path, capsys) -> None:
-    from models.cli import main
+    from resnet_serve.models.cli import main
 
     assert main(["resnet20_cifar10", "--test-size", "--repository", str(tmp_path)]) == 2
     assert "no separate test input size" in capsys.readouterr().err

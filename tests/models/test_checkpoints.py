@@ -12,9 +12,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from models.catalog import get_variant  # noqa: E402
-from models.cli import main as cli_main  # noqa: E402
-from models.weights import WeightsError, build_model, resolve  # noqa: E402
+from resnet_serve.models.catalog import get_variant  # noqa: E402
+from resnet_serve.models.cli import main as cli_main  # noqa: E402
+from resnet_serve.models.weights import WeightsError, build_model, resolve  # noqa: E402
 
 V20 = get_variant("resnet20_cifar10")
 

@@ -2,9 +2,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from models import cifar  # noqa: E402
-from models.catalog import get_variant  # noqa: E402
-from models.weights import build_model, resolve  # noqa: E402
+from resnet_serve.models import cifar  # noqa: E402
+from resnet_serve.models.catalog import get_variant  # noqa: E402
+from resnet_serve.models.weights import build_model, resolve  # noqa: E402
 
 # Parameter counts from the paper's table (He et al. 2015, table 6), in millions.
 PAPER_PARAMS_M = {20: 0.27, 32: 0.46, 44: 0.66, 56: 0.85, 110: 1.7, 1202: 19.4}

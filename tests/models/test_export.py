@@ -8,10 +8,10 @@ torch = pytest.importorskip("torch")
 ort = pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
 
-from models.catalog import get_variant  # noqa: E402
-from models.cli import main as cli_main  # noqa: E402
-from models.export import ExportError, export_variant  # noqa: E402
-from models.weights import Weights, resolve  # noqa: E402
+from resnet_serve.models.catalog import get_variant  # noqa: E402
+from resnet_serve.models.cli import main as cli_main  # noqa: E402
+from resnet_serve.models.export import ExportError, export_variant  # noqa: E402
+from resnet_serve.models.weights import Weights, resolve  # noqa: E402
 from tests.models.helpers import manifest, random_state_dict  # noqa: E402
 from tests.models.test_catalog import CIFAR, IMAGENET  # noqa: E402
 
@@ -35,7 +35,7 @@ def _run(model_dir: Path, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def _reference(model_dir: Path, name: str, weights: Weights, images: np.ndarray):
     """PyTorch eager on the same uint8 images, preprocessing written out by hand."""
-    from models.weights import build_model
+    from resnet_serve.models.weights import build_model
 
     meta = json.loads((model_dir / "model.json").read_text())
     model = build_model(get_variant(name), weights)
@@ -158,7 +158,7 @@ def test_cli_exports_with_custom_name_and_labels(tmp_path: Path, torch_home, cap
 
 def _fine_tuned(tmp_path: Path, name: str, classes: int) -> Path:
     """A state dict as fine-tuning leaves it: the variant with another classifier."""
-    from models.weights import build_model
+    from resnet_serve.models.weights import build_model
 
     variant = get_variant(name)
     model = build_model(variant, resolve(variant, "random"), num_classes=classes)
@@ -222,7 +222,7 @@ def test_full_family_parity(tmp_path: Path, name: str) -> None:
         # Random BN statistics, and each residual branch's last BN scaled down: with the
         # default initialisation 600 blocks (resnet1202) overflow float32 to inf/nan in
         # PyTorch itself, and there would be nothing finite to compare.
-        from models.weights import build_model
+        from resnet_serve.models.weights import build_model
 
         shapes = {
             k: list(v.shape)

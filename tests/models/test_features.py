@@ -11,9 +11,9 @@ import pytest
 torch = pytest.importorskip("torch")
 ort = pytest.importorskip("onnxruntime")
 
-from models.catalog import get_variant  # noqa: E402
-from models.export import ExportError, export_variant, relative_error  # noqa: E402
-from models.weights import Weights, build_model, resolve  # noqa: E402
+from resnet_serve.models.catalog import get_variant  # noqa: E402
+from resnet_serve.models.export import ExportError, export_variant, relative_error  # noqa: E402
+from resnet_serve.models.weights import Weights, build_model, resolve  # noqa: E402
 from tests.models.helpers import manifest, random_state_dict  # noqa: E402
 
 

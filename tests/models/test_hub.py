@@ -14,9 +14,9 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("huggingface_hub")
 
-from models.catalog import get_variant  # noqa: E402
-from models.hub import HubFile  # noqa: E402
-from models.weights import WeightsError, build_model, resolve, sha256_file  # noqa: E402
+from resnet_serve.models.catalog import get_variant  # noqa: E402
+from resnet_serve.models.hub import HubFile  # noqa: E402
+from resnet_serve.models.weights import WeightsError, build_model, resolve, sha256_file  # noqa: E402
 from tests.models.helpers import manifest, random_state_dict  # noqa: E402
 
 NAME = "resnet18.a1_in1k"
@@ -92,7 +92,14 @@ def test_cli_offline_follows_hf_home_without_a_traceback(tmp_path: Path) -> None
     env = dict(os.environ, HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="1")
     env.pop("HF_HUB_CACHE", None)
     proc = subprocess.run(
-        [sys.executable, "-m", "models.cli", NAME, "--repository", str(tmp_path / "repo")],
+        [
+            sys.executable,
+            "-m",
+            "resnet_serve.models.cli",
+            NAME,
+            "--repository",
+            str(tmp_path / "repo"),
+        ],
         env=env,
         capture_output=True,
         text=True,

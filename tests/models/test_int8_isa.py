@@ -27,9 +27,9 @@ import pytest
 torch = pytest.importorskip("torch")
 ort = pytest.importorskip("onnxruntime")
 
-from models.catalog import get_variant  # noqa: E402
-from models.export import export_variant  # noqa: E402
-from models.weights import resolve  # noqa: E402
+from resnet_serve.models.catalog import get_variant  # noqa: E402
+from resnet_serve.models.export import export_variant  # noqa: E402
+from resnet_serve.models.weights import resolve  # noqa: E402
 from tests.conftest import CIFAR_TEST, CIFAR_TRAIN, ROOT, WEIGHTS_HOME  # noqa: E402
 
 # AMD Zen 3: the AVX2-only server CPU this project's CI has run on.
@@ -43,11 +43,11 @@ EMULATED = """
 import json, sys
 from pathlib import Path
 import numpy as np, onnxruntime as ort
-from service.metrics import Metrics
-from service.repository import RepositoryError
-from service.runtime import Runtime
-from contract.selfcheck import cpu_description
-from service.settings import Settings
+from resnet_serve.service.metrics import Metrics
+from resnet_serve.service.repository import RepositoryError
+from resnet_serve.service.runtime import Runtime
+from resnet_serve.contract.selfcheck import cpu_description
+from resnet_serve.service.settings import Settings
 jobs, data, repos = sys.argv[1].split(","), np.load(sys.argv[2]), sys.argv[3:]
 out = {"cpu": cpu_description(), "loads": {}}
 for job in jobs:

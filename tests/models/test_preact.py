@@ -13,10 +13,10 @@ import pytest
 torch = pytest.importorskip("torch")
 ort = pytest.importorskip("onnxruntime")
 
-from models import preact, quantize  # noqa: E402
-from models.catalog import get_variant  # noqa: E402
-from models.export import export_variant, relative_error  # noqa: E402
-from models.weights import Weights, build_model, resolve  # noqa: E402
+from resnet_serve.models import preact, quantize  # noqa: E402
+from resnet_serve.models.catalog import get_variant  # noqa: E402
+from resnet_serve.models.export import export_variant, relative_error  # noqa: E402
+from resnet_serve.models.weights import Weights, build_model, resolve  # noqa: E402
 from tests.conftest import CIFAR_TRAIN  # noqa: E402
 from tests.models.helpers import random_state_dict  # noqa: E402
 from tests.models.test_catalog import PREACT_CIFAR, TIMM  # noqa: E402

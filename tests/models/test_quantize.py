@@ -12,13 +12,13 @@ torch = pytest.importorskip("torch")
 ort = pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
 
-from models import cli, quantize  # noqa: E402
-from models.catalog import get_variant  # noqa: E402
-from models.cli import main as cli_main  # noqa: E402
-from models.export import ExportError, export_variant  # noqa: E402
-from models.quantize import CalibrationError, load_calibration  # noqa: E402
-from models.weights import resolve  # noqa: E402
-from service.repository import load_model_spec  # noqa: E402
+from resnet_serve.models import cli, quantize  # noqa: E402
+from resnet_serve.models.catalog import get_variant  # noqa: E402
+from resnet_serve.models.cli import main as cli_main  # noqa: E402
+from resnet_serve.models.export import ExportError, export_variant  # noqa: E402
+from resnet_serve.models.quantize import CalibrationError, load_calibration  # noqa: E402
+from resnet_serve.models.weights import resolve  # noqa: E402
+from resnet_serve.service.repository import load_model_spec  # noqa: E402
 from tests.conftest import CIFAR_TRAIN  # noqa: E402
 from tests.models.conftest import CIFAR_MODELS  # noqa: E402
 
@@ -234,8 +234,8 @@ def test_calibration_sources_are_checked(tmp_path: Path) -> None:
 
 
 def test_calibration_goes_through_the_runtime_resize_and_crop() -> None:
-    from contract.preprocess import preprocess_array
-    from contract.schema import PreprocessSpec
+    from resnet_serve.contract.preprocess import preprocess_array
+    from resnet_serve.contract.schema import PreprocessSpec
 
     pre = get_variant("resnet50").preprocess
     calib = load_calibration(CIFAR_TRAIN, pre, limit=3)

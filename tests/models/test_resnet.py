@@ -10,7 +10,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from models import resnet  # noqa: E402
+from resnet_serve.models import resnet  # noqa: E402
 from tests.models.helpers import manifest, random_state_dict  # noqa: E402
 from tests.models.test_catalog import IMAGENET  # noqa: E402
 

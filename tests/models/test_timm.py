@@ -14,10 +14,10 @@ import pytest
 torch = pytest.importorskip("torch")
 ort = pytest.importorskip("onnxruntime")
 
-from models.catalog import Variant, get_variant  # noqa: E402
-from models.export import export_variant, relative_error  # noqa: E402
-from models.hub import HubFile, is_hub_url  # noqa: E402
-from models.weights import Weights, build_model  # noqa: E402
+from resnet_serve.models.catalog import Variant, get_variant  # noqa: E402
+from resnet_serve.models.export import export_variant, relative_error  # noqa: E402
+from resnet_serve.models.hub import HubFile, is_hub_url  # noqa: E402
+from resnet_serve.models.weights import Weights, build_model  # noqa: E402
 from tests.models.helpers import random_state_dict  # noqa: E402
 from tests.models.test_catalog import TIMM  # noqa: E402
 

@@ -9,9 +9,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from models import weights as weights_module  # noqa: E402
-from models.catalog import get_variant  # noqa: E402
-from models.weights import WeightsError, build_model, resolve  # noqa: E402
+from resnet_serve.models import weights as weights_module  # noqa: E402
+from resnet_serve.models.catalog import get_variant  # noqa: E402
+from resnet_serve.models.weights import WeightsError, build_model, resolve  # noqa: E402
 from tests.conftest import ROOT, WEIGHTS_HOME  # noqa: E402
 
 V20 = get_variant("resnet20_cifar10")
@@ -99,7 +99,14 @@ def _offline_env(torch_home: Path) -> dict[str, str]:
 
 def test_offline_without_cache_is_a_clear_error_not_a_traceback(tmp_path: Path) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "models.cli", "resnet18", "--repository", str(tmp_path / "repo")],
+        [
+            sys.executable,
+            "-m",
+            "resnet_serve.models.cli",
+            "resnet18",
+            "--repository",
+            str(tmp_path / "repo"),
+        ],
         env=_offline_env(tmp_path / "empty-cache"),
         capture_output=True,
         text=True,

@@ -7,7 +7,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from service.runtime import Runtime, ServedModel
+from resnet_serve.service.runtime import Runtime, ServedModel
 
 
 def _device_lost(*_args: Any) -> Any:

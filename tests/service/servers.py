@@ -23,10 +23,10 @@ import uvicorn
 from PIL import Image
 from starlette.types import ASGIApp
 
-from service.app import create_app
-from service.metrics import Metrics
-from service.runtime import Runtime
-from service.settings import Settings
+from resnet_serve.service.app import create_app
+from resnet_serve.service.metrics import Metrics
+from resnet_serve.service.runtime import Runtime
+from resnet_serve.service.settings import Settings
 
 # How long a held run waits at most when nobody releases it: far beyond any bound a test
 # sets on what it waits for, so that only a test that forgot to release waits this long.
@@ -138,7 +138,7 @@ import os
 import time
 from pathlib import Path
 
-from service import sessions
+from resnet_serve.service import sessions
 
 _hold = Path(os.environ["SERVERS_PY_HOLD_FILE"])
 _entered = Path(os.environ["SERVERS_PY_ENTERED_FILE"])
@@ -210,7 +210,7 @@ class ProcessServer:
     def start(self, wait_ready: bool = True) -> ProcessServer:
         """Start and wait until ready, or (``wait_ready=False``) only until it listens."""
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "service.cli"], env=self.env,
+            [sys.executable, "-m", "resnet_serve.service.cli"], env=self.env,
             stdout=self.log, stderr=subprocess.STDOUT, preexec_fn=self.preexec,
         )  # fmt: skip
         probe = "/readyz" if wait_ready else "/healthz"

@@ -14,10 +14,10 @@ import time
 import numpy as np
 import pytest
 
-from service.batcher import Batcher
-from service.errors import InferenceFailedError, OverloadedError
-from service.metrics import Metrics
-from service.sessions import Device, SessionPool
+from resnet_serve.service.batcher import Batcher
+from resnet_serve.service.errors import InferenceFailedError, OverloadedError
+from resnet_serve.service.metrics import Metrics
+from resnet_serve.service.sessions import Device, SessionPool
 
 SHAPE = (2, 2, 3)
 

@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 from starlette.types import ASGIApp
 
-from service.settings import Settings
+from resnet_serve.service.settings import Settings
 from tests.conftest import ROOT
 from tests.service.browser import WAIT_S, PathPrefix, foreign, requested_urls, screenshots_dir
 from tests.service.servers import ThreadServer

@@ -12,7 +12,7 @@ import httpx
 import numpy as np
 import pytest
 
-from service.errors import TABLE, InvalidParameterError, answer
+from resnet_serve.service.errors import TABLE, InvalidParameterError, answer
 from tests.service import tiny
 from tests.service.servers import ThreadServer, png, thread_server
 

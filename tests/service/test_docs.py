@@ -11,10 +11,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from service.app import create_app
-from service.cli import settings_from_args
-from service.docs import static_dir
-from service.settings import Settings
+from resnet_serve.service.app import create_app
+from resnet_serve.service.cli import settings_from_args
+from resnet_serve.service.docs import static_dir
+from resnet_serve.service.settings import Settings
 from tests.service.servers import ThreadServer, thread_server
 
 KEY = "docs-test-key"

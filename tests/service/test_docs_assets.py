@@ -4,15 +4,12 @@ documented patch), each with its licence, and all of them in the wheel."""
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
-import sys
 import zipfile
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, cached
+from tests.conftest import cached
 from tools.docs_assets import PINS, STATIC, FetchError, fetch_all
 
 
@@ -49,26 +46,12 @@ def test_each_vendored_package_ships_its_licence() -> None:
                 assert f"{bundle}.LICENSE.txt" in licences, bundle
 
 
-def test_the_wheel_holds_the_pages_the_assets_and_their_licences(tmp_path: Path) -> None:
-    """Built from a copy of the sources, as ``pip install .`` builds it."""
-    src = tmp_path / "src"
-    src.mkdir()
-    for name in ("pyproject.toml", "README.md"):
-        shutil.copy(ROOT / name, src / name)
-    for package in ("service", "models", "bench", "client"):
-        shutil.copytree(ROOT / package, src / package,
-                        ignore=shutil.ignore_patterns("__pycache__"))  # fmt: skip
-    proc = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--disable-pip-version-check",
-         "-w", str(tmp_path / "dist"), str(src)],
-        capture_output=True, text=True, timeout=600, check=False,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    (wheel,) = (tmp_path / "dist").glob("resnet_serve-*.whl")
+def test_the_wheel_holds_the_pages_the_assets_and_their_licences(built_wheel: Path) -> None:
+    wheel = built_wheel
     inside = set(zipfile.ZipFile(wheel).namelist())
-    shipped = {f"service/static/{p.name}" for p in STATIC.iterdir() if p.is_file()}
+    shipped = {f"resnet_serve/service/static/{p.name}" for p in STATIC.iterdir() if p.is_file()}
     assert shipped <= inside, shipped - inside
     for needed in ("ui.html", "docs.html", "redoc.html", "swagger-ui-dist.LICENSE",
                    "redoc.LICENSE", "swagger-ui-bundle.js.LICENSE.txt"):  # fmt: skip
-        assert f"service/static/{needed}" in inside
-    assert "client/__init__.py" in inside
+        assert f"resnet_serve/service/static/{needed}" in inside
+    assert "resnet_serve/client/__init__.py" in inside

@@ -14,7 +14,7 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as triton_http
 from tritonclient.utils import InferenceServerException
 
-from service.v2_names import ENCODED_SUFFIX
+from resnet_serve.service.v2_names import ENCODED_SUFFIX
 from tests.service import tiny
 from tests.service.servers import ThreadServer, free_port, metric_value, png, thread_server
 

@@ -21,9 +21,9 @@ MODEL = "r20feat"
 @pytest.fixture(scope="module")
 def feature_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProcessServer]:
     pytest.importorskip("torch")
-    from models.catalog import get_variant
-    from models.export import export_variant
-    from models.weights import resolve
+    from resnet_serve.models.catalog import get_variant
+    from resnet_serve.models.export import export_variant
+    from resnet_serve.models.weights import resolve
 
     repo = tmp_path_factory.mktemp("features")
     old = os.environ.get("TORCH_HOME")

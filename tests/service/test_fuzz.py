@@ -14,9 +14,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from contract.preprocess import DecodeOptions, preprocess
-from contract.schema import PreprocessSpec
-from service.errors import CLIENT_ERRORS, answer
+from resnet_serve.contract.preprocess import DecodeOptions, preprocess
+from resnet_serve.contract.schema import PreprocessSpec
+from resnet_serve.service.errors import CLIENT_ERRORS, answer
 from tests.service.servers import ProcessServer
 
 SPEC = PreprocessSpec(resize=40, crop=32, mean=(0.5,) * 3, std=(0.5,) * 3)

@@ -18,10 +18,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service import auth
-from service.metrics import Metrics
-from service.runtime import Runtime
-from service.settings import Settings
+from resnet_serve.service import auth
+from resnet_serve.service.metrics import Metrics
+from resnet_serve.service.runtime import Runtime
+from resnet_serve.service.settings import Settings
 from tests.service.servers import (
     HOLD_TIMEOUT_S,
     ProcessServer,
@@ -262,7 +262,8 @@ def test_broken_model_fails_startup_fast_unless_excluded(cifar_repository, tmp_p
     shutil.copy(cifar_repository / "resnet20_cifar10" / "model.json", broken / "model.json")
     (broken / "model.onnx").write_bytes(b"this is not an onnx file")
     proc = subprocess.run(
-        [sys.executable, "-m", "service.cli", "--repository", str(repo), "--port", "0"],
+        [sys.executable, "-m", "resnet_serve.service.cli", "--repository", str(repo),
+         "--port", "0"],
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert proc.returncode == 2
@@ -270,7 +271,8 @@ def test_broken_model_fails_startup_fast_unless_excluded(cifar_repository, tmp_p
     (repo / "nojson").mkdir()
     (repo / "nojson" / "model.json").write_text("{not json")
     proc = subprocess.run(
-        [sys.executable, "-m", "service.cli", "--repository", str(repo), "--models", "nojson"],
+        [sys.executable, "-m", "resnet_serve.service.cli", "--repository", str(repo),
+         "--models", "nojson"],
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert proc.returncode == 2 and "model.json" in proc.stderr

@@ -16,7 +16,7 @@ import httpx
 import numpy as np
 import pytest
 
-from service.settings import Settings
+from resnet_serve.service.settings import Settings
 from tests.service.servers import ProcessServer, free_port
 
 pytestmark = pytest.mark.skipif(

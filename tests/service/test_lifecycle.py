@@ -13,9 +13,9 @@ import httpx
 import numpy as np
 import pytest
 
-from service.metrics import Metrics
-from service.runtime import Runtime
-from service.settings import Settings
+from resnet_serve.service.metrics import Metrics
+from resnet_serve.service.runtime import Runtime
+from resnet_serve.service.settings import Settings
 from tests.service import tiny
 from tests.service.servers import (
     ProcessServer,

@@ -13,16 +13,16 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.app import create_app
-from service.docs import router as docs_router
-from service.metrics import GRPC_ENDPOINTS, INFERENCE_STATUSES, REJECT_REASONS
-from service.middleware import ENDPOINTS, endpoint_of
-from service.routes import router as health_router
-from service.settings import Settings
-from service.triton_http import router as triton_router
-from service.ui import router as ui_router
-from service.v1 import router as v1_router
-from service.v2 import router as v2_router
+from resnet_serve.service.app import create_app
+from resnet_serve.service.docs import router as docs_router
+from resnet_serve.service.metrics import GRPC_ENDPOINTS, INFERENCE_STATUSES, REJECT_REASONS
+from resnet_serve.service.middleware import ENDPOINTS, endpoint_of
+from resnet_serve.service.routes import router as health_router
+from resnet_serve.service.settings import Settings
+from resnet_serve.service.triton_http import router as triton_router
+from resnet_serve.service.ui import router as ui_router
+from resnet_serve.service.v1 import router as v1_router
+from resnet_serve.service.v2 import router as v2_router
 from tests.service.faults import hold_decoding, retire_sessions
 from tests.service.servers import ProcessServer, ThreadServer, metric_value, wait_until
 

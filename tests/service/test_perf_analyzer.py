@@ -16,8 +16,8 @@ import httpx
 import orjson
 import pytest
 
-from service.settings import Settings
-from service.v2_names import ENCODED_SUFFIX
+from resnet_serve.service.settings import Settings
+from resnet_serve.service.v2_names import ENCODED_SUFFIX
 from tests.service.servers import ProcessServer, free_port
 from tools.perf_analyzer import PerfAnalyzer, input_data, report_rows
 

@@ -6,9 +6,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from contract.preprocess import DecodeOptions, preprocess, preprocess_array
-from contract.schema import PreprocessSpec
-from service.errors import ImageTooLargeError, InvalidImageError, UnsupportedImageFormatError
+from resnet_serve.contract.preprocess import DecodeOptions, preprocess, preprocess_array
+from resnet_serve.contract.schema import PreprocessSpec
+from resnet_serve.service.errors import (
+    ImageTooLargeError,
+    InvalidImageError,
+    UnsupportedImageFormatError,
+)
 
 SPEC = PreprocessSpec(resize=232, crop=224, mean=(0.5,) * 3, std=(0.5,) * 3)
 OPTS = DecodeOptions()

@@ -13,9 +13,9 @@ from PIL import Image
 
 skimage_data = pytest.importorskip("skimage.data")
 
-from contract.preprocess import DecodeOptions, preprocess  # noqa: E402
-from contract.schema import PreprocessSpec  # noqa: E402
-from models.catalog import get_variant  # noqa: E402
+from resnet_serve.contract.preprocess import DecodeOptions, preprocess  # noqa: E402
+from resnet_serve.contract.schema import PreprocessSpec  # noqa: E402
+from resnet_serve.models.catalog import get_variant  # noqa: E402
 from tests.models.test_timm import timm_eval_transform  # noqa: E402
 
 # scikit-image's bundled colour photos, square, landscape and portrait-ish.

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.settings import Settings
+from resnet_serve.service.settings import Settings
 from tests.service.servers import ProcessServer, ThreadServer, png, thread_server, wait_until
 
 

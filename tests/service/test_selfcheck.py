@@ -14,7 +14,7 @@ import httpx
 import numpy as np
 import pytest
 
-from contract import selfcheck
+from resnet_serve.contract import selfcheck
 from tests.service.servers import free_port, metric_value, thread_server
 
 R20 = "resnet20_cifar10"
@@ -79,7 +79,7 @@ def _tamper(model_dir: Path) -> None:
 def _serve(repo: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "RESNET_SERVE_LOG_LEVEL": "warning"}
     return subprocess.run(
-        [sys.executable, "-m", "service.cli", "--repository", str(repo),
+        [sys.executable, "-m", "resnet_serve.service.cli", "--repository", str(repo),
          "--port", str(free_port()), *args],
         env=env, capture_output=True, text=True, timeout=timeout,
     )  # fmt: skip

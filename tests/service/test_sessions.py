@@ -6,9 +6,9 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from service.repository import load_model_spec
-from service.sessions import Device, SessionPool, providers_for
-from service.settings import Settings
+from resnet_serve.service.repository import load_model_spec
+from resnet_serve.service.sessions import Device, SessionPool, providers_for
+from resnet_serve.service.settings import Settings
 
 
 def test_cuda_provider_options() -> None:

@@ -3,9 +3,9 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from service.cli import build_parser, settings_from_args
-from service.sessions import Device, parse_devices, resolve_devices
-from service.settings import Settings
+from resnet_serve.service.cli import build_parser, settings_from_args
+from resnet_serve.service.sessions import Device, parse_devices, resolve_devices
+from resnet_serve.service.settings import Settings
 
 
 def test_default_buckets_per_device() -> None:
@@ -28,9 +28,9 @@ def test_warmup_sizes_per_device() -> None:
 
 
 def test_threads_are_divided_among_a_models_own_sessions(cifar_repository) -> None:
-    from service.metrics import Metrics
-    from service.runtime import Runtime
-    from service.settings import cpu_count
+    from resnet_serve.service.metrics import Metrics
+    from resnet_serve.service.runtime import Runtime
+    from resnet_serve.service.settings import cpu_count
 
     # Two models in one process: each model's session still gets every core (they run
     # when the other is idle; a share each would halve a lone busy model).

@@ -16,8 +16,8 @@ from google.protobuf import json_format
 from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.grpc import service_pb2
 
-from service.stats import ModelStats
-from service.triton_ext import (
+from resnet_serve.service.stats import ModelStats
+from resnet_serve.service.triton_ext import (
     Instances,
     Scheduling,
     index_entry,

@@ -12,9 +12,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from service import tuner, tuning
-from service.repository import RepositoryError, load_model_spec
-from service.settings import Settings
+from resnet_serve.service import tuner, tuning
+from resnet_serve.service.repository import RepositoryError, load_model_spec
+from resnet_serve.service.settings import Settings
 from tests.service.servers import ProcessServer, metric_value, wait_until
 
 MODEL = "resnet20_cifar10"

@@ -24,11 +24,11 @@ from hypothesis import strategies as st
 from PIL import Image
 from tritonclient.utils import InferenceServerException
 
-from contract.preprocess import preprocess_array
-from contract.schema import ModelSpec, PreprocessSpec, load_model_spec
-from service.errors import ServeError, answer
-from service.postprocess import softmax
-from service.v2_codec import parse_request
+from resnet_serve.contract.preprocess import preprocess_array
+from resnet_serve.contract.schema import ModelSpec, PreprocessSpec, load_model_spec
+from resnet_serve.service.errors import ServeError, answer
+from resnet_serve.service.postprocess import softmax
+from resnet_serve.service.v2_codec import parse_request
 from tests.service.servers import ProcessServer, encode, metric_value, thread_server
 
 R20, R56 = "resnet20_cifar10", "resnet56_cifar10"

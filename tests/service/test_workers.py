@@ -155,7 +155,7 @@ def test_port_in_use(r20_repository: Path) -> None:
         taken.bind(("127.0.0.1", port))
         taken.listen()
         proc = subprocess.run(
-            [sys.executable, "-m", "service.cli", "--repository", str(r20_repository),
+            [sys.executable, "-m", "resnet_serve.service.cli", "--repository", str(r20_repository),
              "--port", str(port), "--workers", "2"],
             capture_output=True, text=True, timeout=60, check=False,
         )  # fmt: skip
@@ -164,8 +164,8 @@ def test_port_in_use(r20_repository: Path) -> None:
 
 
 def test_cores_are_split_unless_given() -> None:
-    from service.settings import Settings, cpu_count
-    from service.workers import split_threads
+    from resnet_serve.service.settings import Settings, cpu_count
+    from resnet_serve.service.workers import split_threads
 
     per = max(1, cpu_count() // 2)
     env = split_threads(Settings(workers=2))

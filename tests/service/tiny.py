@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from contract import schema, selfcheck
+from resnet_serve.contract import schema, selfcheck
 
 NAME = "tiny"
 CROP = 8
