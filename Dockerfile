@@ -50,7 +50,7 @@ ENV PIP_NO_CACHE_DIR=1 \
 # and pip does not pull the CUDA build (gigabytes) from PyPI.
 RUN --mount=type=bind,from=wheels,target=/wheels \
     pip install --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"
-COPY pyproject.toml README.md /src/
+COPY pyproject.toml setup.py README.md /src/
 COPY contract /src/contract
 COPY models /src/models
 # The exporter checks its graph with onnxruntime (parity, int8/fp16 checks, the reference
@@ -78,7 +78,7 @@ ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_CONFIG_FILE=/wheels/pip.conf \
     VIRTUAL_ENV=/opt/resnet-serve
-COPY pyproject.toml README.md deploy/docker/trim-venv.sh /src/
+COPY pyproject.toml setup.py README.md deploy/docker/trim-venv.sh /src/
 COPY contract /src/contract
 COPY service /src/service
 # Only contract/ and service/ are copied: the runtime package has no build step and no
@@ -105,7 +105,7 @@ ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_CONFIG_FILE=/wheels/pip.conf \
     VIRTUAL_ENV=/opt/resnet-serve
-COPY pyproject.toml README.md deploy/docker/trim-venv.sh /src/
+COPY pyproject.toml setup.py README.md deploy/docker/trim-venv.sh /src/
 COPY contract /src/contract
 COPY service /src/service
 # Ubuntu's python3 has no pip outside a venv: this venv's own pip installs, then goes.
