@@ -87,7 +87,9 @@ def one_run(repository: Path, models: list[str], warm_requests: int) -> dict[str
         t0 = time.perf_counter()
         proc = subprocess.Popen(
             [sys.executable, "-m", "resnet_serve.service.cli", "--repository", str(repository),
-             "--models", ",".join(models), "--port", str(port)],
+             "--models", ",".join(models), "--port", str(port),
+             # No background tuning after ready: it would share the CPU with what is timed.
+             "--tuning", "off"],
             env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
         )  # fmt: skip
         try:
