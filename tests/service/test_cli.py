@@ -137,22 +137,13 @@ def test_port_in_use_is_one_line_and_exit_code_3(tiny_repository) -> None:
     assert seconds < 30
 
 
-@pytest.fixture(scope="module")
-def two_tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A repository of two tiny models: ``tiny``, then ``tiny2``."""
-    repo = tmp_path_factory.mktemp("two-tiny")
-    tiny.export(repo)
-    tiny.export(repo, name="tiny2")
-    return repo
-
-
 @pytest.mark.parametrize(
     "args",
     [["--default-model", "resnet18"], ["--models", tiny.NAME, "--default-model", "tiny2"]],
     ids=["not-in-repository", "not-in-models"],
 )
-def test_unknown_default_model_is_one_line_and_exit_code_2(two_tiny, args) -> None:
-    proc = _resnet_serve("--repository", str(two_tiny), "--port", "0", *args)
+def test_unknown_default_model_is_one_line_and_exit_code_2(tiny_pair_repository, args) -> None:
+    proc = _resnet_serve("--repository", str(tiny_pair_repository), "--port", "0", *args)
     assert proc.returncode == 2
     (line,) = proc.stderr.strip().splitlines()
     assert f"--default-model {args[-1]} is not a served model" in line, line

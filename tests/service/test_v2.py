@@ -49,11 +49,8 @@ def client(server: ProcessServer) -> Iterator[triton.InferenceServerClient]:
 
 
 @pytest.fixture(scope="module")
-def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    repo = tmp_path_factory.mktemp("v2")
-    tiny.export(repo)
-    tiny.export(repo, name=R56)
-    return repo
+def repository(tiny_pair_repository: Path) -> Path:
+    return tiny_pair_repository
 
 
 @pytest.fixture(scope="module")
