@@ -25,7 +25,7 @@ def r20_repository(cifar_repository: Path, tmp_path_factory: pytest.TempPathFact
 
 
 @pytest.fixture(scope="module")
-def server(cifar_repository: Path) -> Iterator[ProcessServer]:
+def cifar_server(cifar_repository: Path) -> Iterator[ProcessServer]:
     """`resnet-serve` on both CIFAR models; resnet20_cifar10 is the default (listed first)."""
     srv = ProcessServer(cifar_repository, models="resnet20_cifar10,resnet56_cifar10").start()
     yield srv
@@ -54,3 +54,14 @@ def tiny_images() -> np.ndarray:
 @pytest.fixture(scope="session")
 def tiny_pngs(tiny_images: np.ndarray) -> list[bytes]:
     return [png(img) for img in tiny_images]
+
+
+@pytest.fixture(scope="session")
+def tiny_pair_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two tiny models: ``tiny`` (the first by name) and ``tiny2``, the same graph."""
+    from tests.service import tiny
+
+    repo = tmp_path_factory.mktemp("tiny-pair")
+    tiny.export(repo)
+    tiny.export(repo, name="tiny2")
+    return repo

@@ -14,6 +14,7 @@ import httpx
 import pytest
 
 from tests.conftest import ROOT
+from tests.service import tiny
 from tests.service.servers import ProcessServer, wait_until
 
 
@@ -40,11 +41,11 @@ SIGNAL_IDS = ["ctrl-c", "sigterm", "ctrl-c-twice"]
 
 
 @pytest.mark.parametrize("signals", SIGNALS, ids=SIGNAL_IDS)
-def test_signal_during_warmup_exits_0_at_once(r20_repository, signals) -> None:
+def test_signal_during_warmup_exits_0_at_once(tiny_repository, signals) -> None:
     # The first warmup run lasts HOLD_TIMEOUT_S (120 s), as a batch of a large model may
     # on a small CPU, and is in progress when the signal arrives. (No self-check: its runs,
     # before the server listens, would be held too.)
-    srv = ProcessServer(r20_repository, holdable=True, self_check="off")
+    srv = ProcessServer(tiny_repository, holdable=True, self_check="off")
     srv.hold()
     try:
         srv.start(wait_ready=False)
@@ -59,8 +60,8 @@ def test_signal_during_warmup_exits_0_at_once(r20_repository, signals) -> None:
 
 
 @pytest.mark.parametrize("signals", [SIGNALS[0], SIGNALS[2]], ids=[SIGNAL_IDS[0], SIGNAL_IDS[2]])
-def test_ctrl_c_when_ready_exits_0_without_traceback(r20_repository, signals) -> None:
-    srv = ProcessServer(r20_repository).start()
+def test_ctrl_c_when_ready_exits_0_without_traceback(tiny_repository, signals) -> None:
+    srv = ProcessServer(tiny_repository).start()
     code, _ = _send(srv, signals)
     assert code == 0, srv.output()
     assert "Traceback" not in srv.output()
@@ -120,13 +121,13 @@ def test_missing_repository_names_resnet_export(tmp_path: Path) -> None:
     assert "does not exist" in line and "resnet-export" in line
 
 
-def test_port_in_use_is_one_line_and_exit_code_3(r20_repository) -> None:
+def test_port_in_use_is_one_line_and_exit_code_3(tiny_repository) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
         start = time.monotonic()
-        proc = _resnet_serve("--repository", str(r20_repository), "--port", str(port))
+        proc = _resnet_serve("--repository", str(tiny_repository), "--port", str(port))
         seconds = time.monotonic() - start
     assert proc.returncode == 3
     # Only this line: the port is bound before the models load, so nothing else happened.
@@ -138,13 +139,12 @@ def test_port_in_use_is_one_line_and_exit_code_3(r20_repository) -> None:
 
 @pytest.mark.parametrize(
     "args",
-    [["--default-model", "resnet18"], ["--models", "resnet20_cifar10", "--default-model",
-                                      "resnet56_cifar10"]],
+    [["--default-model", "resnet18"], ["--models", tiny.NAME, "--default-model", "tiny2"]],
     ids=["not-in-repository", "not-in-models"],
-)  # fmt: skip
-def test_unknown_default_model_is_one_line_and_exit_code_2(cifar_repository, args) -> None:
-    proc = _resnet_serve("--repository", str(cifar_repository), "--port", "0", *args)
+)
+def test_unknown_default_model_is_one_line_and_exit_code_2(tiny_pair_repository, args) -> None:
+    proc = _resnet_serve("--repository", str(tiny_pair_repository), "--port", "0", *args)
     assert proc.returncode == 2
     (line,) = proc.stderr.strip().splitlines()
     assert f"--default-model {args[-1]} is not a served model" in line, line
-    assert "served: resnet20_cifar10" in line
+    assert f"served: {tiny.NAME}" in line

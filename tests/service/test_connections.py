@@ -23,9 +23,9 @@ PATIENCE_S = 10.0
 
 
 @pytest.fixture(scope="module")
-def server(r20_repository: Path) -> Iterator[ProcessServer]:
+def server(tiny_repository: Path) -> Iterator[ProcessServer]:
     srv = ProcessServer(
-        r20_repository, header_timeout_s="1", body_idle_timeout_s="1", keep_alive_timeout_s="5"
+        tiny_repository, header_timeout_s="1", body_idle_timeout_s="1", keep_alive_timeout_s="5"
     ).start()
     try:
         yield srv
@@ -157,8 +157,8 @@ def test_kept_alive_connections_are_not_timed_out_between_requests(server: Proce
         assert metric_value(client.get("/metrics").text, "resnet_serve_connections") >= 1
 
 
-def test_over_the_connection_limit_is_503_at_once(r20_repository: Path) -> None:
-    srv = ProcessServer(r20_repository, max_connections="8", header_timeout_s="60").start()
+def test_over_the_connection_limit_is_503_at_once(tiny_repository: Path) -> None:
+    srv = ProcessServer(tiny_repository, max_connections="8", header_timeout_s="60").start()
     try:
         held = [_connect(srv) for _ in range(8)]
         time.sleep(0.2)  # accepted by the server, not only by the kernel

@@ -15,6 +15,7 @@ from resnet_serve.service.app import create_app
 from resnet_serve.service.cli import settings_from_args
 from resnet_serve.service.docs import static_dir
 from resnet_serve.service.settings import Settings
+from tests.service import tiny
 from tests.service.servers import ThreadServer, thread_server
 
 KEY = "docs-test-key"
@@ -24,9 +25,9 @@ OWN_SCRIPTS = ("docs.js", "redoc-init.js")
 
 
 @pytest.fixture(scope="module")
-def keyed(r20_repository: Path) -> Iterator[ThreadServer]:
+def keyed(tiny_repository: Path) -> Iterator[ThreadServer]:
     srv = ThreadServer(
-        Settings(repository=r20_repository, api_keys=[KEY], cors_origins=["http://ui.test"])
+        Settings(repository=tiny_repository, api_keys=[KEY], cors_origins=["http://ui.test"])
     ).start()
     yield srv
     srv.stop()
@@ -101,10 +102,10 @@ def test_the_schema_declares_the_bearer_scheme_where_keys_are_needed() -> None:
     assert security(Settings(api_keys=["k"], metrics_require_key=True))["/metrics"]
 
 
-def test_no_ui_turns_the_demo_page_off(r20_repository: Path) -> None:
+def test_no_ui_turns_the_demo_page_off(tiny_repository: Path) -> None:
     assert settings_from_args(["--no-ui"]).ui is False
     assert settings_from_args([]).ui is True
-    with thread_server(r20_repository, ui=False) as srv:
+    with thread_server(tiny_repository, ui=False) as srv:
         assert httpx.get(srv.url + "/").status_code == 404
         assert httpx.get(srv.url + "/ui").status_code == 404
         assert httpx.get(srv.url + "/docs").status_code == 200
@@ -114,12 +115,12 @@ def _stages(header: str) -> dict[str, float]:
     return {name: float(ms) for name, ms in re.findall(r"(\w+);dur=([0-9.]+)", header)}
 
 
-def test_server_timing_splits_each_inference_request(keyed: ThreadServer, cifar_pngs) -> None:
+def test_server_timing_splits_each_inference_request(keyed: ThreadServer, tiny_pngs) -> None:
     auth = {"Authorization": f"Bearer {KEY}", "Origin": "http://ui.test"}
-    files = [("file", (f"{i}.png", cifar_pngs[i])) for i in range(3)]
+    files = [("file", (f"{i}.png", tiny_pngs[i])) for i in range(3)]
     for action in ("classify", "embed"):
         start = time.perf_counter()
-        r = httpx.post(f"{keyed.url}/v1/models/resnet20_cifar10/{action}", files=files,
+        r = httpx.post(f"{keyed.url}/v1/models/{tiny.NAME}/{action}", files=files,
                        headers=auth)  # fmt: skip
         round_trip_ms = (time.perf_counter() - start) * 1000
         assert r.status_code == 200, r.text
@@ -132,6 +133,6 @@ def test_server_timing_splits_each_inference_request(keyed: ThreadServer, cifar_
         assert "server-timing" in r.headers["access-control-expose-headers"].lower()
     # No inference, no timing.
     assert "server-timing" not in httpx.get(keyed.url + "/healthz").headers
-    bad = httpx.post(f"{keyed.url}/v1/models/resnet20_cifar10/classify", headers=auth,
+    bad = httpx.post(f"{keyed.url}/v1/models/{tiny.NAME}/classify", headers=auth,
                      files=[("file", ("x.png", b"not an image"))])  # fmt: skip
     assert bad.status_code == 400

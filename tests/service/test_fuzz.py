@@ -75,7 +75,7 @@ def test_damaged_real_images_give_an_image_or_a_typed_error(seed, edits, cut) ->
 UNLUCKY_GENERATION_WARNINGS = {"validation_mismatch", "missing_test_data"}
 
 
-def test_openapi_schema_fuzzed_with_schemathesis(r20_repository) -> None:
+def test_openapi_schema_fuzzed_with_schemathesis(tiny_repository) -> None:
     """Generated requests for every operation: no 5xx, answers match the schema."""
     exe = shutil.which("schemathesis", path=str(Path(sys.executable).parent))
     if exe is None:
@@ -85,7 +85,7 @@ def test_openapi_schema_fuzzed_with_schemathesis(r20_repository) -> None:
     # Every warning schemathesis shows by default (low_valid_rate is opt-in), less those.
     shown = [w.value for w in SchemathesisWarning if w.value != "low_valid_rate"]
     shown = [w for w in shown if w not in UNLUCKY_GENERATION_WARNINGS]
-    srv = ProcessServer(r20_repository, log_level="error").start()
+    srv = ProcessServer(tiny_repository, log_level="error").start()
     try:
         proc = subprocess.run(
             [exe, "run", srv.url + "/openapi.json", "-n", "25", "--seed", "7",

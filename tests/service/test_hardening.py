@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
@@ -22,6 +23,7 @@ from resnet_serve.service import auth
 from resnet_serve.service.metrics import Metrics
 from resnet_serve.service.runtime import Runtime
 from resnet_serve.service.settings import Settings
+from tests.service import tiny
 from tests.service.servers import (
     HOLD_TIMEOUT_S,
     ProcessServer,
@@ -69,13 +71,20 @@ def _odd_files(base: np.ndarray) -> dict[str, tuple[bytes, str, int]]:
     }
 
 
-def test_odd_images_give_a_result_or_a_clean_4xx_naming_the_image(server, cifar_test) -> None:
-    base = np.asarray(Image.fromarray(cifar_test["images"][0]).resize((64, 48)))
+@pytest.fixture(scope="module")
+def server(tiny_repository: Path) -> Iterator[ProcessServer]:
+    srv = ProcessServer(tiny_repository).start()
+    yield srv
+    assert srv.stop() == 0
+
+
+def test_odd_images_give_a_result_or_a_clean_4xx_naming_the_image(server, tiny_images) -> None:
+    base = np.asarray(Image.fromarray(tiny_images[0]).resize((64, 48)))
     for name, (data, ctype, status) in _odd_files(base).items():
         # Alone (image 0), and second of two (image 1): the message names the right one.
         r = httpx.post(server.url + "/v1/classify", content=data, headers={"content-type": ctype})
         assert r.status_code == status, (name, r.text)
-        files = [("file", ("ok.png", png(cifar_test["images"][1]))), ("file", (name, data, ctype))]
+        files = [("file", ("ok.png", png(tiny_images[1]))), ("file", (name, data, ctype))]
         r2 = httpx.post(server.url + "/v1/classify", files=files)
         assert r2.status_code == status, (name, r2.text)
         if status == 200:
@@ -86,35 +95,43 @@ def test_odd_images_give_a_result_or_a_clean_4xx_naming_the_image(server, cifar_
             assert "image 1" in r2.json()["error"]["message"], name
 
 
-def test_exif_rotation_is_honoured(server, cifar_test) -> None:
-    img = Image.fromarray(cifar_test["images"][3])
+def test_exif_rotation_is_honoured(server, tiny_images) -> None:
+    # The tiny model's embedding (mean colour) cannot see a rotation; its layer1 map can.
+    img = Image.fromarray(tiny_images[3])
     exif = Image.Exif()
     exif[0x0112] = 3
     flipped = img.rotate(180)  # stored upside down, EXIF says rotate back
     tagged = _save(flipped, "PNG", exif=exif)
-    r1 = httpx.post(server.url + "/v1/embed", content=tagged, headers=PNG).json()
-    r2 = httpx.post(server.url + "/v1/embed", content=png(np.asarray(img)), headers=PNG).json()
-    np.testing.assert_allclose(r1["embeddings"], r2["embeddings"], atol=1e-5)
+
+    def layer1(data: bytes) -> np.ndarray:
+        params = {"layer": "layer1", "pool": "none"}
+        r = httpx.post(server.url + "/v1/embed", content=data, headers=PNG, params=params)
+        assert r.status_code == 200, r.text
+        return np.array(r.json()["embeddings"])
+
+    upright = layer1(png(np.asarray(img)))
+    np.testing.assert_allclose(layer1(tagged), upright, atol=1e-5)
+    assert not np.allclose(layer1(png(np.asarray(flipped))), upright, atol=1e-5)
 
 
 # --- access control ---
 
 
-def test_api_keys(r20_repository, cifar_pngs) -> None:
+def test_api_keys(tiny_repository, tiny_pngs) -> None:
     key = "s3cret-key-one"
-    srv = ProcessServer(r20_repository, api_keys=f"{key},another-key", log_level="info")
+    srv = ProcessServer(tiny_repository, api_keys=f"{key},another-key", log_level="info")
     srv.start()
     try:
         url = srv.url + "/v1/classify"
-        r = httpx.post(url, content=cifar_pngs[0], headers=PNG)
+        r = httpx.post(url, content=tiny_pngs[0], headers=PNG)
         assert r.status_code == 401 and r.json()["error"]["code"] == "unauthorized"
         assert r.headers["www-authenticate"] == "Bearer"
         bad = {**PNG, "authorization": "Bearer wrong"}
-        assert httpx.post(url, content=cifar_pngs[0], headers=bad).status_code == 401
+        assert httpx.post(url, content=tiny_pngs[0], headers=bad).status_code == 401
         good = {**PNG, "authorization": f"Bearer {key}", "x-request-id": "req-42"}
-        assert httpx.post(url, content=cifar_pngs[0], headers=good).status_code == 200
+        assert httpx.post(url, content=tiny_pngs[0], headers=good).status_code == 200
         other = {**PNG, "authorization": "Bearer another-key"}
-        assert httpx.post(url, content=cifar_pngs[0], headers=other).status_code == 200
+        assert httpx.post(url, content=tiny_pngs[0], headers=other).status_code == 200
         assert httpx.get(srv.url + "/v1/models").status_code == 401
         for path in ("/healthz", "/readyz", "/metrics"):
             assert httpx.get(srv.url + path).status_code == 200, path
@@ -128,8 +145,8 @@ def test_api_keys(r20_repository, cifar_pngs) -> None:
     assert "PNG" not in log and "IHDR" not in log  # no image bytes
 
 
-def test_metrics_can_require_a_key(r20_repository) -> None:
-    settings = Settings(repository=r20_repository, api_keys=["k"], metrics_require_key=True)
+def test_metrics_can_require_a_key(tiny_repository) -> None:
+    settings = Settings(repository=tiny_repository, api_keys=["k"], metrics_require_key=True)
     srv = ThreadServer(settings).start()
     try:
         assert httpx.get(srv.url + "/metrics").status_code == 401
@@ -157,15 +174,15 @@ def test_key_comparison_is_constant_time(monkeypatch: pytest.MonkeyPatch) -> Non
     assert calls == keys
 
 
-def test_cors_is_off_by_default_and_configurable(r20_repository) -> None:
+def test_cors_is_off_by_default_and_configurable(tiny_repository) -> None:
     origin = {"origin": "https://app.example", "access-control-request-method": "POST"}
-    srv = ThreadServer(Settings(repository=r20_repository)).start()
+    srv = ThreadServer(Settings(repository=tiny_repository)).start()
     try:
         r = httpx.get(srv.url + "/healthz", headers=origin)
         assert "access-control-allow-origin" not in r.headers
     finally:
         srv.stop()
-    settings = Settings(repository=r20_repository, cors_origins=["https://app.example"])
+    settings = Settings(repository=tiny_repository, cors_origins=["https://app.example"])
     srv = ThreadServer(settings).start()
     try:
         r = httpx.options(srv.url + "/v1/classify", headers=origin)
@@ -179,33 +196,33 @@ def test_cors_is_off_by_default_and_configurable(r20_repository) -> None:
 # --- deadlines, faults ---
 
 
-def test_request_deadline_header(r20_repository, cifar_pngs) -> None:
+def test_request_deadline_header(tiny_repository, tiny_pngs) -> None:
     # The server's own limit is longer than the hold and than the client waits, so a 504
     # can only come from the header's deadline.
-    with busy_server(r20_repository, cifar_pngs[0], request_timeout_ms=600_000) as (srv, answers):
+    with busy_server(tiny_repository, tiny_pngs[0], request_timeout_ms=600_000) as (srv, answers):
         headers = {**PNG, "x-request-timeout-ms": "150"}
-        r = httpx.post(srv.url + "/v1/classify", content=cifar_pngs[1], headers=headers, timeout=60)
+        r = httpx.post(srv.url + "/v1/classify", content=tiny_pngs[1], headers=headers, timeout=60)
         assert r.status_code == 504
         bad = {**PNG, "x-request-timeout-ms": "soon"}
-        r = httpx.post(srv.url + "/v1/classify", content=cifar_pngs[1], headers=bad, timeout=60)
+        r = httpx.post(srv.url + "/v1/classify", content=tiny_pngs[1], headers=bad, timeout=60)
         assert r.status_code == 422
     assert answers[0].status_code == 200
     # Only the holder's image ran; the expired one was skipped before inference.
     assert (
         srv.runtime.metrics.registry.get_sample_value(
-            "resnet_serve_batch_size_sum", {"model": "resnet20_cifar10"}
+            "resnet_serve_batch_size_sum", {"model": tiny.NAME}
         )
         == 1
     )
 
 
 def test_inference_failure_fails_only_its_batch_and_the_session_is_recreated(
-    r20_repository, cifar_pngs
+    tiny_repository, tiny_pngs
 ) -> None:
-    settings = Settings(repository=r20_repository)
+    settings = Settings(repository=tiny_repository)
     runtime = Runtime.load(settings, Metrics())
     srv = ThreadServer(settings, runtime).start()
-    (worker,) = runtime.models["resnet20_cifar10"].pool.workers
+    (worker,) = runtime.models[tiny.NAME].pool.workers
     original_session = worker.session
     real_run = worker.run
     failures = iter([True])
@@ -217,11 +234,11 @@ def test_inference_failure_fails_only_its_batch_and_the_session_is_recreated(
 
     worker.run = flaky  # type: ignore[method-assign]
     try:
-        r = httpx.post(srv.url + "/v1/classify", content=cifar_pngs[0], headers=PNG)
+        r = httpx.post(srv.url + "/v1/classify", content=tiny_pngs[0], headers=PNG)
         assert r.status_code == 503 and r.json()["error"]["code"] == "inference_failed"
         # The error is answered first; the session is recreated right after.
         wait_until(lambda: worker.session is not original_session, timeout=60)
-        r = httpx.post(srv.url + "/v1/classify", content=cifar_pngs[0], headers=PNG)
+        r = httpx.post(srv.url + "/v1/classify", content=tiny_pngs[0], headers=PNG)
         assert r.status_code == 200
         assert httpx.get(srv.url + "/readyz").status_code == 200
         text = httpx.get(srv.url + "/metrics").text
@@ -230,11 +247,11 @@ def test_inference_failure_fails_only_its_batch_and_the_session_is_recreated(
         srv.stop()
 
 
-def test_a_model_that_cannot_recover_turns_readiness_off(r20_repository, cifar_pngs) -> None:
-    settings = Settings(repository=r20_repository)
+def test_a_model_that_cannot_recover_turns_readiness_off(tiny_repository, tiny_pngs) -> None:
+    settings = Settings(repository=tiny_repository)
     runtime = Runtime.load(settings, Metrics())
     srv = ThreadServer(settings, runtime).start()
-    (worker,) = runtime.models["resnet20_cifar10"].pool.workers
+    (worker,) = runtime.models[tiny.NAME].pool.workers
 
     def broken(*_args):  # type: ignore[no-untyped-def]
         raise RuntimeError("device lost (simulated)")
@@ -242,24 +259,24 @@ def test_a_model_that_cannot_recover_turns_readiness_off(r20_repository, cifar_p
     worker.run = broken  # type: ignore[method-assign]
     worker.recreate = broken  # type: ignore[method-assign]
     try:
-        r = httpx.post(srv.url + "/v1/classify", content=cifar_pngs[0], headers=PNG)
+        r = httpx.post(srv.url + "/v1/classify", content=tiny_pngs[0], headers=PNG)
         assert r.status_code == 503
         ready = httpx.get(srv.url + "/readyz")
-        assert ready.status_code == 503 and ready.json()["models"]["resnet20_cifar10"] is False
-        r = httpx.post(srv.url + "/v1/classify", content=cifar_pngs[0], headers=PNG)
+        assert ready.status_code == 503 and ready.json()["models"][tiny.NAME] is False
+        r = httpx.post(srv.url + "/v1/classify", content=tiny_pngs[0], headers=PNG)
         assert r.status_code == 503 and r.json()["error"]["code"] == "not_ready"
         assert httpx.get(srv.url + "/healthz").status_code == 200
     finally:
         srv.stop()
 
 
-def test_broken_model_fails_startup_fast_unless_excluded(cifar_repository, tmp_path) -> None:
+def test_broken_model_fails_startup_fast_unless_excluded(tiny_repository, tmp_path) -> None:
     repo = tmp_path / "repo"
     repo.mkdir()
-    (repo / "good").symlink_to(cifar_repository / "resnet20_cifar10")
+    (repo / "good").symlink_to(tiny_repository / tiny.NAME)
     broken = repo / "broken"
     broken.mkdir()
-    shutil.copy(cifar_repository / "resnet20_cifar10" / "model.json", broken / "model.json")
+    shutil.copy(tiny_repository / tiny.NAME / "model.json", broken / "model.json")
     (broken / "model.onnx").write_bytes(b"this is not an onnx file")
     proc = subprocess.run(
         [sys.executable, "-m", "resnet_serve.service.cli", "--repository", str(repo),
@@ -277,7 +294,7 @@ def test_broken_model_fails_startup_fast_unless_excluded(cifar_repository, tmp_p
     )  # fmt: skip
     assert proc.returncode == 2 and "model.json" in proc.stderr
     srv = ProcessServer(repo, models="good").start()
-    assert httpx.get(srv.url + "/v1/models").json()["models"][0]["name"] == "resnet20_cifar10"
+    assert httpx.get(srv.url + "/v1/models").json()["models"][0]["name"] == tiny.NAME
     assert srv.stop() == 0
 
 
@@ -292,14 +309,14 @@ def _rss_kib(pid: int) -> int:
 
 
 def test_flood_of_ten_times_capacity_is_shed_and_the_service_stays_healthy(
-    r20_repository, cifar_pngs
+    tiny_repository, tiny_pngs
 ) -> None:
     srv = ProcessServer(
-        r20_repository, holdable=True, max_queue_images="16", max_batch_size="8"
+        tiny_repository, holdable=True, max_queue_images="16", max_batch_size="8"
     ).start()
     assert srv.proc is not None
     try:
-        files_payload = cifar_pngs[:8]
+        files_payload = tiny_pngs[:8]
 
         async def flood() -> dict[int, int]:
             counts: dict[int, int] = {}
@@ -341,7 +358,7 @@ def test_flood_of_ten_times_capacity_is_shed_and_the_service_stays_healthy(
         rss_after = _rss_kib(srv.proc.pid)
         assert rss_after < rss_before + 200 * 1024, (rss_before, rss_after)
         assert httpx.get(srv.url + "/readyz").status_code == 200
-        r = httpx.post(srv.url + "/v1/classify", content=cifar_pngs[0], headers=PNG, timeout=60)
+        r = httpx.post(srv.url + "/v1/classify", content=tiny_pngs[0], headers=PNG, timeout=60)
         assert r.status_code == 200
         text = httpx.get(srv.url + "/metrics").text
         assert metric_value(text, "resnet_serve_queue_depth") == 0
@@ -349,8 +366,8 @@ def test_flood_of_ten_times_capacity_is_shed_and_the_service_stays_healthy(
         assert srv.stop() == 0
 
 
-def test_sigterm_mid_flight_loses_no_accepted_request(r20_repository, cifar_pngs) -> None:
-    srv = ProcessServer(r20_repository, log_level="info", access_log="false").start()
+def test_sigterm_mid_flight_loses_no_accepted_request(tiny_repository, tiny_pngs) -> None:
+    srv = ProcessServer(tiny_repository, log_level="info", access_log="false").start()
     assert srv.proc is not None
     outcomes: list[str] = []
     lock = threading.Lock()
@@ -358,9 +375,8 @@ def test_sigterm_mid_flight_loses_no_accepted_request(r20_repository, cifar_pngs
 
     def client(worker: int) -> None:
         for n in range(25):
-            files = [
-                ("file", (f"{k}.png", cifar_pngs[(worker * 25 + n + k) % 846])) for k in range(4)
-            ]
+            picks = [(worker * 25 + n + k) % len(tiny_pngs) for k in range(4)]
+            files = [("file", (f"{k}.png", tiny_pngs[i])) for k, i in enumerate(picks)]
             try:
                 # A fresh connection each time, so that after SIGTERM a request is either
                 # refused or reset before any answer (never accepted), or accepted.
@@ -394,11 +410,11 @@ def test_sigterm_mid_flight_loses_no_accepted_request(r20_repository, cifar_pngs
     assert drained["accepted"] == drained["answered"] == outcomes.count("http-200")
 
 
-def test_decode_time_and_format_limits(r20_repository, cifar_test) -> None:
-    img = Image.fromarray(cifar_test["images"][0])
+def test_decode_time_and_format_limits(tiny_repository, tiny_images) -> None:
+    img = Image.fromarray(tiny_images[0])
     jpeg, png_bytes = _save(img, "JPEG"), _save(img, "PNG")
     # A limit the JPEG's format check (well under a millisecond) cannot reach on any machine.
-    settings = Settings(repository=r20_repository, decode_timeout_ms=1000, image_formats=["PNG"])
+    settings = Settings(repository=tiny_repository, decode_timeout_ms=1000, image_formats=["PNG"])
     srv = ThreadServer(settings).start()
     release = threading.Event()
     try:

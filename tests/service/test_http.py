@@ -7,6 +7,7 @@ import base64
 import io
 import socket
 import threading
+from collections.abc import Iterator
 
 import aiohttp
 import httpx
@@ -14,6 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.service import tiny
 from tests.service.servers import (
     ProcessServer,
     busy_server,
@@ -23,12 +25,26 @@ from tests.service.servers import (
     wait_until,
 )
 
+# The acceptance tests (a real label, accuracy, what real images decode to) run on the CIFAR
+# ResNet-20; the service's behaviour on the tiny model (tests/service/tiny.py) and a copy.
 R20 = "resnet20_cifar10"
+TINY, TINY2 = tiny.NAME, "tiny2"
+C = tiny.CROP
 PNG = {"content-type": "image/png"}
 
 
-def test_846_png_images_from_32_concurrent_clients(server: ProcessServer, cifar_pngs, cifar_test):
-    before = httpx.get(server.url + "/metrics").text
+@pytest.fixture(scope="module")
+def server(tiny_pair_repository) -> Iterator[ProcessServer]:
+    """`resnet-serve` on both tiny models; TINY is the default (listed first)."""
+    srv = ProcessServer(tiny_pair_repository, models=f"{TINY},{TINY2}").start()
+    yield srv
+    assert srv.stop() == 0
+
+
+def test_846_png_images_from_32_concurrent_clients(
+    cifar_server: ProcessServer, cifar_pngs, cifar_test
+):
+    before = httpx.get(cifar_server.url + "/metrics").text
 
     # aiohttp rather than httpx here: httpx's per-request cost would make the client, not
     # the server, the bottleneck, and the server would never see concurrent requests.
@@ -36,7 +52,7 @@ def test_846_png_images_from_32_concurrent_clients(server: ProcessServer, cifar_
         todo = list(range(len(cifar_pngs)))
         preds = [-1] * len(cifar_pngs)
         connector = aiohttp.TCPConnector(limit=32)
-        async with aiohttp.ClientSession(server.url, connector=connector) as client:
+        async with aiohttp.ClientSession(cifar_server.url, connector=connector) as client:
 
             async def worker() -> None:
                 while todo:
@@ -54,7 +70,7 @@ def test_846_png_images_from_32_concurrent_clients(server: ProcessServer, cifar_
     preds = np.array(asyncio.run(run()))
     accuracy = float((preds == cifar_test["labels"]).mean())
     assert accuracy >= 0.91, accuracy
-    after = httpx.get(server.url + "/metrics").text
+    after = httpx.get(cifar_server.url + "/metrics").text
     count = metric_value(after, "resnet_serve_batch_size_count", model=R20) - metric_value(
         before, "resnet_serve_batch_size_count", model=R20
     )
@@ -67,16 +83,16 @@ def test_846_png_images_from_32_concurrent_clients(server: ProcessServer, cifar_
 
 
 def test_requests_queued_behind_a_busy_session_run_as_one_batch(
-    server: ProcessServer, r20_repository, cifar_pngs
+    server: ProcessServer, tiny_repository, tiny_pngs
 ) -> None:
     n = 8
     got: dict[int, httpx.Response] = {}
-    with busy_server(r20_repository, cifar_pngs[0]) as (srv, answers):
+    with busy_server(tiny_repository, tiny_pngs[0]) as (srv, answers):
         assert srv.gate is not None
 
         def client(i: int) -> None:
             got[i] = httpx.post(
-                srv.url + "/v1/classify", content=cifar_pngs[i], headers=PNG, timeout=60
+                srv.url + "/v1/classify", content=tiny_pngs[i], headers=PNG, timeout=60
             )
 
         clients = [threading.Thread(target=client, args=(i,)) for i in range(1, n + 1)]
@@ -92,14 +108,14 @@ def test_requests_queued_behind_a_busy_session_run_as_one_batch(
         for c in clients:
             c.join(60)
         registry = srv.runtime.metrics.registry
-        batches = registry.get_sample_value("resnet_serve_batch_size_count", {"model": R20})
-        images = registry.get_sample_value("resnet_serve_batch_size_sum", {"model": R20})
+        batches = registry.get_sample_value("resnet_serve_batch_size_count", {"model": TINY})
+        images = registry.get_sample_value("resnet_serve_batch_size_sum", {"model": TINY})
     assert answers[0].status_code == 200
     # The holder's batch, then one for the n requests that queued behind it.
     assert (batches, images) == (2, n + 1)
     # Each answer is its own image's, as the same image alone gets it.
     for i in range(1, n + 1):
-        assert _top1(got[i]) == _top1(_raw(server, cifar_pngs[i])), i
+        assert _top5(got[i]) == _top5(_raw(server, tiny_pngs[i])), i
 
 
 def _classify(server: ProcessServer, path: str = "/v1/classify", **kwargs) -> httpx.Response:  # type: ignore[no-untyped-def]
@@ -115,12 +131,19 @@ def _top1(response: httpx.Response) -> list[int]:
     return [r["predictions"][0]["index"] for r in response.json()["results"]]
 
 
-def test_input_forms_agree(server: ProcessServer, cifar_pngs, cifar_test) -> None:
+def _top5(response: httpx.Response) -> list[list[int]]:
+    assert response.status_code == 200, response.text
+    return [[p["index"] for p in r["predictions"][:5]] for r in response.json()["results"]]
+
+
+def test_input_forms_agree(cifar_server: ProcessServer, cifar_pngs, cifar_test) -> None:
     img = cifar_pngs[0]
-    raw = _classify(server, content=img, headers=PNG)
-    multipart = _classify(server, files={"file": ("a.png", img, "image/png")})
-    as_json = _classify(server, json={"images": [base64.b64encode(img).decode()]})
-    octet = _classify(server, content=img, headers={"content-type": "application/octet-stream"})
+    raw = _classify(cifar_server, content=img, headers=PNG)
+    multipart = _classify(cifar_server, files={"file": ("a.png", img, "image/png")})
+    as_json = _classify(cifar_server, json={"images": [base64.b64encode(img).decode()]})
+    octet = _classify(
+        cifar_server, content=img, headers={"content-type": "application/octet-stream"}
+    )
     bodies = [r.json() for r in (raw, multipart, as_json, octet)]
     assert all(b == bodies[0] for b in bodies)
     body = bodies[0]
@@ -134,8 +157,8 @@ def test_input_forms_agree(server: ProcessServer, cifar_pngs, cifar_test) -> Non
     assert 0 < sum(p["score"] for p in preds) <= 1.0 + 1e-6
 
 
-def test_top_k_query_and_body(server: ProcessServer, cifar_pngs) -> None:
-    img = cifar_pngs[1]
+def test_top_k_query_and_body(server: ProcessServer, tiny_pngs) -> None:
+    img = tiny_pngs[1]
     r = _classify(server, content=img, headers=PNG, params={"top_k": 2})
     assert len(r.json()["results"][0]["predictions"]) == 2
     r = _classify(server, json={"images": [base64.b64encode(img).decode()], "top_k": 3})
@@ -147,55 +170,54 @@ def test_top_k_query_and_body(server: ProcessServer, cifar_pngs) -> None:
     assert len(probs) == 10 and sum(probs) == pytest.approx(1.0, abs=1e-6)
 
 
-def test_many_images_keep_request_order(server: ProcessServer, cifar_pngs) -> None:
-    order = [5, 0, 17, 3, 3, 42, 8, 1, 99, 23, 64, 7]
-    singles = {i: _top1(_raw(server, cifar_pngs[i]))[0] for i in set(order)}
-    files = [("file", (f"{i}.png", cifar_pngs[i], "image/png")) for i in order]
-    assert _top1(_classify(server, files=files)) == [singles[i] for i in order]
-    images = [base64.b64encode(cifar_pngs[i]).decode() for i in order]
+def test_many_images_keep_request_order(server: ProcessServer, tiny_pngs) -> None:
+    # Each image's top-5 ranking: the tiny model's top-1 takes only a few values.
+    order = [5, 0, 17, 3, 3, 42, 8, 1, 59, 23, 63, 7]
+    singles = {i: _top5(_raw(server, tiny_pngs[i]))[0] for i in set(order)}
+    files = [("file", (f"{i}.png", tiny_pngs[i], "image/png")) for i in order]
+    assert _top5(_classify(server, files=files)) == [singles[i] for i in order]
+    images = [base64.b64encode(tiny_pngs[i]).decode() for i in order]
     full = _classify(server, json={"images": images, "top_k": 10}).json()["results"]
-    assert [r["predictions"][0]["index"] for r in full] == [singles[i] for i in order]
+    assert [[p["index"] for p in r["predictions"][:5]] for r in full] == [singles[i] for i in order]
 
 
-def test_named_model_and_default(server: ProcessServer, cifar_pngs) -> None:
-    r = _classify(
-        server, "/v1/models/resnet56_cifar10/classify", files={"file": ("a", cifar_pngs[2])}
-    )
-    assert r.status_code == 200 and r.json()["model"] == "resnet56_cifar10"
-    r = _classify(server, f"/v1/models/{R20}/classify", files={"file": ("a", cifar_pngs[2])})
-    assert r.json()["model"] == R20
+def test_named_model_and_default(server: ProcessServer, tiny_pngs) -> None:
+    r = _classify(server, f"/v1/models/{TINY2}/classify", files={"file": ("a", tiny_pngs[2])})
+    assert r.status_code == 200 and r.json()["model"] == TINY2
+    r = _classify(server, f"/v1/models/{TINY}/classify", files={"file": ("a", tiny_pngs[2])})
+    assert r.json()["model"] == TINY
 
 
-def test_default_model_option(cifar_repository, cifar_pngs) -> None:
-    # Without it, the default would be resnet20_cifar10: the repository's first by name.
-    srv = ProcessServer(cifar_repository, default_model="resnet56_cifar10").start()
+def test_default_model_option(tiny_pair_repository, tiny_pngs) -> None:
+    # Without it, the default would be TINY: the repository's first by name.
+    srv = ProcessServer(tiny_pair_repository, default_model=TINY2).start()
     try:
         listing = httpx.get(srv.url + "/v1/models").json()
-        assert listing["default"] == "resnet56_cifar10"
+        assert listing["default"] == TINY2
         assert {m["name"]: m["default"] for m in listing["models"]} == {
-            R20: False,
-            "resnet56_cifar10": True,
+            TINY: False,
+            TINY2: True,
         }
-        files = {"file": ("a.png", cifar_pngs[0])}
-        assert _classify(srv, files=files).json()["model"] == "resnet56_cifar10"
+        files = {"file": ("a.png", tiny_pngs[0])}
+        assert _classify(srv, files=files).json()["model"] == TINY2
         r = _classify(srv, "/v1/embed", files=files)
-        assert r.json()["model"] == "resnet56_cifar10"
-        assert _classify(srv, f"/v1/models/{R20}/classify", files=files).json()["model"] == R20
+        assert r.json()["model"] == TINY2
+        assert _classify(srv, f"/v1/models/{TINY}/classify", files=files).json()["model"] == TINY
     finally:
         assert srv.stop() == 0
 
 
-def test_embeddings(server: ProcessServer, cifar_pngs) -> None:
-    files = [("file", (f"{i}.png", cifar_pngs[i])) for i in range(3)]
+def test_embeddings(server: ProcessServer, tiny_pngs) -> None:
+    files = [("file", (f"{i}.png", tiny_pngs[i])) for i in range(3)]
     r = httpx.post(server.url + "/v1/embed", files=files, timeout=30)
     assert r.status_code == 200, r.text
     body = r.json()
-    assert body["model"] == R20 and body["dim"] == 64
+    assert body["model"] == TINY and body["dim"] == tiny.DIM
     emb = np.array(body["embeddings"], dtype=np.float64)
-    assert emb.shape == (3, 64)
+    assert emb.shape == (3, tiny.DIM)
     np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
     raw = httpx.post(
-        server.url + f"/v1/models/{R20}/embed", files=files, params={"normalize": "false"}
+        server.url + f"/v1/models/{TINY}/embed", files=files, params={"normalize": "false"}
     ).json()
     raw_emb = np.array(raw["embeddings"])
     assert not np.allclose(np.linalg.norm(raw_emb, axis=1), 1.0)
@@ -208,15 +230,15 @@ def test_embeddings(server: ProcessServer, cifar_pngs) -> None:
     np.testing.assert_array_equal(decoded, emb.astype(np.float32))
 
 
-def test_listing_and_metadata(server: ProcessServer) -> None:
-    body = httpx.get(server.url + "/v1/models").json()
+def test_listing_and_metadata(cifar_server: ProcessServer) -> None:
+    body = httpx.get(cifar_server.url + "/v1/models").json()
     assert body["default"] == R20  # the first of --models
     listing = body["models"]
     assert [m["name"] for m in listing] == [R20, "resnet56_cifar10"]
     assert listing[0]["default"] is True and listing[1]["default"] is False
     assert all("labels" not in m and m["ready"] for m in listing)
     assert listing[0]["embedding_dim"] == 64 and listing[0]["preprocess"]["crop"] == 32
-    meta = httpx.get(server.url + f"/v1/models/{R20}").json()
+    meta = httpx.get(cifar_server.url + f"/v1/models/{R20}").json()
     assert len(meta["labels"]) == 10 and meta["labels"][3] == "cat"
 
 
@@ -243,7 +265,7 @@ def test_health_and_metrics(server: ProcessServer) -> None:
     assert "/v1/models/{model}/classify" in spec["paths"]
 
 
-def test_request_id(server: ProcessServer, cifar_pngs) -> None:
+def test_request_id(server: ProcessServer, tiny_pngs) -> None:
     r = httpx.get(server.url + "/healthz", headers={"x-request-id": "abc-123"})
     assert r.headers["x-request-id"] == "abc-123"
     assert len(httpx.get(server.url + "/healthz").headers["x-request-id"]) == 32
@@ -259,31 +281,31 @@ def _error(r: httpx.Response, status: int, code: str) -> str:
     return body["error"]["message"]
 
 
-def test_400_names_the_bad_image(server: ProcessServer, cifar_pngs) -> None:
-    files = [("file", ("ok.png", cifar_pngs[0])), ("file", ("bad.png", b"definitely not an image"))]
+def test_400_names_the_bad_image(server: ProcessServer, tiny_pngs) -> None:
+    files = [("file", ("ok.png", tiny_pngs[0])), ("file", ("bad.png", b"definitely not an image"))]
     msg = _error(_classify(server, files=files), 400, "invalid_image")
     assert "image 1" in msg
-    truncated = cifar_pngs[0][: len(cifar_pngs[0]) // 2]
+    truncated = tiny_pngs[0][: len(tiny_pngs[0]) // 2]
     assert "image 0" in _error(_raw(server, truncated), 400, "invalid_image")
     _error(_classify(server, json={"images": ["%%%not base64"]}), 400, "invalid_image")
     _error(_raw(server, b"{not json", "application/json"), 400, "bad_request")
     _error(_raw(server, b""), 400, "invalid_image")
 
 
-def test_404_unknown_model(server: ProcessServer, cifar_pngs) -> None:
+def test_404_unknown_model(server: ProcessServer, tiny_pngs) -> None:
     msg = _error(
-        _classify(server, "/v1/models/nope/classify", files={"file": ("a", cifar_pngs[0])}),
+        _classify(server, "/v1/models/nope/classify", files={"file": ("a", tiny_pngs[0])}),
         404,
         "model_not_found",
     )
-    assert R20 in msg
+    assert TINY in msg
     _error(httpx.get(server.url + "/v1/models/nope"), 404, "model_not_found")
     _error(httpx.get(server.url + "/no/such/path"), 404, "not_found")
 
 
-def test_413_limits(r20_repository, cifar_pngs) -> None:
+def test_413_limits(tiny_repository, tiny_pngs) -> None:
     srv = ProcessServer(
-        r20_repository, max_body_bytes="20000", max_images_per_request="3", max_image_pixels="4096"
+        tiny_repository, max_body_bytes="20000", max_images_per_request="3", max_image_pixels="4096"
     ).start()
     try:
         big = encode(np.zeros((100, 100, 3), np.uint8), "PNG")
@@ -299,7 +321,7 @@ def test_413_limits(r20_repository, cifar_pngs) -> None:
                 sock.sendall(b"1000\r\n" + b"x" * 4096 + b"\r\n")
             answer = sock.recv(65536)
         assert answer.startswith(b"HTTP/1.1 413"), answer[:100]
-        files = [("file", (f"{i}.png", cifar_pngs[i])) for i in range(4)]
+        files = [("file", (f"{i}.png", tiny_pngs[i])) for i in range(4)]
         assert "limit is 3" in _error(
             httpx.post(srv.url + "/v1/classify", files=files), 413, "payload_too_large"
         )
@@ -320,43 +342,48 @@ def test_415_unsupported(server: ProcessServer) -> None:
     ("params", "json_extra"),
     [({"top_k": 0}, {}), ({"top_k": "abc"}, {}), ({}, {"top_k": -1}), ({}, {"unknown": 1})],
 )
-def test_422_invalid_parameters(server: ProcessServer, cifar_pngs, params, json_extra) -> None:
-    body = {"images": [base64.b64encode(cifar_pngs[0]).decode()], **json_extra}
+def test_422_invalid_parameters(server: ProcessServer, tiny_pngs, params, json_extra) -> None:
+    body = {"images": [base64.b64encode(tiny_pngs[0]).decode()], **json_extra}
     _error(_classify(server, params=params, json=body), 422, "invalid_parameter")
 
 
-def test_422_bad_embed_encoding_and_empty_request(server: ProcessServer, cifar_pngs) -> None:
+def test_422_bad_embed_encoding_and_empty_request(server: ProcessServer, tiny_pngs) -> None:
     r = httpx.post(
-        server.url + "/v1/embed", params={"encoding": "hex"}, files={"file": ("a", cifar_pngs[0])}
+        server.url + "/v1/embed", params={"encoding": "hex"}, files={"file": ("a", tiny_pngs[0])}
     )
     _error(r, 422, "invalid_parameter")
     _error(_classify(server, json={"images": []}), 422, "invalid_parameter")
     _error(_classify(server, json={"pictures": []}), 422, "invalid_parameter")
 
 
-def test_413_when_a_request_could_never_fit_the_queue(r20_repository, cifar_pngs) -> None:
-    srv = ProcessServer(r20_repository, max_queue_images="2").start()
+def test_413_when_a_request_could_never_fit_the_queue(tiny_repository, tiny_pngs) -> None:
+    srv = ProcessServer(tiny_repository, max_queue_images="2").start()
     try:
-        files = [("file", (f"{i}.png", cifar_pngs[i])) for i in range(3)]
+        files = [("file", (f"{i}.png", tiny_pngs[i])) for i in range(3)]
         r = httpx.post(srv.url + "/v1/classify", files=files)
         message = _error(r, 413, "payload_too_large")
         assert "3 images" in message and "at most 2" in message and "--max-queue-images" in message
         assert "retry-after" not in r.headers  # retrying cannot help
         v2 = {
             "inputs": [
-                {"name": "images", "datatype": "UINT8", "shape": [3, 32, 32, 3], "data": [0] * 9216}
+                {
+                    "name": "images",
+                    "datatype": "UINT8",
+                    "shape": [3, C, C, 3],
+                    "data": [0] * (3 * C * C * 3),
+                }
             ]
         }
-        r = httpx.post(srv.url + "/v2/models/resnet20_cifar10/infer", json=v2)
+        r = httpx.post(srv.url + f"/v2/models/{TINY}/infer", json=v2)
         assert r.status_code == 413 and "at most 2" in r.json()["error"]
         assert httpx.post(srv.url + "/v1/classify", files=files[:2]).status_code == 200
     finally:
         assert srv.stop() == 0
 
 
-def test_503_when_the_queue_is_full_for_now(r20_repository, cifar_pngs) -> None:
-    with busy_server(r20_repository, cifar_pngs[0], max_queue_images=2) as (srv, answers):
-        files = [("file", (f"{i}.png", cifar_pngs[i])) for i in range(2)]
+def test_503_when_the_queue_is_full_for_now(tiny_repository, tiny_pngs) -> None:
+    with busy_server(tiny_repository, tiny_pngs[0], max_queue_images=2) as (srv, answers):
+        files = [("file", (f"{i}.png", tiny_pngs[i])) for i in range(2)]
         queued = threading.Thread(
             target=lambda: answers.append(
                 httpx.post(srv.url + "/v1/classify", files=files, timeout=60)
@@ -376,16 +403,16 @@ def test_503_when_the_queue_is_full_for_now(r20_repository, cifar_pngs) -> None:
     assert [a.status_code for a in answers] == [200, 200]
 
 
-def test_other_formats_and_modes(server: ProcessServer, cifar_test) -> None:
+def test_other_formats_and_modes(cifar_server: ProcessServer, cifar_test) -> None:
     img = cifar_test["images"][0]
-    expected = _top1(_raw(server, png(img)))
+    expected = _top1(_raw(cifar_server, png(img)))
     for fmt in ("BMP", "TIFF", "WEBP"):
         kwargs = {"lossless": True} if fmt == "WEBP" else {}
-        got = _top1(_raw(server, encode(img, fmt, **kwargs), "image/*"))
+        got = _top1(_raw(cifar_server, encode(img, fmt, **kwargs), "image/*"))
         assert got == expected, fmt
-    jpeg = _raw(server, encode(img, "JPEG", quality=95), "image/jpeg")
+    jpeg = _raw(cifar_server, encode(img, "JPEG", quality=95), "image/jpeg")
     assert jpeg.status_code == 200
     rgba = np.dstack([img, np.full(img.shape[:2], 255, np.uint8)])
     buf = io.BytesIO()
     Image.fromarray(rgba).save(buf, "PNG")
-    assert _top1(_raw(server, buf.getvalue())) == expected
+    assert _top1(_raw(cifar_server, buf.getvalue())) == expected

@@ -17,21 +17,22 @@ import numpy as np
 import pytest
 
 from resnet_serve.service.settings import Settings
+from tests.service import tiny
 from tests.service.servers import ProcessServer, free_port
 
 pytestmark = pytest.mark.skipif(
     "grpc_port" not in Settings.model_fields, reason="no gRPC server in this build"
 )
 
-MODEL = "resnet20_cifar10"
+MODEL = tiny.NAME
 COUNT = 8
 CLIENT = Path(__file__).with_name("kserve_client.py")
 
 
 @pytest.fixture(scope="module")
-def served(r20_repository: Path) -> Iterator[tuple[ProcessServer, int]]:
+def served(tiny_repository: Path) -> Iterator[tuple[ProcessServer, int]]:
     grpc_port = free_port()
-    srv = ProcessServer(r20_repository, grpc_port=str(grpc_port)).start()
+    srv = ProcessServer(tiny_repository, grpc_port=str(grpc_port)).start()
     yield srv, grpc_port
     assert srv.stop() == 0
 
@@ -50,12 +51,12 @@ def _v1(srv: ProcessServer, pngs: list[bytes]) -> tuple[list[int], np.ndarray]:
 def test_kserve_grpc_client_matches_v1(
     served: tuple[ProcessServer, int],
     kserve_path: Path,
-    cifar_test: dict[str, np.ndarray],
-    cifar_pngs: list[bytes],
+    tiny_images: np.ndarray,
+    tiny_pngs: list[bytes],
     tmp_path: Path,
 ) -> None:
     srv, grpc_port = served
-    pixels, pngs = cifar_test["images"][:COUNT], cifar_pngs[:COUNT]
+    pixels, pngs = tiny_images[:COUNT], tiny_pngs[:COUNT]
     images = tmp_path / "images.npz"
     np.savez(images, pixels=pixels, files=np.array(pngs, dtype=np.object_))
     env = {**os.environ, "PYTHONPATH": str(kserve_path)}

@@ -23,10 +23,11 @@ from resnet_serve.service.triton_http import router as triton_router
 from resnet_serve.service.ui import router as ui_router
 from resnet_serve.service.v1 import router as v1_router
 from resnet_serve.service.v2 import router as v2_router
+from tests.service import tiny
 from tests.service.faults import hold_decoding, retire_sessions
 from tests.service.servers import ProcessServer, ThreadServer, metric_value, wait_until
 
-R20 = "resnet20_cifar10"
+R20 = tiny.NAME
 KEY = "metrics-test-key"
 AUTH = {"authorization": f"Bearer {KEY}"}
 PNG = {"content-type": "image/png", **AUTH}
@@ -51,10 +52,10 @@ def scrape(url: str) -> Samples:
 
 
 @pytest.fixture(scope="module")
-def keyed(r20_repository: Path) -> Iterator[ProcessServer]:
+def keyed(tiny_repository: Path) -> Iterator[ProcessServer]:
     """`resnet-serve` with API keys, a small body limit and the access log at info."""
     srv = ProcessServer(
-        r20_repository, api_keys=KEY, log_level="info", max_body_bytes="20000",
+        tiny_repository, api_keys=KEY, log_level="info", max_body_bytes="20000",
         max_images_per_request="3",
     ).start()  # fmt: skip
     yield srv
@@ -66,7 +67,7 @@ def _access_lines(srv: ProcessServer) -> list[dict]:  # type: ignore[type-arg]
     return [ln for ln in lines if ln.get("logger") == "service.access"]
 
 
-def test_every_answer_is_counted_and_logged(keyed: ProcessServer, cifar_pngs) -> None:
+def test_every_answer_is_counted_and_logged(keyed: ProcessServer, tiny_pngs) -> None:
     url = keyed.url
     before = scrape(url)
     logged_before = len(_access_lines(keyed))
@@ -77,7 +78,7 @@ def test_every_answer_is_counted_and_logged(keyed: ProcessServer, cifar_pngs) ->
         sent.append((endpoint, model, status))
 
     with httpx.Client(timeout=30) as c:
-        one = cifar_pngs[0]
+        one = tiny_pngs[0]
         for _ in range(5):  # query parameters refused before the route runs
             expect(c.post(f"{url}/v1/classify?top_k=0", content=one, headers=PNG),
                    "classify", "", 422)  # fmt: skip
@@ -136,9 +137,9 @@ def test_every_answer_is_counted_and_logged(keyed: ProcessServer, cifar_pngs) ->
     assert KEY not in log and "IHDR" not in log
 
 
-def test_success_latency_is_apart_from_errors(keyed: ProcessServer, cifar_pngs) -> None:
+def test_success_latency_is_apart_from_errors(keyed: ProcessServer, tiny_pngs) -> None:
     before = scrape(keyed.url)
-    ok = httpx.post(f"{keyed.url}/v1/models/{R20}/classify", content=cifar_pngs[1], headers=PNG)
+    ok = httpx.post(f"{keyed.url}/v1/models/{R20}/classify", content=tiny_pngs[1], headers=PNG)
     bad = httpx.post(f"{keyed.url}/v1/models/{R20}/classify?top_k=-1", content=b"", headers=PNG)
     assert (ok.status_code, bad.status_code) == (200, 422)
     after = scrape(keyed.url)
@@ -161,9 +162,9 @@ def test_endpoint_table_names_every_route() -> None:
 
 
 def test_every_model_series_exists_at_zero_and_limits_are_exported(
-    r20_repository: Path, cifar_pngs
+    tiny_repository: Path, tiny_pngs
 ) -> None:
-    settings = Settings(repository=r20_repository, max_queue_images=8, latency_slo_ms=250)
+    settings = Settings(repository=tiny_repository, max_queue_images=8, latency_slo_ms=250)
     srv = ThreadServer(settings).start()
     try:
         found = scrape(srv.url)
@@ -197,10 +198,10 @@ def test_every_model_series_exists_at_zero_and_limits_are_exported(
         srv.stop()
 
 
-def test_admitted_images_include_those_still_decoding(r20_repository: Path, cifar_pngs) -> None:
-    srv = ThreadServer(Settings(repository=r20_repository)).start()
+def test_admitted_images_include_those_still_decoding(tiny_repository: Path, tiny_pngs) -> None:
+    srv = ThreadServer(Settings(repository=tiny_repository)).start()
     gate = hold_decoding(srv.runtime)
-    files = [("file", (f"{i}.png", cifar_pngs[i], "image/png")) for i in range(3)]
+    files = [("file", (f"{i}.png", tiny_pngs[i], "image/png")) for i in range(3)]
     answer: list[int] = []
     client = threading.Thread(
         target=lambda: answer.append(
@@ -230,12 +231,12 @@ def test_admitted_images_include_those_still_decoding(r20_repository: Path, cifa
 
 
 def test_a_retired_session_shows_in_session_health_and_readiness(
-    r20_repository: Path, cifar_pngs
+    tiny_repository: Path, tiny_pngs
 ) -> None:
-    srv = ThreadServer(Settings(repository=r20_repository)).start()
+    srv = ThreadServer(Settings(repository=tiny_repository)).start()
     retire_sessions(srv.runtime.models[R20])
     try:
-        r = httpx.post(srv.url + "/v1/classify", content=cifar_pngs[0], headers=PNG)
+        r = httpx.post(srv.url + "/v1/classify", content=tiny_pngs[0], headers=PNG)
         assert r.status_code == 503
         wait_until(lambda: value(scrape(srv.url), "resnet_serve_sessions_healthy", model=R20) == 0)
         found = scrape(srv.url)

@@ -18,10 +18,11 @@ import pytest
 
 from resnet_serve.service.settings import Settings
 from resnet_serve.service.v2_names import ENCODED_SUFFIX
+from tests.service import tiny
 from tests.service.servers import ProcessServer, free_port
 from tools.perf_analyzer import PerfAnalyzer, input_data, report_rows
 
-MODEL = "resnet20_cifar10"
+MODEL = tiny.NAME
 CONCURRENCY = range(1, 9)
 # -s: the stability bound, in percent: far past any run's spread, so that noise on a shared
 # machine never stops a run; -r: windows at most per level.
@@ -32,20 +33,20 @@ NO_GRPC = pytest.mark.skipif(
 
 
 @pytest.fixture(scope="module")
-def served(r20_repository: Path) -> Iterator[tuple[ProcessServer, int | None]]:
-    """`resnet-serve` with resnet20_cifar10, and its gRPC port where this build has one."""
+def served(tiny_repository: Path) -> Iterator[tuple[ProcessServer, int | None]]:
+    """`resnet-serve` with the tiny model, and its gRPC port where this build has one."""
     grpc_port = free_port() if "grpc_port" in Settings.model_fields else None
     env = {"grpc_port": str(grpc_port)} if grpc_port else {}
-    srv = ProcessServer(r20_repository, **env).start()
+    srv = ProcessServer(tiny_repository, **env).start()
     yield srv, grpc_port
     assert srv.stop() == 0
 
 
 @pytest.fixture(scope="module")
-def pngs(tmp_path_factory: pytest.TempPathFactory, cifar_pngs: list[bytes]) -> Path:
-    """perf_analyzer's --input-data: 16 CIFAR test images as PNG files, BYTES shape [1]."""
+def pngs(tmp_path_factory: pytest.TempPathFactory, tiny_pngs: list[bytes]) -> Path:
+    """perf_analyzer's --input-data: 16 images as PNG files, BYTES shape [1]."""
     path = tmp_path_factory.mktemp("input") / "pngs.json"
-    path.write_bytes(orjson.dumps(input_data(cifar_pngs[:16])))
+    path.write_bytes(orjson.dumps(input_data(tiny_pngs[:16])))
     return path
 
 
@@ -120,11 +121,11 @@ def test_bytes(
     _profile(perf_analyzer, srv, f"127.0.0.1:{port}", protocol, tmp_path, pngs)
 
 
-def test_http_with_an_api_key(perf_analyzer: PerfAnalyzer, r20_repository: Path) -> None:
+def test_http_with_an_api_key(perf_analyzer: PerfAnalyzer, tiny_repository: Path) -> None:
     """With --api-keys, perf_analyzer's -H carries the key (its metadata, configuration and
     statistics requests too); without it, it stops at once."""
     key = "perf-analyzer-key"
-    srv = ProcessServer(r20_repository, api_keys=key).start()
+    srv = ProcessServer(tiny_repository, api_keys=key).start()
     try:
         common = ["-m", MODEL, "-u", f"127.0.0.1:{srv.port}", "-i", "http",
                   "--concurrency-range", "1:2:1", *BOUNDED]  # fmt: skip

@@ -10,7 +10,6 @@ import logging
 import signal
 import threading
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import numpy as np
@@ -18,12 +17,17 @@ import pytest
 from PIL import Image
 
 from resnet_serve.service.settings import Settings
+from tests.service import tiny
 from tests.service.servers import ProcessServer, ThreadServer, png, thread_server, wait_until
 
 
 @pytest.fixture(scope="module")
-def srv(r20_repository: Path) -> Iterator[ThreadServer]:
-    with thread_server(r20_repository) as server:
+def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ThreadServer]:
+    # The tiny model resizing to a shorter side of 32, as a CIFAR export does: the thin
+    # images below are sized against it.
+    repository = tmp_path_factory.mktemp("tiny32")
+    tiny.export(repository, resize=32)
+    with thread_server(repository) as server:
         yield server
 
 
@@ -33,11 +37,11 @@ def _png(width: int, height: int) -> bytes:
     return buf.getvalue()
 
 
-def test_thin_images_are_refused_before_resizing(srv, cifar_pngs) -> None:
+def test_thin_images_are_refused_before_resizing(srv, tiny_pngs) -> None:
     # 1x100000 (a few hundred bytes) resized to a shorter side of 32 is 32x3200000: it was
     # a 200 after seconds and 500 MiB; 1x40000000 (at the pixel limit) a MemoryError, a 500.
     for width, height in ((100_000, 1), (1, 40_000_000)):
-        files = [("file", ("ok.png", cifar_pngs[0])), ("file", ("thin.png", _png(width, height)))]
+        files = [("file", ("ok.png", tiny_pngs[0])), ("file", ("thin.png", _png(width, height)))]
         r = httpx.post(srv.url + "/v1/classify", files=files, timeout=60)
         assert r.status_code == 413, r.text
         error = r.json()["error"]
@@ -49,18 +53,18 @@ def test_thin_images_are_refused_before_resizing(srv, cifar_pngs) -> None:
 
 
 @pytest.mark.parametrize("drain", ["0", "0.5"])
-def test_drain_timeout_below_one_second_is_honoured(r20_repository, cifar_pngs, drain) -> None:
+def test_drain_timeout_below_one_second_is_honoured(tiny_repository, tiny_pngs, drain) -> None:
     # Regression: int(drain_timeout_s) or None made anything below 1 s "wait forever".
     # And the request still running when the drain timeout ends was uvicorn's plain-text
     # 500, counted as answered: it is the service's JSON 503, counted as cut off.
     server = ProcessServer(
-        r20_repository, holdable=True, drain_timeout_s=drain, log_level="info"
+        tiny_repository, holdable=True, drain_timeout_s=drain, log_level="info"
     ).start()
     assert server.proc is not None
     answers: list[httpx.Response] = []
 
     def client() -> None:
-        files = [("file", ("0.png", cifar_pngs[0]))]
+        files = [("file", ("0.png", tiny_pngs[0]))]
         answers.append(httpx.post(server.url + "/v1/classify", files=files, timeout=60))
 
     server.hold()  # the request stays in its session until released (or 120 s)
@@ -88,10 +92,10 @@ def test_drain_timeout_below_one_second_is_honoured(r20_repository, cifar_pngs, 
     assert drained[0]["cut_off_at_drain_timeout"] == 1
 
 
-def test_an_unexpected_error_is_one_json_500_with_its_request_id(r20_repository, caplog) -> None:
+def test_an_unexpected_error_is_one_json_500_with_its_request_id(tiny_repository, caplog) -> None:
     # Regression: 500s carried no X-Request-ID (answered outside the request middleware)
     # and each logged two tracebacks (Starlette's handler re-raised, uvicorn logged again).
-    server = ThreadServer(Settings(repository=r20_repository))
+    server = ThreadServer(Settings(repository=tiny_repository))
 
     async def broken() -> None:
         raise RuntimeError("a bug")
@@ -115,10 +119,10 @@ def test_an_unexpected_error_is_one_json_500_with_its_request_id(r20_repository,
     assert "a bug" in str(tracebacks[0].exc_info[1])
 
 
-def test_cors_preflight_passes_without_a_key(r20_repository) -> None:
+def test_cors_preflight_passes_without_a_key(tiny_repository) -> None:
     # Regression: the preflight (never carries a key) was a 401 without CORS headers.
     origin = "https://app.example"
-    with thread_server(r20_repository, api_keys=["k1"], cors_origins=[origin]) as server:
+    with thread_server(tiny_repository, api_keys=["k1"], cors_origins=[origin]) as server:
         preflight = {
             "origin": origin,
             "access-control-request-method": "POST",
@@ -138,12 +142,12 @@ def test_cors_preflight_passes_without_a_key(r20_repository) -> None:
 
 
 def test_weights_source_is_served_without_the_export_machines_path(
-    cifar_repository, tmp_path
+    tiny_repository, tmp_path
 ) -> None:
     # Regression: /v1/models showed where the exporting machine kept its checkpoint.
-    model = tmp_path / "resnet20_cifar10"
+    model = tmp_path / tiny.NAME
     model.mkdir()
-    exported = cifar_repository / "resnet20_cifar10"
+    exported = tiny_repository / tiny.NAME
     for item in exported.iterdir():
         if item.name != "model.json":
             (model / item.name).symlink_to(item)
@@ -154,7 +158,7 @@ def test_weights_source_is_served_without_the_export_machines_path(
     (model / "model.json").write_text(json.dumps(meta))
     with thread_server(tmp_path) as server:
         listed = httpx.get(server.url + "/v1/models").json()["models"][0]
-        one = httpx.get(server.url + "/v1/models/resnet20_cifar10").json()
+        one = httpx.get(f"{server.url}/v1/models/{tiny.NAME}").json()
     assert listed["weights"]["source"] == one["weights"]["source"] == "model_4.pth#ema"
     assert listed["calibration"]["source"] == one["calibration"]["source"] == "calib-932.npz"
     assert "/home/someone" not in json.dumps([listed, one])
@@ -165,13 +169,13 @@ def _invalid_parameter(r: httpx.Response) -> None:
     assert r.json()["error"]["code"] == "invalid_parameter"
 
 
-def test_integers_and_numbers_are_parsed_strictly(srv, cifar_pngs) -> None:
-    image = base64.b64encode(cifar_pngs[0]).decode()
+def test_integers_and_numbers_are_parsed_strictly(srv, tiny_pngs) -> None:
+    image = base64.b64encode(tiny_pngs[0]).decode()
     url = srv.url + "/v1/classify"
     # JSON true and 1.0 were taken as top_k=1, "1_000" as 1000 ms.
     for top_k in (True, 1.0, "1.0"):
         _invalid_parameter(httpx.post(url, json={"images": [image], "top_k": top_k}))
-    files = [("file", ("0.png", cifar_pngs[0]))]
+    files = [("file", ("0.png", tiny_pngs[0]))]
     for top_k in ("1.0", "1_0", "true"):
         _invalid_parameter(httpx.post(url, files=files, params={"top_k": top_k}))
         _invalid_parameter(httpx.post(url, files=files, data={"top_k": top_k}))
@@ -188,29 +192,29 @@ def test_integers_and_numbers_are_parsed_strictly(srv, cifar_pngs) -> None:
     assert r.status_code == 200 and len(r.json()["results"][0]["predictions"]) == 1
 
 
-def test_one_answer_past_the_image_count_limit(srv, cifar_pngs) -> None:
+def test_one_answer_past_the_image_count_limit(srv, tiny_pngs) -> None:
     # 65 files were a 413, 66 and more a 400 "Too many files" from the multipart parser.
     limit = srv.settings.max_images_per_request
     for count in (limit + 1, limit + 2, limit + 50):
-        files = [("file", (f"{i}.png", cifar_pngs[0])) for i in range(count)]
+        files = [("file", (f"{i}.png", tiny_pngs[0])) for i in range(count)]
         r = httpx.post(srv.url + "/v1/classify", files=files, timeout=60)
         assert r.status_code == 413, (count, r.text)
         error = r.json()["error"]
         assert error["code"] == "payload_too_large" and f"limit is {limit}" in error["message"]
 
 
-def test_gem_exponent_is_bounded(srv, cifar_pngs) -> None:
+def test_gem_exponent_is_bounded(srv, tiny_pngs) -> None:
     # p=1e-300 made every x**p 1: a constant vector, whatever the image.
-    files = [("file", ("0.png", cifar_pngs[0]))]
+    files = [("file", ("0.png", tiny_pngs[0]))]
     for p in ("1e-300", "0.1", "21", "inf", "nan"):
         r = httpx.post(srv.url + "/v1/embed", files=files, params={"p": p})
         _invalid_parameter(r)
-    image = base64.b64encode(cifar_pngs[0]).decode()
+    image = base64.b64encode(tiny_pngs[0]).decode()
     r = httpx.post(srv.url + "/v1/embed", json={"images": [image], "p": 1e-300})
     _invalid_parameter(r)
 
 
-def test_a_full_tmpdir_does_not_fail_uploads(r20_repository, tmp_path) -> None:
+def test_a_full_tmpdir_does_not_fail_uploads(tiny_repository, tmp_path) -> None:
     # Regression: multipart parts over 1 MB were spooled to TMPDIR; with the disk full
     # that was a 400 "invalid multipart body: No space left on device", a server fault
     # blamed on the client. Parts are now slices of the body already in memory. The full
@@ -221,7 +225,7 @@ def test_a_full_tmpdir_does_not_fail_uploads(r20_repository, tmp_path) -> None:
     def small_files() -> None:
         resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
 
-    server = ProcessServer(r20_repository, log_level="error")
+    server = ProcessServer(tiny_repository, log_level="error")
     server.env["TMPDIR"] = str(tmp_path)
     server.preexec = small_files
     server.start()

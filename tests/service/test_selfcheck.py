@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from resnet_serve.contract import selfcheck
+from tests.service import tiny
 from tests.service.servers import free_port, metric_value, thread_server
 
 R20 = "resnet20_cifar10"
@@ -45,6 +46,8 @@ def test_cpu_description_names_the_isa() -> None:
 
 
 def test_export_records_a_reference_set(cifar_repository: Path) -> None:
+    # What resnet-export records, on a real export; the checks at load below use the tiny
+    # model, whose reference set is recorded the same way (tests/service/tiny.py).
     model_dir = cifar_repository / R20
     meta = json.loads((model_dir / "model.json").read_text())
     block = meta["self_check"]
@@ -86,25 +89,25 @@ def _serve(repo: Path, *args: str, timeout: float = 120) -> subprocess.Completed
 
 
 def test_a_model_outside_its_bounds_is_refused_with_one_line(
-    cifar_repository: Path, tmp_path: Path
+    tiny_repository: Path, tmp_path: Path
 ) -> None:
-    _tamper(_copy_model(cifar_repository / R20, tmp_path))
+    _tamper(_copy_model(tiny_repository / tiny.NAME, tmp_path))
     proc = _serve(tmp_path)
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in proc.stderr
     (line,) = lines
-    assert f"model {R20} (fp32) failed its self-check: top-1 agreement 0.000 < 0.938" in line
+    assert f"model {tiny.NAME} (fp32) failed its self-check: top-1 agreement 0.000 < 0.938" in line
     assert "logits RMS error" in line and "32 reference images" in line
     assert "ISA:" in line and "--self-check warn" in line
 
 
-def test_warn_serves_the_model_and_says_so(cifar_repository: Path, tmp_path: Path) -> None:
-    _tamper(_copy_model(cifar_repository / R20, tmp_path))
+def test_warn_serves_the_model_and_says_so(tiny_repository: Path, tmp_path: Path) -> None:
+    _tamper(_copy_model(tiny_repository / tiny.NAME, tmp_path))
     with thread_server(tmp_path, self_check="warn") as srv:
         metrics = httpx.get(srv.url + "/metrics").text
-        assert metric_value(metrics, "resnet_serve_model_self_check", model=R20) == 0.0
-        info = httpx.get(f"{srv.url}/v1/models/{R20}").json()
+        assert metric_value(metrics, "resnet_serve_model_self_check", model=tiny.NAME) == 0.0
+        info = httpx.get(f"{srv.url}/v1/models/{tiny.NAME}").json()
         result = info["self_check_result"]
         assert result["passed"] is False and result["top1_agreement"] == 0.0
         assert "ISA:" in result["cpu"]
@@ -112,24 +115,24 @@ def test_warn_serves_the_model_and_says_so(cifar_repository: Path, tmp_path: Pat
         assert listed["models"][0]["self_check_result"]["passed"] is False
 
 
-def test_a_passing_model_reports_its_check(cifar_repository: Path, tmp_path: Path) -> None:
-    _copy_model(cifar_repository / R20, tmp_path)
+def test_a_passing_model_reports_its_check(tiny_repository: Path, tmp_path: Path) -> None:
+    _copy_model(tiny_repository / tiny.NAME, tmp_path)
     with thread_server(tmp_path) as srv:
         metrics = httpx.get(srv.url + "/metrics").text
-        assert metric_value(metrics, "resnet_serve_model_self_check", model=R20) == 1.0
+        assert metric_value(metrics, "resnet_serve_model_self_check", model=tiny.NAME) == 1.0
         assert metric_value(metrics, "resnet_serve_time_to_ready_seconds") > 0
-        result = httpx.get(f"{srv.url}/v1/models/{R20}").json()["self_check_result"]
+        result = httpx.get(f"{srv.url}/v1/models/{tiny.NAME}").json()["self_check_result"]
         assert result["passed"] is True and result["images"] == 32
         assert result["top1_agreement"] == 1.0 and result["logits_rms_rel_err"] < 1e-5
 
 
-def test_off_and_old_exports_skip_the_check(cifar_repository: Path, tmp_path: Path) -> None:
-    model_dir = _copy_model(cifar_repository / R20, tmp_path)
+def test_off_and_old_exports_skip_the_check(tiny_repository: Path, tmp_path: Path) -> None:
+    model_dir = _copy_model(tiny_repository / tiny.NAME, tmp_path)
     _tamper(model_dir)
     with thread_server(tmp_path, self_check="off") as srv:
         metrics = httpx.get(srv.url + "/metrics").text
         assert "resnet_serve_model_self_check{" not in metrics
-        assert httpx.get(f"{srv.url}/v1/models/{R20}").json()["self_check_result"] is None
+        assert httpx.get(f"{srv.url}/v1/models/{tiny.NAME}").json()["self_check_result"] is None
     # A model exported before reference sets existed has no self_check block: served.
     meta = json.loads((model_dir / "model.json").read_text())
     del meta["self_check"]
@@ -139,10 +142,8 @@ def test_off_and_old_exports_skip_the_check(cifar_repository: Path, tmp_path: Pa
         assert httpx.get(srv.url + "/readyz").status_code == 200
 
 
-def test_an_unreadable_reference_set_is_a_load_error(
-    cifar_repository: Path, tmp_path: Path
-) -> None:
-    model_dir = _copy_model(cifar_repository / R20, tmp_path)
+def test_an_unreadable_reference_set_is_a_load_error(tiny_repository: Path, tmp_path: Path) -> None:
+    model_dir = _copy_model(tiny_repository / tiny.NAME, tmp_path)
     (model_dir / "reference.npz").write_bytes(b"not an npz")
     proc = _serve(tmp_path)
     assert proc.returncode == 2

@@ -9,6 +9,7 @@ import pytest
 from resnet_serve.service.repository import load_model_spec
 from resnet_serve.service.sessions import Device, SessionPool, providers_for
 from resnet_serve.service.settings import Settings
+from tests.service import tiny
 
 
 def test_cuda_provider_options() -> None:
@@ -23,9 +24,9 @@ def test_cuda_provider_options() -> None:
     assert providers_for(Device("cpu"), s) == ["CPUExecutionProvider"]
 
 
-def test_io_binding_gives_the_same_outputs(cifar_repository, cifar_test) -> None:
-    spec = load_model_spec(cifar_repository / "resnet20_cifar10")
-    images = np.ascontiguousarray(cifar_test["images"][:8])
+def test_io_binding_gives_the_same_outputs(tiny_repository, tiny_images) -> None:
+    spec = load_model_spec(tiny_repository / tiny.NAME)
+    images = np.ascontiguousarray(tiny_images[:8])
     plain = SessionPool.load(spec, Settings(io_binding=False)).workers[0]
     bound = SessionPool.load(spec, Settings(io_binding=True)).workers[0]
     assert bound.io_binding and not plain.io_binding
@@ -33,8 +34,8 @@ def test_io_binding_gives_the_same_outputs(cifar_repository, cifar_test) -> None
         np.testing.assert_array_equal(a, b)
 
 
-def test_threads_are_split_between_sessions(cifar_repository) -> None:
-    spec = load_model_spec(cifar_repository / "resnet20_cifar10")
+def test_threads_are_split_between_sessions(tiny_repository) -> None:
+    spec = load_model_spec(tiny_repository / tiny.NAME)
     pool = SessionPool.load(spec, Settings(sessions_per_device=2, intra_op_threads=1))
     assert len(pool.workers) == 2
     assert all(w.options.intra_op_num_threads == 1 for w in pool.workers)

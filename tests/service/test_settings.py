@@ -27,19 +27,19 @@ def test_warmup_sizes_per_device() -> None:
     assert Settings(warmup_all_buckets=False).warmup_sizes("cuda") == [1]
 
 
-def test_threads_are_divided_among_a_models_own_sessions(cifar_repository) -> None:
+def test_threads_are_divided_among_a_models_own_sessions(tiny_pair_repository) -> None:
     from resnet_serve.service.metrics import Metrics
     from resnet_serve.service.runtime import Runtime
     from resnet_serve.service.settings import cpu_count
 
     # Two models in one process: each model's session still gets every core (they run
     # when the other is idle; a share each would halve a lone busy model).
-    rt = Runtime.load(Settings(repository=cifar_repository, self_check="off"), Metrics())
+    rt = Runtime.load(Settings(repository=tiny_pair_repository, self_check="off"), Metrics())
     assert len(rt.models) == 2
     for model in rt.models.values():
         assert model.pool.workers[0].options.intra_op_num_threads == cpu_count()
     # Sessions of one model run at the same time: they share the cores.
-    s = Settings(repository=cifar_repository, sessions_per_device=2, self_check="off")
+    s = Settings(repository=tiny_pair_repository, sessions_per_device=2, self_check="off")
     rt = Runtime.load(s, Metrics())
     threads = {w.options.intra_op_num_threads for m in rt.models.values() for w in m.pool.workers}
     assert threads == {max(1, cpu_count() // 2)}

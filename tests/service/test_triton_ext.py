@@ -25,10 +25,11 @@ from resnet_serve.service.triton_ext import (
     model_statistics,
     repository_index,
 )
+from tests.service import tiny
 from tests.service.faults import fail_runs, retire_sessions
 from tests.service.servers import ProcessServer, thread_server
 
-MODEL = "resnet20_cifar10"
+MODEL = tiny.NAME
 METADATA = {
     "name": "m",
     "versions": ["1"],
@@ -116,8 +117,8 @@ def test_repository_index_is_a_triton_index() -> None:
 
 
 @pytest.fixture(scope="module")
-def srv(r20_repository: Path) -> Iterator[ProcessServer]:
-    server = ProcessServer(r20_repository, max_batch_size="8", max_batch_delay_ms="3").start()
+def srv(tiny_repository: Path) -> Iterator[ProcessServer]:
+    server = ProcessServer(tiny_repository, max_batch_size="8", max_batch_delay_ms="3").start()
     yield server
     assert server.stop() == 0
 
@@ -145,7 +146,7 @@ def test_http_config(srv: ProcessServer) -> None:
 def test_http_statistics_count_what_was_served(srv: ProcessServer) -> None:
     client = triton_http.InferenceServerClient(srv.url.removeprefix("http://"))
     before = client.get_inference_statistics(MODEL)["model_stats"][0]
-    images = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+    images = np.random.default_rng(0).integers(0, 256, (3, tiny.CROP, tiny.CROP, 3), dtype=np.uint8)
     inp = triton_http.InferInput("images", list(images.shape), "UINT8")
     inp.set_data_from_numpy(images)
     client.infer(MODEL, [inp])
@@ -178,23 +179,23 @@ def test_http_repository_index(srv: ProcessServer) -> None:
         assert r.status_code == 400 and "error" in r.json(), r.text
 
 
-def test_failed_runs_and_retired_sessions(r20_repository: Path, cifar_pngs: list[bytes]) -> None:
+def test_failed_runs_and_retired_sessions(tiny_repository: Path, tiny_pngs: list[bytes]) -> None:
     """A run that raises counts its images under ``fail`` (and nothing else); a model with
     no session left is UNAVAILABLE in the index, with the reason."""
-    with thread_server(r20_repository) as server:
+    with thread_server(tiny_repository) as server:
         model = server.runtime.models[MODEL]
         fail_runs(model, 1)
         png = {"content-type": "image/png"}
-        failed = httpx.post(f"{server.url}/v1/classify", content=cifar_pngs[0], headers=png)
+        failed = httpx.post(f"{server.url}/v1/classify", content=tiny_pngs[0], headers=png)
         assert failed.status_code == 503, failed.text
-        ok = httpx.post(f"{server.url}/v1/classify", content=cifar_pngs[0], headers=png)
+        ok = httpx.post(f"{server.url}/v1/classify", content=tiny_pngs[0], headers=png)
         assert ok.status_code == 200, ok.text
         (entry,) = httpx.get(f"{server.url}/v2/models/{MODEL}/stats").json()["model_stats"]
         stats = entry["inference_stats"]
         assert (stats["fail"]["count"], stats["success"]["count"]) == (1, 1), stats
         assert (entry["inference_count"], entry["execution_count"]) == (1, 1), entry
         retire_sessions(model)
-        httpx.post(f"{server.url}/v1/classify", content=cifar_pngs[0], headers=png)
+        httpx.post(f"{server.url}/v1/classify", content=tiny_pngs[0], headers=png)
         index = httpx.post(f"{server.url}/v2/repository/index").json()
         unavailable = {"state": "UNAVAILABLE", "reason": "no session able to run"}
         assert index == [{"name": MODEL, "version": "1", **unavailable}]

@@ -1,7 +1,8 @@
-"""Self-tuning: the search on the real model, a tuning file applied at startup (and shown
-in /v1/models/{m}), options given explicitly winning over it, and --tuning auto measuring
-in the background, caching, and using the cache at the next start. Nothing here depends
-on which configuration wins: that is the machine's business."""
+"""Self-tuning: the search (on the tiny model: its mechanics, not its numbers), a tuning
+file applied at startup (and shown in /v1/models/{m}), options given explicitly winning
+over it, and --tuning auto measuring in the background, caching, and using the cache at
+the next start. Nothing here depends on which configuration wins: that is the machine's
+business."""
 
 from __future__ import annotations
 
@@ -15,9 +16,10 @@ import pytest
 from resnet_serve.service import tuner, tuning
 from resnet_serve.service.repository import RepositoryError, load_model_spec
 from resnet_serve.service.settings import Settings
+from tests.service import tiny
 from tests.service.servers import ProcessServer, metric_value, wait_until
 
-MODEL = "resnet20_cifar10"
+MODEL = tiny.NAME
 
 
 def _choice(spec_dir: Path, **settings: int) -> tuning.Choice:
@@ -29,8 +31,8 @@ def _choice(spec_dir: Path, **settings: int) -> tuning.Choice:
     )  # fmt: skip
 
 
-def test_search_measures_and_picks_a_candidate(r20_repository: Path, tmp_path: Path) -> None:
-    spec = load_model_spec(r20_repository / MODEL)
+def test_search_measures_and_picks_a_candidate(tiny_repository: Path, tmp_path: Path) -> None:
+    spec = load_model_spec(tiny_repository / MODEL)
     images = tuner.synthetic_jpegs(4)
     lines: list[str] = []
     choice = tuner.search(spec, images, budget_s=3.0, max_batch=8, log_fn=lines.append)
@@ -61,12 +63,12 @@ def test_apply_keeps_what_was_given() -> None:
     assert tuning.apply(choice, Settings(batch_buckets=[1, 32])).max_batch_size == 32
 
 
-def test_a_tuning_file_is_applied_and_reported(r20_repository: Path, tmp_path: Path) -> None:
+def test_a_tuning_file_is_applied_and_reported(tiny_repository: Path, tmp_path: Path) -> None:
     path = tmp_path / "tuning.json"
     settings = {"max_batch_size": 4, "intra_op_threads": 1, "sessions_per_device": 2,
                 "decode_workers": 1}  # fmt: skip
-    tuning.save([_choice(r20_repository / MODEL, **settings)], path)
-    srv = ProcessServer(r20_repository, tuning=str(path)).start()
+    tuning.save([_choice(tiny_repository / MODEL, **settings)], path)
+    srv = ProcessServer(tiny_repository, tuning=str(path)).start()
     try:
         info = httpx.get(srv.url + f"/v1/models/{MODEL}").json()
         assert info["tuning"]["settings"] == settings
@@ -77,7 +79,7 @@ def test_a_tuning_file_is_applied_and_reported(r20_repository: Path, tmp_path: P
     finally:
         assert srv.stop() == 0
     # An option given explicitly wins over the file.
-    srv = ProcessServer(r20_repository, tuning=str(path), max_batch_size="8").start()
+    srv = ProcessServer(tiny_repository, tuning=str(path), max_batch_size="8").start()
     try:
         text = httpx.get(srv.url + "/metrics").text
         assert metric_value(text, "resnet_serve_max_batch_size", model=MODEL) == 8
@@ -86,12 +88,13 @@ def test_a_tuning_file_is_applied_and_reported(r20_repository: Path, tmp_path: P
         assert srv.stop() == 0
 
 
-def test_a_tuning_file_for_another_model_is_refused(
-    r20_repository: Path, cifar_repository: Path, tmp_path: Path
-) -> None:
+def test_a_tuning_file_for_another_model_is_refused(tiny_repository: Path, tmp_path: Path) -> None:
     path = tmp_path / "tuning.json"
-    tuning.save([_choice(cifar_repository / "resnet56_cifar10", max_batch_size=4)], path)
-    spec = load_model_spec(r20_repository / MODEL)
+    # Tuning is matched on model.onnx: another model's is another file.
+    mine = _choice(tiny_repository / MODEL, max_batch_size=4)
+    other = dataclasses.replace(mine, model="other", key={**mine.key, "model_sha256": "0" * 64})
+    tuning.save([other], path)
+    spec = load_model_spec(tiny_repository / MODEL)
     with pytest.raises(RepositoryError, match="no tuning for model"):
         tuning.find(spec, Settings(tuning=str(path)))
     (tmp_path / "bad.json").write_text("{")
@@ -100,9 +103,9 @@ def test_a_tuning_file_for_another_model_is_refused(
 
 
 def test_auto_measures_in_the_background_then_uses_the_cache(
-    r20_repository: Path, tmp_path: Path
+    tiny_repository: Path, tmp_path: Path
 ) -> None:
-    srv = ProcessServer(r20_repository, tuning="auto", tuning_budget_s="2", log_level="info")
+    srv = ProcessServer(tiny_repository, tuning="auto", tuning_budget_s="2", log_level="info")
     srv.env["XDG_CACHE_HOME"] = str(tmp_path)
     srv.start()  # ready without waiting for any measurement
     try:
@@ -114,7 +117,7 @@ def test_auto_measures_in_the_background_then_uses_the_cache(
         assert srv.stop() == 0
     (entry,) = cache.glob("*.json")
     (choice,) = tuning.load_file(entry)
-    srv = ProcessServer(r20_repository, tuning="auto")
+    srv = ProcessServer(tiny_repository, tuning="auto")
     srv.env["XDG_CACHE_HOME"] = str(tmp_path)
     srv.start()
     try:

@@ -24,15 +24,18 @@ from hypothesis import strategies as st
 from PIL import Image
 from tritonclient.utils import InferenceServerException
 
-from resnet_serve.contract.preprocess import preprocess_array
 from resnet_serve.contract.schema import ModelSpec, PreprocessSpec, load_model_spec
 from resnet_serve.service.errors import ServeError, answer
 from resnet_serve.service.postprocess import softmax
 from resnet_serve.service.v2_codec import parse_request
+from tests.service import tiny
 from tests.service.servers import ProcessServer, encode, metric_value, thread_server
 
-R20, R56 = "resnet20_cifar10", "resnet56_cifar10"
+# The tiny model (tests/service/tiny.py) and a second copy of it under another name.
+R20, R56 = tiny.NAME, "tiny2"
 N = 8
+C = tiny.CROP  # the input's height and width
+PIXELS = C * C * 3
 HEADER = "Inference-Header-Content-Length"
 # Triton's classification strings: "<value, six decimals>:<index>[:<label>]".
 CLASS = re.compile(r"^(-?\d+\.\d{6}):(\d+)(?::(.+))?$")
@@ -46,17 +49,29 @@ def client(server: ProcessServer) -> Iterator[triton.InferenceServerClient]:
 
 
 @pytest.fixture(scope="module")
-def images(cifar_repository: Path, cifar_test: dict[str, np.ndarray]) -> np.ndarray:
-    """The first CIFAR test images as the model takes them: uint8 [N, 32, 32, 3]."""
-    spec = load_model_spec(cifar_repository / R20)
-    return np.stack([preprocess_array(img, spec.preprocess) for img in cifar_test["images"][:N]])
+def repository(tiny_pair_repository: Path) -> Path:
+    return tiny_pair_repository
 
 
 @pytest.fixture(scope="module")
-def reference(cifar_repository: Path, images: np.ndarray) -> dict[str, np.ndarray]:
+def server(repository: Path) -> Iterator[ProcessServer]:
+    """`resnet-serve` on both models; R20 is the default (listed first)."""
+    srv = ProcessServer(repository, models=f"{R20},{R56}").start()
+    yield srv
+    assert srv.stop() == 0
+
+
+@pytest.fixture(scope="module")
+def images(tiny_images: np.ndarray) -> np.ndarray:
+    """The first images as the model takes them: uint8 [N, C, C, 3]."""
+    return tiny_images[:N]
+
+
+@pytest.fixture(scope="module")
+def reference(repository: Path, images: np.ndarray) -> dict[str, np.ndarray]:
     """logits and embedding from the exported model itself, no server involved."""
     session = ort.InferenceSession(
-        str(cifar_repository / R20 / "model.onnx"), providers=["CPUExecutionProvider"]
+        str(repository / R20 / "model.onnx"), providers=["CPUExecutionProvider"]
     )
     logits, embedding = session.run(["logits", "embedding"], {"images": images})
     return {"logits": logits, "probabilities": softmax(logits), "embedding": embedding}
@@ -99,18 +114,20 @@ def test_server_metadata_and_health(client: triton.InferenceServerClient, server
     assert {"/v2", "/v2/health/ready", "/v2/models/{model}/ready"} <= set(paths)
 
 
-def test_model_metadata_and_readiness(client: triton.InferenceServerClient, cifar_repository):
+def test_model_metadata_and_readiness(client: triton.InferenceServerClient, repository):
     for name in (R20, R56):
-        spec = load_model_spec(cifar_repository / name)
+        spec = load_model_spec(repository / name)
         expected = {
             "name": name,
             "versions": ["1"],
             "platform": "onnxruntime_onnx",
-            "inputs": [{"name": "images", "datatype": "UINT8", "shape": [-1, 32, 32, 3]}],
+            "inputs": [{"name": "images", "datatype": "UINT8", "shape": [-1, C, C, 3]}],
             "outputs": [
                 {"name": "logits", "datatype": "FP32", "shape": [-1, 10]},
                 {"name": "probabilities", "datatype": "FP32", "shape": [-1, 10]},
                 {"name": "embedding", "datatype": "FP32", "shape": [-1, spec.embedding_dim]},
+                # The tiny model's stage map, as an export with --features lists it.
+                {"name": "layer1", "datatype": "FP32", "shape": [-1, 3, C, C]},
             ],
         }
         assert client.get_model_metadata(name) == expected
@@ -150,16 +167,15 @@ def test_uint8_input_binary_and_json_give_the_models_outputs(
 def test_bytes_input_matches_v1(
     client: triton.InferenceServerClient,
     server: ProcessServer,
-    cifar_pngs: list[bytes],
-    cifar_test: dict[str, np.ndarray],
+    tiny_pngs: list[bytes],
     reference: dict[str, np.ndarray],
 ) -> None:
-    pngs = cifar_pngs[:N]
+    pngs = tiny_pngs[:N]
     files = [("file", (f"{i}.png", p, "image/png")) for i, p in enumerate(pngs)]
     v1 = httpx.post(server.url + "/v1/classify?top_k=1", files=files, timeout=30).json()
     v1_top1 = [(r["predictions"][0]["index"], r["predictions"][0]["label"]) for r in v1["results"]]
     v1_emb = httpx.post(server.url + "/v1/embed?normalize=false", files=files, timeout=30).json()
-    classes = [str(c) for c in cifar_test["classes"]]
+    classes = tiny.LABELS
     answers = []
     for binary in (True, False):
         # JSON cannot carry raw bytes: there each element is the file in base64.
@@ -188,7 +204,6 @@ def test_classification_extension(
     client: triton.InferenceServerClient,
     images: np.ndarray,
     reference: dict[str, np.ndarray],
-    cifar_test: dict[str, np.ndarray],
 ) -> None:
     outputs = [
         triton.InferRequestedOutput("probabilities", binary_data=True, class_count=10),
@@ -208,7 +223,7 @@ def test_classification_extension(
         assert sum(v for v, _, _ in row) == pytest.approx(1.0, abs=1e-4)
         for value, index, label in row:
             assert value == pytest.approx(want[index], abs=1e-6)
-            assert label == str(cifar_test["classes"][index])
+            assert label == tiny.LABELS[index]
     emb = _classes(r.as_numpy("embedding"))
     assert [len(row) for row in emb] == [2] * N
     # An embedding's dimensions have no labels: "value:index" only, as Triton writes it.
@@ -225,7 +240,7 @@ def test_binary_wire_format_by_hand(
         {
             "id": "wire",
             "inputs": [
-                {"name": "images", "datatype": "UINT8", "shape": [2, 32, 32, 3],
+                {"name": "images", "datatype": "UINT8", "shape": [2, C, C, 3],
                  "parameters": {"binary_data_size": len(data)}}
             ],
             "parameters": {"binary_data_output": True},  # every output, binary
@@ -277,7 +292,7 @@ def test_json_only_as_curl_sends_it(
     body = {
         "id": "curl-1",
         "inputs": [
-            {"name": "images", "datatype": "UINT8", "shape": [2, 32, 32, 3],
+            {"name": "images", "datatype": "UINT8", "shape": [2, C, C, 3],
              "data": images[:2].tolist()}  # nested lists; flat ones work too
         ],
         "outputs": [{"name": "probabilities"}],
@@ -316,7 +331,7 @@ def test_other_model_and_v2_metrics(
     r = client.infer(R56, [_uint8(images, True)], outputs=[triton.InferRequestedOutput("logits")])
     assert r.get_response()["model_name"] == R56 and r.as_numpy("logits").shape == (N, 10)
     with pytest.raises(InferenceServerException):
-        client.infer(R56, [_uint8(images[:, :16], True)])
+        client.infer(R56, [_uint8(images[:, : C // 2], True)])
     after = httpx.get(server.url + "/metrics").text
 
     def delta(name: str, **labels: str) -> float:
@@ -345,26 +360,27 @@ def _images_input(datatype: str, shape: list[int], data: Any) -> dict[str, Any]:
     return {"inputs": [{"name": "images", "datatype": datatype, "shape": shape, "data": data}]}
 
 
-ZEROS = [0] * 3072
+ZEROS = [0] * PIXELS
+SHAPE = f"[N, {C}, {C}, 3]"
 
 
 @pytest.mark.parametrize(
     ("body", "words"),
     [
-        (_images_input("FP32", [1, 32, 32, 3], ZEROS), ["FP32", "UINT8 [N, 32, 32, 3]"]),
-        (_images_input("UINT8", [1, 31, 32, 3], ZEROS), ["[N, 32, 32, 3]", "[1, 31, 32, 3]"]),
-        (_images_input("UINT8", [1, 32, 32, 3], ZEROS[:-1]), ["3071 values", "3072"]),
-        (_images_input("UINT8", [1, 32, 32, 3], [256] * 3072), ["0 to 255"]),
-        (_images_input("UINT8", [1, 32, 32, 3], [0.5] * 3072), ["0 to 255"]),
-        (_images_input("UINT8", [0, 32, 32, 3], []), ["no images"]),
+        (_images_input("FP32", [1, C, C, 3], ZEROS), ["FP32", f"UINT8 {SHAPE}"]),
+        (_images_input("UINT8", [1, C - 1, C, 3], ZEROS), [SHAPE, f"[1, {C - 1}, {C}, 3]"]),
+        (_images_input("UINT8", [1, C, C, 3], ZEROS[:-1]), [f"{PIXELS - 1} values", f"{PIXELS}"]),
+        (_images_input("UINT8", [1, C, C, 3], [256] * PIXELS), ["0 to 255"]),
+        (_images_input("UINT8", [1, C, C, 3], [0.5] * PIXELS), ["0 to 255"]),
+        (_images_input("UINT8", [0, C, C, 3], []), ["no images"]),
         (_images_input("BYTES", [1, 2], ["x", "y"]), ["BYTES shape must be [N] or [N, 1]"]),
         (_images_input("BYTES", [2], ["%%%"]), ["image 0", "base64"]),
         (_images_input("BYTES", [1], ["aGVsbG8="]), ["image 0", "not a recognised image"]),
         ({"inputs": [{"name": "pixels", "datatype": "UINT8", "shape": [1]}]}, ["'pixels'"]),
         ({"inputs": []}, ["inputs"]),
-        ({**_images_input("UINT8", [1, 32, 32, 3], ZEROS), "outputs": [{"name": "scores"}]},
+        ({**_images_input("UINT8", [1, C, C, 3], ZEROS), "outputs": [{"name": "scores"}]},
          ["'scores'", "logits, probabilities, embedding"]),
-        ({**_images_input("UINT8", [1, 32, 32, 3], ZEROS),
+        ({**_images_input("UINT8", [1, C, C, 3], ZEROS),
           "outputs": [{"name": "logits", "parameters": {"classification": -1}}]},
          ["classification"]),
     ],
@@ -373,10 +389,10 @@ def test_400_bad_requests(server: ProcessServer, body: dict[str, Any], words: li
     _error(httpx.post(server.url + f"/v2/models/{R20}/infer", json=body), 400, *words)
 
 
-def test_400_binary_framing_and_headers(server: ProcessServer, cifar_pngs: list[bytes]) -> None:
+def test_400_binary_framing_and_headers(server: ProcessServer, tiny_pngs: list[bytes]) -> None:
     url = server.url + f"/v2/models/{R20}/infer"
     _error(httpx.post(url, content=b"{not json"), 400, "invalid JSON")
-    items = [cifar_pngs[0], b"definitely not an image"]
+    items = [tiny_pngs[0], b"definitely not an image"]
     data = b"".join(struct.pack("<I", len(i)) + i for i in items)
     inp = {"name": "images", "datatype": "BYTES", "shape": [2]}
 
@@ -403,7 +419,7 @@ def test_400_binary_framing_and_headers(server: ProcessServer, cifar_pngs: list[
         _error(post(len(data), data, length=lenient), 400, HEADER)
     no_header = orjson.dumps({"inputs": [{**inp, "parameters": {"binary_data_size": 3}}]})
     _error(httpx.post(url, content=no_header), 400, HEADER)
-    header = orjson.dumps(_images_input("UINT8", [1, 32, 32, 3], ZEROS))
+    header = orjson.dumps(_images_input("UINT8", [1, C, C, 3], ZEROS))
     # /v1 answers an invalid timeout header with 422; the protocol's form is a 400.
     _error(post(len(data), data, **{"X-Request-Timeout-Ms": "soon"}), 400, "X-Request-Timeout-Ms")
     r = httpx.post(url, content=header, headers={"X-Request-Timeout-Ms": "0.001"})
@@ -421,7 +437,7 @@ def test_400_binary_framing_and_headers(server: ProcessServer, cifar_pngs: list[
     Image.new("RGB", (32, 32)).save(buf, "ICO")
     body = _images_input("BYTES", [1], [base64.b64encode(buf.getvalue()).decode()])
     _error(httpx.post(url, json=body), 415, "ICO")
-    _error(httpx.post(url, json=_images_input("UINT8", [65, 32, 32, 3], [])), 413, "limit is 64")
+    _error(httpx.post(url, json=_images_input("UINT8", [65, C, C, 3], [])), 413, "limit is 64")
 
 
 def test_404_unknown_model_or_version(
@@ -439,16 +455,17 @@ def test_404_unknown_model_or_version(
     _error(httpx.get(server.url + "/v2/models/nope/ready"), 404, "nope", R20)
     _error(httpx.get(server.url + f"/v2/models/{R20}/versions/7"), 404, "version 7")
     # A wrong datatype through the client: the message comes back intact.
-    inp = triton.InferInput("images", [1, 32, 32, 3], "FP32")
-    inp.set_data_from_numpy(np.zeros((1, 32, 32, 3), np.float32))
+    inp = triton.InferInput("images", [1, C, C, 3], "FP32")
+    inp.set_data_from_numpy(np.zeros((1, C, C, 3), np.float32))
     with pytest.raises(InferenceServerException) as info:
         client.infer(R20, [inp])
     assert info.value.status() == "400" and "FP32" in info.value.message()
 
 
-def test_limits_and_keys(r20_repository: Path, images: np.ndarray) -> None:
+def test_limits_and_keys(repository: Path, images: np.ndarray) -> None:
     with thread_server(
-        r20_repository, api_keys=["v2-key"], max_images_per_request=3, max_body_bytes=20000,
+        # A body limit that three of the model's images pass in binary, not in JSON.
+        repository, api_keys=["v2-key"], max_images_per_request=3, max_body_bytes=1500,
         max_image_pixels=4096,
     ) as srv:  # fmt: skip
         c = triton.InferenceServerClient(srv.url.removeprefix("http://"))
@@ -470,11 +487,11 @@ def test_limits_and_keys(r20_repository: Path, images: np.ndarray) -> None:
                 c.infer(R20, [_uint8(images[:4], True)], headers=auth())
             assert info.value.status() == "413" and "limit is 3" in info.value.message()
             url = srv.url + f"/v2/models/{R20}/infer"
-            body = _images_input("UINT8", [3, 32, 32, 3], images[:3].ravel().tolist())
-            _error(httpx.post(url, json=body, headers=auth()), 413, "20000 bytes")
+            body = _images_input("UINT8", [3, C, C, 3], images[:3].ravel().tolist())
+            _error(httpx.post(url, json=body, headers=auth()), 413, "1500 bytes")
             # Compressed, the body passes the limit only once inflated: still a 413.
             with pytest.raises(InferenceServerException) as info:
-                c.infer(R20, [_uint8(np.full((3, 32, 32, 3), 100, np.uint8), False)],
+                c.infer(R20, [_uint8(np.full((3, C, C, 3), 100, np.uint8), False)],
                         headers=auth(), request_compression_algorithm="gzip")  # fmt: skip
             assert info.value.status() == "413" and "decompressed" in info.value.message()
             big = encode(np.zeros((100, 100, 3), np.uint8), "PNG")

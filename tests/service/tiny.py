@@ -12,6 +12,7 @@ it. The graph is plain arithmetic, so each answer is known in numpy (``expected`
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -117,6 +118,7 @@ def export(repository: Path, name: str = NAME, resize: int = CROP) -> Path:
         precision="fp32",
         weights={"source": "onnx.helper", "sha256": None},
         self_check=check,
+        onnx_sha256=hashlib.sha256((directory / schema.MODEL_FILE).read_bytes()).hexdigest(),
     )
     import json
 
