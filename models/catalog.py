@@ -182,7 +182,7 @@ VARIANTS: dict[str, Variant] = {
     **{
         name: _imagenet(
             name,
-            f"models.resnet:{name}",
+            _PKG + f"resnet:{name}",
             family,
             pre,
             WeightsSpec(_TV + fname, _sha_prefix(fname), top1),

@@ -101,3 +101,22 @@ def test_test_size_of_a_variant_without_one_is_a_usage_error(tmp_path, capsys) -
 
     assert main(["resnet20_cifar10", "--test-size", "--repository", str(tmp_path)]) == 2
     assert "no separate test input size" in capsys.readouterr().err
+
+
+def test_every_builder_resolves_outside_the_source_tree(tmp_path) -> None:
+    """From a directory where the checkout's folders are not importable (as for an
+    installed `resnet-export`), each variant's builder names a module of the package."""
+    import subprocess
+    import sys
+
+    code = (
+        "from resnet_serve.models.catalog import VARIANTS\n"
+        "bad = [n for n, v in VARIANTS.items() if not callable(v.build_fn())]\n"
+        "assert not bad, bad\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-I", "-c", code], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    for v in VARIANTS.values():
+        assert v.builder.startswith("resnet_serve.models."), (v.name, v.builder)
