@@ -29,6 +29,13 @@ def cpu_count() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+# Measured (docs/benchmarks.md, "Cold start"): with onnxruntime's threads sleeping between
+# ops, a ResNet-50 run after 200 ms of quiet took 36.7 ms against 20.5 ms back to back
+# (the second thread was not back in time to help); spinning: 19.7 ms. The tuner measures
+# with the same choice.
+CPU_SPINNING = True
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="RESNET_SERVE_", extra="ignore")
 
@@ -67,7 +74,9 @@ class Settings(BaseSettings):
         0, ge=0, description="threads per CPU session (0: cores / sessions, no oversubscription)"
     )
     cpu_spinning: bool = Field(
-        False, description="let onnxruntime's idle threads spin (burns cores decoding needs)"
+        CPU_SPINNING,
+        description="onnxruntime's threads spin between ops instead of sleeping (off: after "
+        "a quiet spell a ResNet-50 run took 1.8x as long on 2 KVM vCPUs, docs/benchmarks.md)",
     )
     io_binding: bool | None = Field(None, description="onnxruntime IOBinding: one copy in, one out")
     cuda_conv_algo_search: Literal["EXHAUSTIVE", "HEURISTIC", "DEFAULT"] = Field(

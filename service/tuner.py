@@ -19,7 +19,7 @@ import numpy as np
 
 from resnet_serve.contract.preprocess import DecodeOptions, preprocess
 from resnet_serve.service.repository import ModelSpec
-from resnet_serve.service.settings import Settings, cpu_count
+from resnet_serve.service.settings import CPU_SPINNING, Settings, cpu_count
 from resnet_serve.service.tuning import Choice, cache_path, machine_key, save
 
 log = logging.getLogger(__name__)
@@ -70,7 +70,7 @@ def _session(spec: ModelSpec, threads: int) -> Any:
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.add_session_config_entry("session.intra_op.allow_spinning", str(int(CPU_SPINNING)))
     return ort.InferenceSession(str(spec.onnx_path), opts, providers=["CPUExecutionProvider"])
 
 

@@ -42,6 +42,16 @@ def test_threads_are_split_between_sessions(tiny_repository) -> None:
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize(("args", "spin"), [({}, "1"), ({"cpu_spinning": False}, "0")])
+def test_threads_spin_unless_told_not_to(tiny_repository, args, spin) -> None:
+    # On by default: sleeping threads made a run after a quiet spell up to 1.8x slower
+    # (tools/cold_start.py); the option turns it off for machines shared with other work.
+    spec = load_model_spec(tiny_repository / tiny.NAME)
+    (worker,) = SessionPool.load(spec, Settings(**args)).workers
+    for key in ("session.intra_op.allow_spinning", "session.inter_op.allow_spinning"):
+        assert worker.options.get_session_config_entry(key) == spin
+
+
 def test_cuda_matches_cpu(cifar_repository, cifar_test) -> None:
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         pytest.skip("no CUDAExecutionProvider here")
