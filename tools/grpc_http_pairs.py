@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> None:
                                     "-m", args.model, "-u", f"127.0.0.1:{targets[protocol]}",
                                     "-i", protocol, "-b", str(batch),
                                     "--concurrency-range", f"{conc}:{conc}:1",
-                                    "-p", str(args.window_ms), "-s", "10", "-r", "6",
+                                    "-p", str(args.window_ms), "-s", "10", "-r", "10",
                                     "-f", str(out),
                                 ]  # fmt: skip
                                 # perf_analyzer gives up when its last windows do not
@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> None:
                                     after = snapshot(proc.pid, url, args.model)
                                     if run.returncode == 0:
                                         break
-                                    print(run.stdout[-500:], file=sys.stderr, flush=True)
+                                    print(run.stderr[-500:], file=sys.stderr, flush=True)
                                 else:
                                     raise SystemExit(f"perf_analyzer failed:\n{run.stdout}")
                                 (row,) = report_rows(out.read_text())
@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"- machine: {_cpu()}; load average {load_before[0]:.2f} before, "
           f"{load_after[0]:.2f} after")  # fmt: skip
     print(f"- resnet-serve: `resnet-serve {' '.join(server[3:])}`; perf_analyzer "
-          f"`-b B --concurrency-range C:C:1 -p {args.window_ms} -s 10 -r 6`\n")  # fmt: skip
+          f"`-b B --concurrency-range C:C:1 -p {args.window_ms} -s 10 -r 10`\n")  # fmt: skip
     print(
         "| images per request | clients | HTTP img/s (rounds) | gRPC img/s (rounds) "
         "| gRPC/HTTP img/s | server CPU us/image HTTP; gRPC | gRPC/HTTP | event loop "
