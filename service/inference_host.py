@@ -16,6 +16,7 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 from collections import deque
@@ -62,8 +63,18 @@ class ModelQueue:
         self._jobs: deque[Job] = deque()
         self._closed = False
 
+    @property
+    def waiting(self) -> int:
+        """Jobs queued, not yet taken by a session."""
+        with self._cond:
+            return len(self._jobs)
+
     def put(self, job: Job) -> None:
         with self._cond:
+            if self._closed:  # no session thread left to take it
+                job.error = "the inference process is stopping"
+                job.done.set()
+                return
             self._jobs.append(job)
             self._cond.notify()
 
@@ -131,6 +142,8 @@ class InferenceHost:
         self.queues = queues
         self._listener: Listener | None = None
         self._stopping = threading.Event()
+        self._conns: set[Connection] = set()
+        self._served = threading.Event()  # serve() has returned
         for queue in queues.values():
             for w in queue.pool.workers:
                 assert isinstance(w, Worker)
@@ -177,6 +190,7 @@ class InferenceHost:
 
     def _handle(self, conn: Connection) -> None:
         """One connection's requests, one at a time, until the worker closes it."""
+        self._conns.add(conn)
         with conn:
             while True:
                 try:
@@ -197,6 +211,13 @@ class InferenceHost:
         """Accept the workers' connections on ``path`` until ``stop()`` (blocking)."""
         self._listener = Listener(path, family="AF_UNIX", backlog=256)
         log.info("inference process: %s served on %s", ", ".join(self.queues), path)
+        try:
+            self._accept()
+        finally:
+            self._served.set()
+
+    def _accept(self) -> None:
+        assert self._listener is not None
         while not self._stopping.is_set():
             try:
                 conn = self._listener.accept()
@@ -209,12 +230,19 @@ class InferenceHost:
                 break
             threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
         self._listener.close()
+        # The workers see what they would if this process ended: their connections close.
+        for conn in list(self._conns):
+            with contextlib.suppress(OSError), socket.socket(fileno=os.dup(conn.fileno())) as s:
+                s.shutdown(socket.SHUT_RDWR)  # wakes a handler blocked reading it, unlike close
 
     def stop(self, path: str) -> None:
         """End ``serve`` (a connection wakes its blocked accept) and the session threads."""
         self._stopping.set()
         with contextlib.suppress(OSError):
             Client(path, family="AF_UNIX").close()
+        if self._listener is not None:
+            # Until the socket is gone, a connection would still succeed (into the backlog).
+            self._served.wait(10)
         for queue in self.queues.values():
             queue.close()
             queue.pool.close()
