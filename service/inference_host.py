@@ -267,7 +267,12 @@ def main(argv: list[str] | None = None) -> int:
     if path is None:
         print("resnet-serve: the inference process needs its socket path", file=sys.stderr)
         return 2
-    InferenceHost.load(settings).serve(path)
+    try:
+        host = InferenceHost.load(settings)
+    except Exception as exc:  # as the workers would say it, who find the same repository
+        print(f"resnet-serve: inference process: cannot load models: {exc}", file=sys.stderr)
+        return 2
+    host.serve(path)
     return 0
 
 

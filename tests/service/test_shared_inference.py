@@ -191,7 +191,10 @@ def test_workers_share_one_inference_process(tiny_repository: Path, tiny_pngs: l
 def test_the_inference_process_dying_ends_the_service(tiny_repository: Path) -> None:
     srv = ProcessServer(tiny_repository, workers="2", shared_inference="true").start()
     children = _children(srv.proc.pid)  # type: ignore[union-attr]
-    (host,) = [pid for pid in children if _is_host(pid)]
-    os.kill(host, signal.SIGKILL)
-    assert srv.proc.wait(timeout=60) != 0  # type: ignore[union-attr]
+    try:
+        (host,) = [pid for pid in children if _is_host(pid)]
+        os.kill(host, signal.SIGKILL)
+        assert srv.proc.wait(timeout=60) != 0  # type: ignore[union-attr]
+    finally:
+        srv.stop(signal.SIGKILL)  # a supervisor that did not notice: its workers follow it
     wait_until(lambda: not any(_alive(pid) for pid in children), timeout=60)
