@@ -142,7 +142,8 @@ class InferenceHost:
         self.queues = queues
         self._listener: Listener | None = None
         self._stopping = threading.Event()
-        self._conns: set[Connection] = set()
+        self._conns: set[Connection] = set()  # open ones, closed under the lock
+        self._conns_lock = threading.Lock()
         self._served = threading.Event()  # serve() has returned
         for queue in queues.values():
             for w in queue.pool.workers:
@@ -172,7 +173,9 @@ class InferenceHost:
             }
         return out
 
-    def _answer(self, header: dict[str, Any], arrays: list[np.ndarray]) -> tuple[dict, list]:  # type: ignore[type-arg]
+    def _answer(
+        self, header: dict[str, Any], arrays: list[np.ndarray]
+    ) -> tuple[dict[str, Any], list[np.ndarray]]:
         op = header.get("op")
         if op == "models":
             return {"models": self.describe()}, []
@@ -190,8 +193,7 @@ class InferenceHost:
 
     def _handle(self, conn: Connection) -> None:
         """One connection's requests, one at a time, until the worker closes it."""
-        self._conns.add(conn)
-        with conn:
+        try:
             while True:
                 try:
                     header, arrays = recv_message(conn)
@@ -206,6 +208,10 @@ class InferenceHost:
                     send_message(conn, answer, outputs)
                 except OSError:
                     return
+        finally:
+            with self._conns_lock:
+                self._conns.discard(conn)
+                conn.close()
 
     def serve(self, path: str) -> None:
         """Accept the workers' connections on ``path`` until ``stop()`` (blocking)."""
@@ -228,12 +234,15 @@ class InferenceHost:
             if self._stopping.is_set():
                 conn.close()
                 break
+            with self._conns_lock:
+                self._conns.add(conn)
             threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
         self._listener.close()
         # The workers see what they would if this process ended: their connections close.
-        for conn in list(self._conns):
-            with contextlib.suppress(OSError), socket.socket(fileno=os.dup(conn.fileno())) as s:
-                s.shutdown(socket.SHUT_RDWR)  # wakes a handler blocked reading it, unlike close
+        with self._conns_lock:
+            for conn in self._conns:
+                with contextlib.suppress(OSError), socket.socket(fileno=os.dup(conn.fileno())) as s:
+                    s.shutdown(socket.SHUT_RDWR)  # wakes its handler's read; a close would not
 
     def stop(self, path: str) -> None:
         """End ``serve`` (a connection wakes its blocked accept) and the session threads."""

@@ -109,10 +109,11 @@ def split_threads(settings: Settings) -> dict[str, str]:
     """The environment that splits the cores among the workers: threads the user did not
     set become cores / workers (at least one), for onnxruntime (per session) and decoding.
     Given explicitly to the workers, a tuned choice does not override them (only its batch
-    size applies)."""
+    size applies). Under ``--shared-inference`` the workers create no sessions (the
+    inference process's threads are its own), so their share of the cores is all decoding."""
     per_worker = max(1, cpu_count() // settings.workers)
     env = {}
-    if settings.intra_op_threads == 0:
+    if settings.intra_op_threads == 0 and not settings.shared_inference:
         env["RESNET_SERVE_INTRA_OP_THREADS"] = str(
             max(1, per_worker // settings.sessions_per_device)
         )

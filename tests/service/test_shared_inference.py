@@ -131,6 +131,14 @@ def test_errors_reach_the_caller(host: tuple[InferenceHost, str], tiny_images: n
         runner.recreate()
 
 
+def test_workers_decode_with_their_share_of_the_cores() -> None:
+    from resnet_serve.service.workers import split_threads
+
+    env = split_threads(Settings(workers=2, shared_inference=True))
+    assert "RESNET_SERVE_INTRA_OP_THREADS" not in env  # the inference process's own choice
+    assert env["RESNET_SERVE_DECODE_WORKERS"] == str(max(1, cpu_count() // 2))
+
+
 def _children(pid: int) -> list[int]:
     with open(f"/proc/{pid}/task/{pid}/children", encoding="ascii") as f:
         return [int(p) for p in f.read().split()]
