@@ -16,7 +16,7 @@ from typing import Any
 
 from resnet_serve.contract.preprocess import DecodeOptions, warm_decoder
 from resnet_serve.contract.selfcheck import SelfCheck
-from resnet_serve.service import tuner, tuning, workers
+from resnet_serve.service import remote, tuner, tuning, workers
 from resnet_serve.service.batcher import Batcher
 from resnet_serve.service.engine import Engine
 from resnet_serve.service.loadcheck import self_check
@@ -98,7 +98,12 @@ class ServedModel:
         check = self.self_check.to_json() if self.self_check is not None else None
         choice = self.tuning_choice
         tuned = choice.report() if choice is not None else None
-        return {"ready": self.serving, "self_check_result": check, "tuning": tuned}
+        # Where the sessions run: here, or the inference process of --shared-inference.
+        shared = any(isinstance(w, remote.RemoteRunner) for w in self.pool.workers)
+        return {
+            "ready": self.serving, "self_check_result": check, "tuning": tuned,
+            "inference": "shared process" if shared else "in process",
+        }  # fmt: skip
 
 
 @dataclass(eq=False)
@@ -147,7 +152,10 @@ class Runtime:
                 untuned.append(spec)
             if len(specs) == 1:
                 settings = tuned  # one model: its decode threads are the process's
-            model = ServedModel(spec, SessionPool.load(spec, tuned), tuning_choice=choice)
+            path = remote.socket_path()
+            # --shared-inference: the sessions are the inference process's (service/remote.py).
+            pool = remote.load_pool(spec, tuned, path) if path else SessionPool.load(spec, tuned)
+            model = ServedModel(spec, pool, tuning_choice=choice)
             model.self_check = self_check(model.spec, model.pool, tuned, metrics)
             models[spec.name] = model
             log.info("%s: loaded in %.2fs", spec.name, time.perf_counter() - t)
@@ -204,7 +212,11 @@ class Runtime:
             self._export(m, m.batcher)
         self.metrics.latency_slo.set(s.latency_slo_ms / 1000.0)
         first = next(iter(self.models.values())).pool.workers[0]
-        self.metrics.set_build_info(first.session.get_providers()[0])
+        if isinstance(first, remote.RemoteRunner):
+            provider = first.provider
+        else:
+            provider = first.session.get_providers()[0]  # type: ignore[attr-defined]
+        self.metrics.set_build_info(provider)
         # Warm up in the background: /healthz and /readyz answer meanwhile.
         self._warmup = asyncio.create_task(self._warm_all(), name="warmup")
 

@@ -68,6 +68,11 @@ class Settings(BaseSettings):
         "sessions, batcher and event loop, the cores split between them: for small models, "
         "where one event loop is the limit",
     )
+    shared_inference: bool = Field(
+        False,
+        description="with --workers N: one more process holds the sessions (all cores) and "
+        "runs the workers' batches, batched together; the workers serve HTTP and decode",
+    )
     device: str = Field("cpu", description="cpu, cuda or cuda:0,1 (no CUDA provider: cpu, logged)")
     sessions_per_device: int = Field(1, ge=1, description="onnxruntime sessions per model/device")
     intra_op_threads: int = Field(

@@ -18,6 +18,15 @@ Signals: SIGTERM or SIGINT to the supervisor is passed on to every worker, which
 one process does (readiness 503, in-flight requests answered); the supervisor exits 0 once
 all of them did. A worker that exits on its own ends the others and the supervisor with its
 exit code: the orchestrator restarts the whole, as it would restart one process.
+
+``--shared-inference``: the supervisor also starts one inference process
+(service/inference_host.py) with the onnxruntime sessions, created as a single process
+creates them (all the cores), listening on a Unix socket in a directory of its own. The
+workers parse, decode and batch as above, but their sessions are remote runners
+(service/remote.py) sending each batch there, where batches from different workers that
+wait at the same time run as one. Workers are ready once their self-check and warmup went
+through it; on SIGTERM they drain first, then it stops. If it dies, runs fail (503) and the
+supervisor ends the workers and exits non-zero, as for a worker.
 """
 
 from __future__ import annotations
@@ -46,6 +55,8 @@ MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 # ready (``/readyz``) when all are, whichever of them a probe's connection reaches.
 READY_DIR_ENV = "_RESNET_SERVE_READY_DIR"
 COUNT_ENV = "_RESNET_SERVE_WORKERS"
+# The inference process's Unix socket, set for every process under --shared-inference.
+INFERENCE_SOCKET_ENV = "_RESNET_SERVE_INFERENCE_SOCKET"
 _all_ready = False
 
 
@@ -98,10 +109,11 @@ def split_threads(settings: Settings) -> dict[str, str]:
     """The environment that splits the cores among the workers: threads the user did not
     set become cores / workers (at least one), for onnxruntime (per session) and decoding.
     Given explicitly to the workers, a tuned choice does not override them (only its batch
-    size applies)."""
+    size applies). Under ``--shared-inference`` the workers create no sessions (the
+    inference process's threads are its own), so their share of the cores is all decoding."""
     per_worker = max(1, cpu_count() // settings.workers)
     env = {}
-    if settings.intra_op_threads == 0:
+    if settings.intra_op_threads == 0 and not settings.shared_inference:
         env["RESNET_SERVE_INTRA_OP_THREADS"] = str(
             max(1, per_worker // settings.sessions_per_device)
         )
@@ -126,6 +138,8 @@ class Supervisor:
         self.settings = settings
         self.argv = argv
         self.procs: list[subprocess.Popen[bytes]] = []
+        self.host: subprocess.Popen[bytes] | None = None  # --shared-inference
+        self._host_dir: str | None = None
         self.stopping = False
         self._own_dir: str | None = None
         self._ready_dir = tempfile.mkdtemp(prefix="resnet-serve-ready-")
@@ -161,6 +175,8 @@ class Supervisor:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._forward)
         try:
+            if self.settings.shared_inference:
+                env[INFERENCE_SOCKET_ENV] = self._start_host()
             for i in range(self.settings.workers):
                 # A session of their own: a terminal's Ctrl-C reaches the supervisor alone,
                 # which passes it on once (twice would be "quit now, skip the drain").
@@ -181,6 +197,8 @@ class Supervisor:
                 p.wait()
                 # Its live gauges (in flight, queued, ready) go; counters stay in the sums.
                 mark_process_dead(p.pid, metrics_dir)
+            # Last: the workers' drain still ran batches through it.
+            self._stop_host()
             sock.close()
             shutil.rmtree(self._ready_dir, ignore_errors=True)
             if self._own_dir is not None:
@@ -192,12 +210,41 @@ class Supervisor:
             if all(c is not None for c in codes):
                 return next((c for c in codes if c), 0)
             failed = next((c for c in codes if c is not None and c != 0), None)
+            if not self.stopping and self.host is not None and self.host.poll() is not None:
+                failed = self.host.returncode or 1
+                codes.append(failed)
+                log.error("the inference process exited (code %s)", self.host.returncode)
             if not self.stopping and any(c is not None for c in codes):
-                # A worker ended without being asked to: the service is not whole any more.
-                log.error("a worker exited (code %s): stopping the others", failed)
+                # A process ended without being asked to: the service is not whole any more.
+                log.error("a process exited (code %s): stopping the others", failed)
                 self.stopping = True
                 self._forward(signal.SIGTERM, None)
                 for p in self.procs:
                     p.wait()
                 return failed if failed is not None else 1
             time.sleep(0.1)
+
+    def _start_host(self) -> str:
+        """Start the inference process; the path of its socket."""
+        self._host_dir = tempfile.mkdtemp(prefix="resnet-serve-inference-")
+        path = str(Path(self._host_dir) / "inference.sock")
+        # Not the workers' split: its sessions get the cores one process would give them.
+        env = {**os.environ, INFERENCE_SOCKET_ENV: path}
+        argv = [sys.executable, "-m", "resnet_serve.service.inference_host", *self.argv]
+        self.host = subprocess.Popen(
+            argv, env=env, start_new_session=True, preexec_fn=_die_with_parent
+        )
+        log.info("inference process started (pid %d), socket %s", self.host.pid, path)
+        return path
+
+    def _stop_host(self) -> None:
+        if self.host is not None:
+            if self.host.poll() is None:
+                self.host.send_signal(signal.SIGTERM)
+            try:
+                self.host.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.host.kill()
+                self.host.wait()
+        if self._host_dir is not None:
+            shutil.rmtree(self._host_dir, ignore_errors=True)
