@@ -302,3 +302,18 @@ def busy_server(
     finally:
         gate.set()
         srv.stop()
+
+
+def children(pid: int) -> list[int]:
+    """The child processes of ``pid`` (Linux: /proc)."""
+    with open(f"/proc/{pid}/task/{pid}/children", encoding="ascii") as f:
+        return [int(p) for p in f.read().split()]
+
+
+def alive(pid: int) -> bool:
+    """``pid`` exists and is not a zombie (Linux: /proc)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False

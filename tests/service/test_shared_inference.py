@@ -24,7 +24,14 @@ from resnet_serve.service.repository import discover
 from resnet_serve.service.sessions import DEFAULT_OUTPUTS, Device, SessionPool
 from resnet_serve.service.settings import Settings, cpu_count
 from tests.service import tiny
-from tests.service.servers import ProcessServer, classify_each, thread_server, wait_until
+from tests.service.servers import (
+    ProcessServer,
+    alive,
+    children,
+    classify_each,
+    thread_server,
+    wait_until,
+)
 
 MODEL = tiny.NAME
 ALL_OUTPUTS = ("logits", "embedding", "layer1")
@@ -139,19 +146,6 @@ def test_workers_decode_with_their_share_of_the_cores() -> None:
     assert env["RESNET_SERVE_DECODE_WORKERS"] == str(max(1, cpu_count() // 2))
 
 
-def _children(pid: int) -> list[int]:
-    with open(f"/proc/{pid}/task/{pid}/children", encoding="ascii") as f:
-        return [int(p) for p in f.read().split()]
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
 def _is_host(pid: int) -> bool:
     return b"inference_host" in Path(f"/proc/{pid}/cmdline").read_bytes()
 
@@ -167,8 +161,8 @@ def test_workers_share_one_inference_process(tiny_repository: Path, tiny_pngs: l
     srv = ProcessServer(tiny_repository, workers="2", shared_inference="true", log_level="info")
     srv.start()
     try:
-        children = _children(srv.proc.pid)  # type: ignore[union-attr]
-        assert len(children) == 3 and sum(map(_is_host, children)) == 1
+        kids = children(srv.proc.pid)  # type: ignore[union-attr]
+        assert len(kids) == 3 and sum(map(_is_host, kids)) == 1
 
         def top1(blob: bytes) -> str:
             # A client of its own each: a new connection, which the kernel gives a worker.
@@ -184,7 +178,7 @@ def test_workers_share_one_inference_process(tiny_repository: Path, tiny_pngs: l
     finally:
         code = srv.stop()
     assert code == 0, srv.output()
-    assert not any(_alive(pid) for pid in children)
+    assert not any(alive(pid) for pid in kids)
     docs = _logs(srv)
     # Sessions were created once, in the process without a worker index, with every core.
     created = [d for d in docs if "intra-op thread(s) each" in d["message"]]
@@ -198,11 +192,11 @@ def test_workers_share_one_inference_process(tiny_repository: Path, tiny_pngs: l
 
 def test_the_inference_process_dying_ends_the_service(tiny_repository: Path) -> None:
     srv = ProcessServer(tiny_repository, workers="2", shared_inference="true").start()
-    children = _children(srv.proc.pid)  # type: ignore[union-attr]
+    kids = children(srv.proc.pid)  # type: ignore[union-attr]
     try:
-        (host,) = [pid for pid in children if _is_host(pid)]
+        (host,) = [pid for pid in kids if _is_host(pid)]
         os.kill(host, signal.SIGKILL)
         assert srv.proc.wait(timeout=60) != 0  # type: ignore[union-attr]
     finally:
         srv.stop(signal.SIGKILL)  # a supervisor that did not notice: its workers follow it
-    wait_until(lambda: not any(_alive(pid) for pid in children), timeout=60)
+    wait_until(lambda: not any(alive(pid) for pid in kids), timeout=60)

@@ -19,23 +19,18 @@ import pytest
 from prometheus_client.mmap_dict import MmapedDict
 
 from tests.service import tiny
-from tests.service.servers import ProcessServer, free_port, metric_value, png, wait_until
+from tests.service.servers import (
+    ProcessServer,
+    alive,
+    children,
+    free_port,
+    metric_value,
+    png,
+    wait_until,
+)
 
 MODEL = tiny.NAME
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="SO_REUSEPORT and /proc")
-
-
-def _children(pid: int) -> list[int]:
-    with open(f"/proc/{pid}/task/{pid}/children", encoding="ascii") as f:
-        return [int(p) for p in f.read().split()]
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 def _answered_per_process(metrics_dir: Path) -> Counter[int]:
@@ -62,7 +57,7 @@ def test_requests_spread_over_workers_and_metrics_add_up(
     srv.env["PROMETHEUS_MULTIPROC_DIR"] = str(tmp_path)
     srv.start()
     try:
-        workers = _children(srv.proc.pid)  # type: ignore[union-attr]
+        workers = children(srv.proc.pid)  # type: ignore[union-attr]
         assert len(workers) == 2
         n = 40
         for _ in range(n):  # a new connection each: the kernel picks a worker for each
@@ -93,7 +88,7 @@ def test_requests_spread_over_workers_and_metrics_add_up(
     finally:
         assert srv.stop() == 0
     for pid in workers:
-        assert not _alive(pid)
+        assert not alive(pid)
     # The supervisor's own directory is the operator's here: kept, but no worker is live.
     assert not list(tmp_path.glob("gauge_live*"))
 
@@ -101,7 +96,7 @@ def test_requests_spread_over_workers_and_metrics_add_up(
 def test_sigterm_drains_every_worker(tiny_repository: Path, tiny_images: np.ndarray) -> None:
     image = png(tiny_images[1])
     srv = ProcessServer(tiny_repository, holdable=True, workers="2", log_level="info").start()
-    workers = _children(srv.proc.pid)  # type: ignore[union-attr]
+    workers = children(srv.proc.pid)  # type: ignore[union-attr]
     answers: list[int] = []
     n = 8
 
@@ -133,7 +128,7 @@ def test_sigterm_drains_every_worker(tiny_repository: Path, tiny_images: np.ndar
             t.join(120)
     assert answers == [200] * n
     assert srv.stop() == 0
-    assert not any(_alive(pid) for pid in workers)
+    assert not any(alive(pid) for pid in workers)
     drained = [
         doc for line in srv.output().splitlines() if line.startswith("{")
         for doc in [json.loads(line)] if doc["message"] == "drained"
@@ -147,10 +142,10 @@ def test_sigterm_drains_every_worker(tiny_repository: Path, tiny_images: np.ndar
 
 def test_a_worker_that_dies_ends_the_service(tiny_repository: Path) -> None:
     srv = ProcessServer(tiny_repository, workers="2").start()
-    workers = _children(srv.proc.pid)  # type: ignore[union-attr]
+    workers = children(srv.proc.pid)  # type: ignore[union-attr]
     os.kill(workers[0], signal.SIGKILL)
     assert srv.proc.wait(timeout=60) != 0  # type: ignore[union-attr]
-    wait_until(lambda: not _alive(workers[1]), timeout=60)
+    wait_until(lambda: not alive(workers[1]), timeout=60)
 
 
 def test_port_in_use(tiny_repository: Path) -> None:
