@@ -81,7 +81,8 @@ class Settings(BaseSettings):
     cpu_spinning: bool = Field(
         CPU_SPINNING,
         description="onnxruntime's threads spin between ops instead of sleeping (off: after "
-        "a quiet spell a ResNet-50 run took 1.8x as long on 2 KVM vCPUs, docs/benchmarks.md)",
+        "a quiet spell a ResNet-50 run took 1.8x as long on 2 KVM vCPUs, docs/benchmarks.md; "
+        "turn it off under a CPU quota, which spinning spends)",
     )
     io_binding: bool | None = Field(None, description="onnxruntime IOBinding: one copy in, one out")
     cuda_conv_algo_search: Literal["EXHAUSTIVE", "HEURISTIC", "DEFAULT"] = Field(

@@ -41,7 +41,6 @@ def test_threads_are_split_between_sessions(tiny_repository) -> None:
     assert all(w.options.intra_op_num_threads == 1 for w in pool.workers)
 
 
-@pytest.mark.gpu
 @pytest.mark.parametrize(("args", "spin"), [({}, "1"), ({"cpu_spinning": False}, "0")])
 def test_threads_spin_unless_told_not_to(tiny_repository, args, spin) -> None:
     # On by default: sleeping threads made a run after a quiet spell up to 1.8x slower
@@ -52,6 +51,7 @@ def test_threads_spin_unless_told_not_to(tiny_repository, args, spin) -> None:
         assert worker.options.get_session_config_entry(key) == spin
 
 
+@pytest.mark.gpu
 def test_cuda_matches_cpu(cifar_repository, cifar_test) -> None:
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         pytest.skip("no CUDAExecutionProvider here")
