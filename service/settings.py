@@ -29,10 +29,10 @@ def cpu_count() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-# Measured (docs/benchmarks.md, "Cold start"): with onnxruntime's threads sleeping between
-# ops, a ResNet-50 run after 200 ms of quiet took 36.7 ms against 20.5 ms back to back
-# (the second thread was not back in time to help); spinning: 19.7 ms. The tuner measures
-# with the same choice.
+# Measured (docs/benchmarks.md, "Cold start", tools/cold_start.py): with onnxruntime's
+# threads sleeping between ops, a ResNet-50 run after 200 ms of quiet took 35.6 ms against
+# 19.8 ms back to back (the second thread was not back in time to help); spinning: 19.4 ms.
+# The tuner measures with the same choice.
 CPU_SPINNING = True
 
 

@@ -12,8 +12,8 @@ second onnxruntime run on a fresh session, to show what the CPU provider needs w
 
 A request that follows an idle spell is slower than one sent straight after another, on
 any server: threads asleep, the vCPUs halted, caches cold (on the 2-vCPU KVM machines of
-docs/benchmarks.md, 2-3x for ResNet-20 after 30 ms of quiet, FastAPI + onnxruntime
-alike). So the first request is sent ``--idle-ms`` after /readyz, and compared with warm
+docs/benchmarks.md, "Cold start": 2-3x for ResNet-20 after 200 ms of quiet, FastAPI +
+onnxruntime alike). So the first request is sent ``--idle-ms`` after /readyz, and compared with warm
 requests each sent after the same pause ("after idle") as well as back to back: what is
 left of first / after-idle is the first request's own one-time cost. ``--baseline`` does
 the same for FastAPI + onnxruntime (bench/baseline_ort.py) on the same model.

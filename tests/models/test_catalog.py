@@ -1,4 +1,6 @@
 import re
+import subprocess
+import sys
 
 import pytest
 
@@ -106,9 +108,6 @@ def test_test_size_of_a_variant_without_one_is_a_usage_error(tmp_path, capsys) -
 def test_every_builder_resolves_outside_the_source_tree(tmp_path) -> None:
     """From a directory where the checkout's folders are not importable (as for an
     installed `resnet-export`), each variant's builder names a module of the package."""
-    import subprocess
-    import sys
-
     code = (
         "from resnet_serve.models.catalog import VARIANTS\n"
         "bad = [n for n, v in VARIANTS.items() if not callable(v.build_fn())]\n"
