@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -367,7 +368,8 @@ def test_flood_of_ten_times_capacity_is_shed_and_the_service_stays_healthy(
 
 
 def test_sigterm_mid_flight_loses_no_accepted_request(tiny_repository, tiny_pngs) -> None:
-    srv = ProcessServer(tiny_repository, log_level="info", access_log="false").start()
+    srv = ProcessServer(tiny_repository, holdable=True, log_level="info", access_log="false")
+    srv.start()
     assert srv.proc is not None
     outcomes: list[str] = []
     lock = threading.Lock()
@@ -392,7 +394,18 @@ def test_sigterm_mid_flight_loses_no_accepted_request(tiny_repository, tiny_pngs
             with lock:
                 outcomes.append(outcome)
                 if len(outcomes) == stop_at:
+                    # The signal must find a request inside the server: with a model this
+                    # small, all in flight could otherwise be on the clients' side at that
+                    # moment (reset before any answer), and "they finished" would prove
+                    # nothing. So an inference is held across the signal, and on past
+                    # uvicorn's own 0.1 s pause after it closes idle connections: what
+                    # finishes it then is the drain (30 s by default), nothing else.
+                    srv.hold()
+                    wait_until(srv.entered, timeout=30)
                     srv.proc.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
+                    wait_until(lambda: "Shutting down" in srv.output(), timeout=30)
+                    time.sleep(0.5)
+                    srv.release()
 
     threads = [threading.Thread(target=client, args=(w,)) for w in range(16)]
     for t in threads:
