@@ -20,7 +20,7 @@ from resnet_serve.service.auth import AuthMiddleware
 from resnet_serve.service.metrics import Metrics
 from resnet_serve.service.middleware import RequestMiddleware, Traffic
 from resnet_serve.service.responses import FastJSONResponse, add_error_handlers
-from resnet_serve.service.routes import router
+from resnet_serve.service.routes import include, router
 from resnet_serve.service.runtime import Runtime
 from resnet_serve.service.settings import Settings
 from resnet_serve.service.timing import TimingMiddleware
@@ -132,11 +132,11 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.metrics = metrics
-    app.include_router(router)
-    app.include_router(v1_router)
+    include(app, router)
+    include(app, v1_router)
     # Before v2's: its /v2/models/{model} would take /v2/models/stats.
-    app.include_router(triton_router)
-    app.include_router(v2_router)
+    include(app, triton_router)
+    include(app, v2_router)
     docs.install(app, settings)
     if settings.ui:
         ui.install(app)

@@ -170,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # onnxruntime refusing a model file, typically
         print(f"resnet-serve: cannot load models: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    runtime.freeze_heap_when_ready = True
     app = create_app(settings, runtime)
     limits = ConnectionLimits(
         max_header_bytes=settings.max_header_bytes,

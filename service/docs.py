@@ -19,6 +19,7 @@ from fastapi.responses import FileResponse, HTMLResponse, Response
 
 from resnet_serve.service.auth import is_open
 from resnet_serve.service.errors import RouteNotFoundError
+from resnet_serve.service.routes import include
 from resnet_serve.service.settings import Settings
 
 BEARER = "bearer"
@@ -100,7 +101,7 @@ def add_bearer_scheme(schema: dict[str, Any], metrics_require_key: bool) -> dict
 
 def install(app: FastAPI, settings: Settings) -> None:
     """The pages and their assets; create the app with ``docs_url=None, redoc_url=None``."""
-    app.include_router(router)
+    include(app, router)
     if not settings.api_keys:
         return
     generate = app.openapi

@@ -13,6 +13,7 @@ from fastapi import APIRouter, FastAPI
 from fastapi.responses import Response
 
 from resnet_serve.service.docs import html
+from resnet_serve.service.routes import include
 
 router = APIRouter(include_in_schema=False)
 
@@ -24,4 +25,4 @@ async def demo() -> Response:
 
 
 def install(app: FastAPI) -> None:
-    app.include_router(router)
+    include(app, router)

@@ -5,6 +5,8 @@ These servers run in a thread of the test process so that a test can hold a sess
 
 from __future__ import annotations
 
+import gc
+import re
 import signal
 import socket
 import threading
@@ -48,6 +50,30 @@ def test_readiness_before_and_after_warmup(tiny_repository, tiny_pngs) -> None:
         assert r.status_code == 200
     finally:
         gate.set()
+        srv.stop()
+
+
+def test_the_server_process_freezes_its_heap_once_ready(tiny_repository, tiny_pngs) -> None:
+    # resnet-serve has its process to itself: what it built before ready is frozen, out of
+    # the collector's full collections (their cost under load: docs/benchmarks.md).
+    srv = ProcessServer(tiny_repository, log_level="debug").start()
+    try:
+        r = httpx.post(srv.url + "/v1/classify", content=tiny_pngs[0], headers=PNG)
+        assert r.status_code == 200
+        (frozen,) = re.findall(r"heap frozen: (\d+) objects", srv.output())
+        assert int(frozen) > 10_000  # modules, sessions, routes: tens of thousands
+    finally:
+        assert srv.stop() == 0
+
+
+def test_a_runtime_sharing_the_interpreter_leaves_its_heap_alone(tiny_repository) -> None:
+    # In-process (tests, an application embedding the service) nothing is frozen: the
+    # host's own garbage would never be collected.
+    before = gc.get_freeze_count()
+    srv = ThreadServer(Settings(repository=tiny_repository)).start()
+    try:
+        assert gc.get_freeze_count() == before
+    finally:
         srv.stop()
 
 
