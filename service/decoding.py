@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -31,15 +32,22 @@ async def decode_all(
     results: list[asyncio.Future[np.ndarray]] = [loop.create_future() for _ in blobs]
     timers: dict[int, asyncio.TimerHandle] = {}
     held: set[int] = set()
+    # When each decode started (time.monotonic()), written by its decode thread: the limit
+    # is checked against it by a timer of the loop's, so a decode's start costs no hop to
+    # the event loop (a wakeup per image).
+    started: list[float | None] = [None] * len(blobs)
 
-    def expire(i: int) -> None:
-        if not results[i].done():
+    def check(i: int) -> None:
+        if results[i].done():
+            return
+        begun = started[i]
+        left = limit_s if begun is None else begun + limit_s - time.monotonic()
+        if left > 0:
+            timers[i] = loop.call_later(left, check, i)
+        else:
             results[i].set_exception(
                 InvalidImageError(i, f"decoding took longer than {limit_s:g}s")
             )
-
-    def arm(i: int) -> None:
-        timers[i] = loop.call_later(limit_s, expire, i)
 
     def settle(i: int, value: np.ndarray | None, error: BaseException | None) -> None:
         timer = timers.pop(i, None)
@@ -56,20 +64,21 @@ async def decode_all(
             results[i].set_result(value)  # type: ignore[arg-type]
 
     def run(i: int, blob: bytes) -> None:
-        # On a decode thread. The loop may be closed by now (the server stopped): nobody
-        # is waiting any more.
-        with contextlib.suppress(RuntimeError):
-            loop.call_soon_threadsafe(arm, i)
+        # On a decode thread.
+        started[i] = time.monotonic()
         value: np.ndarray | None = None
         error: BaseException | None = None
         try:
             value = work(blob, i)
         except BaseException as exc:  # handed to the request, not lost in this thread
             error = exc
+        # The loop may be closed by now (the server stopped): nobody is waiting any more.
         with contextlib.suppress(RuntimeError):
             loop.call_soon_threadsafe(settle, i, value, error)
 
     jobs: list[Future[None]] = [pool.submit(run, i, blob) for i, blob in enumerate(blobs)]
+    for i in range(len(blobs)):
+        timers[i] = loop.call_later(limit_s, check, i)
     try:
         return list(await asyncio.gather(*results))
     except BaseException:
@@ -82,4 +91,6 @@ async def decode_all(
         for r in results:
             if not r.done():
                 r.cancel()
+        for timer in timers.values():
+            timer.cancel()
         raise

@@ -70,19 +70,22 @@ async def read_body(request: Request, limit: int, reading: Reading | None = None
 async def _next_chunk(stream: AsyncIterator[bytes], reading: Reading | None) -> bytes:
     if reading is None:
         return await stream.__anext__()
-    following = asyncio.ensure_future(stream.__anext__())
+    # A timer, not a task and a wait per chunk: most chunks are there already, and this
+    # runs for every chunk of every request on the event loop.
+    stalled = False
+
+    def stall() -> None:
+        nonlocal stalled
+        stalled = True
+        reading.stalled()
+
+    timer = asyncio.get_running_loop().call_later(reading.stall_s, stall)
     try:
-        done, _ = await asyncio.wait({following}, timeout=reading.stall_s)
-        if not done:
-            reading.stalled()
-            try:
-                await asyncio.wait({following})
-            finally:
-                reading.resumed()
-    except BaseException:
-        following.cancel()
-        raise
-    return following.result()
+        return await stream.__anext__()
+    finally:
+        timer.cancel()
+        if stalled:
+            reading.resumed()
 
 
 def decode_content(body: bytes, encoding: str | None, limit: int) -> bytes:

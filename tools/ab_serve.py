@@ -1,0 +1,198 @@
+"""Two or more `resnet-serve` variants under the same load, in paired rounds: which is
+faster on this machine, by how much, and how sure.
+
+    python -m tools.ab_serve --repository /tmp/perf-repo --model resnet20_cifar10 \\
+        --concurrency 32 --duration 8 --rounds 4 --server-arg="--tuning off --workers 2" \\
+        --variant 'before|PYTHONPATH=/tmp/oldpkg' --variant 'after'
+
+A variant is ``NAME|ENV=VALUE ...|extra resnet-serve options`` (the last two parts may be
+left out). Every variant's server is started once, all of them up for the whole run (so
+that each round measures the same processes); round after round, each is loaded in turn by
+`resnet-bench --url` with the same clients, corpus and duration, the order rotating from
+round to round, so that a slow drift of the machine falls on all of them. On a shared
+machine one sweep's rate moves by 10-20% minutes apart; the ratio of two sweeps seconds
+apart moves far less: the table gives every round and the median of the per-round ratios
+to the first variant.
+
+To compare two versions of the code: check the older one out (``git worktree add``) and
+point a variant's ``PYTHONPATH`` at a folder holding ``resnet_serve/{service,contract,...}``
+links into that checkout: the path's packages are found before the editable install's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class Variant:
+    name: str
+    env: dict[str, str]
+    args: list[str]
+    port: int = 0
+    proc: subprocess.Popen[bytes] | None = None
+    rates: list[float] = field(default_factory=list)
+    p50s: list[float] = field(default_factory=list)
+    cpus: list[float] = field(default_factory=list)
+
+    @classmethod
+    def parse(cls, text: str) -> Variant:
+        name, _, rest = text.partition("|")
+        env_text, _, args = rest.partition("|")
+        env = dict(item.split("=", 1) for item in shlex.split(env_text))
+        return cls(name.strip(), env, shlex.split(args))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU time of a process and of its descendants alive now (``--workers``)."""
+    total = 0.0
+    todo = [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / TICKS
+            for task in Path(f"/proc/{p}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+        except (OSError, ValueError):
+            continue
+    return total
+
+
+def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 120) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if proc.poll() is not None:
+            raise SystemExit(f"a server exited with {proc.returncode} before ready")
+        try:
+            with urllib.request.urlopen(url + "/readyz", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise SystemExit(f"{url} not ready after {timeout}s")
+
+
+def machine() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown CPU"
+    info = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
+    flags = info.get("Flags", "").split()
+    isa = [f for f in ("avx2", "avx512f", "avx512_vnni", "amx_tile") if f in flags]
+    return (
+        f"{info.get('Model name', '?').strip()} (family {info.get('CPU family', '?').strip()}, "
+        f"model {info.get('Model', '?').strip()}), {os.cpu_count()} CPUs, {' '.join(isa)}"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--repository", required=True)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--variant", action="append", required=True, type=Variant.parse)
+    ap.add_argument("--server-arg", default="", help="options every variant's server gets")
+    ap.add_argument("--concurrency", type=int, default=16)
+    ap.add_argument("--duration", type=float, default=8.0)
+    ap.add_argument("--warmup", type=float, default=2.0)
+    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--images-per-request", type=int, default=1)
+    args = ap.parse_args(argv)
+    variants: list[Variant] = args.variant
+    if len({v.name for v in variants}) != len(variants) or len(variants) < 2:
+        ap.error("give two or more variants, each with its own name")
+    print(f"# machine: {machine()}; load average before: {os.getloadavg()[0]:.2f}")
+    with tempfile.TemporaryDirectory(prefix="ab-serve-") as tmp:
+        try:
+            for v in variants:
+                v.port = free_port()
+                cmd = [
+                    sys.executable, "-m", "resnet_serve.service.cli",
+                    "--repository", args.repository, "--models", args.model,
+                    "--port", str(v.port), "--grpc-port", "0", "--log-level", "warning",
+                    *shlex.split(args.server_arg), *v.args,
+                ]  # fmt: skip
+                log = open(Path(tmp) / f"{v.name}.log", "wb")  # noqa: SIM115
+                v.proc = subprocess.Popen(
+                    cmd, env={**os.environ, **v.env}, stdout=log, stderr=subprocess.STDOUT
+                )
+            for v in variants:
+                assert v.proc is not None
+                wait_ready(f"http://127.0.0.1:{v.port}", v.proc)
+            for r in range(args.rounds):
+                shift = r % len(variants)
+                for v in variants[shift:] + variants[:shift]:
+                    measure(v, args, Path(tmp) / f"{v.name}-{r}")
+        finally:
+            for v in variants:
+                if v.proc is not None and v.proc.poll() is None:
+                    v.proc.terminate()
+                    v.proc.wait(60)
+    report(variants, args)
+    return 0
+
+
+def measure(v: Variant, args: argparse.Namespace, out: Path) -> None:
+    assert v.proc is not None
+    cmd = [
+        sys.executable, "-m", "resnet_serve.bench.cli",
+        "--url", f"http://127.0.0.1:{v.port}", "--repository", args.repository,
+        "--model", args.model, "--concurrency", str(args.concurrency),
+        "--duration", str(args.duration), "--warmup", str(args.warmup),
+        "--images-per-request", str(args.images_per_request),
+        "--no-offline", "--no-progress", "--out", str(out),
+    ]  # fmt: skip
+    cpu, wall = tree_cpu_seconds(v.proc.pid), time.perf_counter()
+    subprocess.run(cmd, check=True, capture_output=True)
+    v.cpus.append(100 * (tree_cpu_seconds(v.proc.pid) - cpu) / (time.perf_counter() - wall))
+    (step,) = json.loads((out / "results.json").read_text())["steps"]
+    if step["errors"]:
+        raise SystemExit(f"{v.name}: errors {step['errors']}")
+    v.rates.append(step["img_s"])
+    v.p50s.append(step["p50_ms"])
+
+
+def report(variants: list[Variant], args: argparse.Namespace) -> None:
+    first = variants[0]
+    print(
+        f"\n{args.model}, {args.concurrency} clients, {args.images_per_request} image(s) per "
+        f"request, {args.duration:g} s per sweep, {args.rounds} rounds; "
+        f"load average after: {os.getloadavg()[0]:.2f}\n"
+    )
+    print("| variant | img/s by round | p50 ms by round | server CPU % | ratio to "
+          f"{first.name} by round | median ratio |")  # fmt: skip
+    print("|---|---|---|---|---|---:|")
+    for v in variants:
+        ratios = [a / b for a, b in zip(v.rates, first.rates, strict=True)]
+        print(
+            f"| {v.name} | {', '.join(f'{x:.1f}' for x in v.rates)} "
+            f"| {', '.join(f'{x:.1f}' for x in v.p50s)} "
+            f"| {', '.join(f'{x:.0f}' for x in v.cpus)} "
+            f"| {', '.join(f'{x:.3f}' for x in ratios)} | {statistics.median(ratios):.3f} |"
+        )
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
