@@ -2,6 +2,7 @@
 decoding, the event loop's Python) and by the hottest leaf frames.
 
     python tools/profile_summary.py PROFILE.txt [--top 15]
+    python tools/profile_summary.py PROFILE.txt --event-loop   # that thread's frames alone
 
 Used for docs/benchmarks.md with tools/profile_serve.sh, which records the profile of a
 running ``resnet-serve`` under ``resnet-bench`` load."""
@@ -53,7 +54,14 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("profile", type=Path)
     p.add_argument("--top", type=int, default=15)
+    p.add_argument(
+        "--event-loop", action="store_true",
+        help="only the event loop thread's samples (its stacks start at the resnet-serve "
+        "script), by frame: self time, and total time (the frame anywhere in the stack)",
+    )  # fmt: skip
     args = p.parse_args(argv)
+    if args.event_loop:
+        return event_loop(args.profile, args.top)
     stages: Counter[str] = Counter()
     leaves: Counter[str] = Counter()
     total = 0
@@ -73,6 +81,32 @@ def main(argv: list[str] | None = None) -> int:
     print("\n| leaf frame (self time) | share |\n|---|---:|")
     for name, n in leaves.most_common(args.top):
         print(f"| `{name}` | {100 * n / total:.1f}% |")
+    return 0
+
+
+def event_loop(profile: Path, top: int) -> int:
+    own: Counter[str] = Counter()
+    anywhere: Counter[str] = Counter()
+    total = 0
+    for line in profile.read_text(encoding="utf-8").splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        frames = stack.split(";")
+        # The main thread runs the loop; with py-spy's --subprocesses a worker's stacks
+        # start with its process line, then the same frames.
+        if not any("resnet_serve/service/cli.py" in f or "(resnet-serve:" in f or
+                   "service/cli.py" in f for f in frames[:3]):  # fmt: skip
+            continue
+        n = int(count)
+        total += n
+        own[frames[-1]] += n
+        for f in set(frames):
+            anywhere[f] += n
+    print(f"{total} samples of the event loop thread")
+    print("\n| frame | self | total |\n|---|---:|---:|")
+    for name, n in own.most_common(top):
+        print(f"| `{name}` | {100 * n / total:.1f}% | {100 * anywhere[name] / total:.1f}% |")
     return 0
 
 
