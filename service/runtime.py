@@ -276,12 +276,16 @@ class Runtime:
             # What exists now (modules, sessions, routes, schemas: ~80k objects) lives as
             # long as the process. Frozen, the collector no longer walks it in each full
             # collection, which under load came every few hundred requests: with the tiny
-            # model, 19% of the event loop's time in one profile (docs/benchmarks.md,
-            # "Where a request's CPU goes"). One collection first (~15 ms), so that no
+            # model, a quarter of the event loop thread's profile samples (docs/benchmarks.md,
+            # "Where a request's CPU goes"). One collection first (40-55 ms, logged), so that no
             # startup garbage is frozen.
+            t = time.perf_counter()
             gc.collect()
             gc.freeze()
-            log.debug("heap frozen: %d objects", gc.get_freeze_count())
+            log.debug(
+                "heap frozen: %d objects, after a collection of %.1f ms",
+                gc.get_freeze_count(), 1000 * (time.perf_counter() - t),
+            )  # fmt: skip
         elapsed = process_age_s()
         self.metrics.time_to_ready.set(elapsed)
         workers.mark_ready()

@@ -22,18 +22,20 @@ links into that checkout: the path's packages are found before the editable inst
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shlex
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from tools.perf_analyzer import cpu_line, free_port, wait_ready
 
 TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -57,12 +59,6 @@ class Variant:
         return cls(name.strip(), env, shlex.split(args))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def tree_cpu_seconds(pid: int) -> float:
     """CPU time of a process and of its descendants alive now (``--workers``)."""
     total = 0.0
@@ -79,33 +75,38 @@ def tree_cpu_seconds(pid: int) -> float:
     return total
 
 
-def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 120) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if proc.poll() is not None:
-            raise SystemExit(f"a server exited with {proc.returncode} before ready")
-        try:
-            with urllib.request.urlopen(url + "/readyz", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.2)
-    raise SystemExit(f"{url} not ready after {timeout}s")
-
-
-def machine() -> str:
+@contextlib.contextmanager
+def running(variants: list[Variant], options: list[str], logs: Path) -> Iterator[None]:
+    """Every variant's ``resnet-serve`` (``options``, then its own) started, all ready;
+    stopped on the way out. Logs in ``logs/NAME.log``."""
     try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown CPU"
-    info = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
-    flags = info.get("Flags", "").split()
-    isa = [f for f in ("avx2", "avx512f", "avx512_vnni", "amx_tile") if f in flags]
-    return (
-        f"{info.get('Model name', '?').strip()} (family {info.get('CPU family', '?').strip()}, "
-        f"model {info.get('Model', '?').strip()}), {os.cpu_count()} CPUs, {' '.join(isa)}"
-    )
+        for v in variants:
+            v.port = free_port()
+            cmd = [
+                sys.executable, "-m", "resnet_serve.service.cli", "--port", str(v.port),
+                "--grpc-port", "0", "--log-level", "warning", *options, *v.args,
+            ]  # fmt: skip
+            with open(logs / f"{v.name}.log", "wb") as log:
+                v.proc = subprocess.Popen(
+                    cmd, env={**os.environ, **v.env}, stdout=log, stderr=subprocess.STDOUT
+                )
+        for v in variants:
+            assert v.proc is not None
+            wait_ready(f"http://127.0.0.1:{v.port}", v.proc)
+        yield
+    finally:
+        for v in variants:
+            if v.proc is not None and v.proc.poll() is None:
+                v.proc.terminate()
+                v.proc.wait(60)
+
+
+def rotation(variants: list[Variant], rounds: int) -> Iterator[tuple[int, Variant]]:
+    """(round, variant) in the order measured: each round starts one variant later."""
+    for r in range(rounds):
+        shift = r % len(variants)
+        for v in variants[shift:] + variants[:shift]:
+            yield r, v
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -123,33 +124,14 @@ def main(argv: list[str] | None = None) -> int:
     variants: list[Variant] = args.variant
     if len({v.name for v in variants}) != len(variants) or len(variants) < 2:
         ap.error("give two or more variants, each with its own name")
-    print(f"# machine: {machine()}; load average before: {os.getloadavg()[0]:.2f}")
-    with tempfile.TemporaryDirectory(prefix="ab-serve-") as tmp:
-        try:
-            for v in variants:
-                v.port = free_port()
-                cmd = [
-                    sys.executable, "-m", "resnet_serve.service.cli",
-                    "--repository", args.repository, "--models", args.model,
-                    "--port", str(v.port), "--grpc-port", "0", "--log-level", "warning",
-                    *shlex.split(args.server_arg), *v.args,
-                ]  # fmt: skip
-                log = open(Path(tmp) / f"{v.name}.log", "wb")  # noqa: SIM115
-                v.proc = subprocess.Popen(
-                    cmd, env={**os.environ, **v.env}, stdout=log, stderr=subprocess.STDOUT
-                )
-            for v in variants:
-                assert v.proc is not None
-                wait_ready(f"http://127.0.0.1:{v.port}", v.proc)
-            for r in range(args.rounds):
-                shift = r % len(variants)
-                for v in variants[shift:] + variants[:shift]:
-                    measure(v, args, Path(tmp) / f"{v.name}-{r}")
-        finally:
-            for v in variants:
-                if v.proc is not None and v.proc.poll() is None:
-                    v.proc.terminate()
-                    v.proc.wait(60)
+    print(f"# machine: {cpu_line()}; load average before: {os.getloadavg()[0]:.2f}")
+    options = ["--repository", args.repository, "--models", args.model]
+    with (
+        tempfile.TemporaryDirectory(prefix="ab-serve-") as tmp,
+        running(variants, [*options, *shlex.split(args.server_arg)], Path(tmp)),
+    ):
+        for r, v in rotation(variants, args.rounds):
+            measure(v, args, Path(tmp) / f"{v.name}-{r}")
     report(variants, args)
     return 0
 

@@ -32,11 +32,11 @@ from tools.perf_analyzer import (
     CACHE,
     HOME_NAME,
     PerfAnalyzer,
-    _cpu,
-    _free_port,
-    _wait_ready,
+    cpu_line,
+    free_port,
     install,
     report_rows,
+    wait_ready,
 )
 
 TICKS = os.sysconf("SC_CLK_TCK")
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> None:
     if not (home / "bin" / "perf_analyzer").is_file():
         install(home)
     tool = PerfAnalyzer.at(home)
-    port, grpc_port = _free_port(), _free_port()
+    port, grpc_port = free_port(), free_port()
     url = f"http://127.0.0.1:{port}"
     server = [sys.executable, "-m", "resnet_serve.service.cli", "--repository",
               str(args.repository), "--models", args.model, "--port", str(port),
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
     load_before = os.getloadavg()
     with subprocess.Popen(server, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as proc:
         try:
-            _wait_ready(url, proc)
+            wait_ready(url, proc)
             with tempfile.TemporaryDirectory() as tmp:
                 for batch in map(int, args.batches.split(",")):
                     for conc in map(int, args.concurrency.split(",")):
@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> None:
             proc.terminate()
             proc.wait(60)
     load_after = os.getloadavg()
-    print(f"- machine: {_cpu()}; load average {load_before[0]:.2f} before, "
+    print(f"- machine: {cpu_line()}; load average {load_before[0]:.2f} before, "
           f"{load_after[0]:.2f} after")  # fmt: skip
     print(f"- resnet-serve: `resnet-serve {' '.join(server[3:])}`; perf_analyzer "
           f"`-b B --concurrency-range C:C:1 -p {args.window_ms} -s 10 -r 10`\n")  # fmt: skip

@@ -123,22 +123,28 @@ def report_rows(text: str) -> list[dict[str, str]]:
 # --- the benchmark ---
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def _cpu() -> str:
+def cpu_line() -> str:
+    """This machine's CPU as every figure names it: model, family and model numbers, CPU
+    count, the ISA flags that decide onnxruntime's kernels."""
     out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
     fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
     flags = set(fields.get("Flags", "").split())
     isa = [f for f in ("avx2", "avx512f", "avx512_vnni", "amx_tile") if f in flags]
-    return f"{fields.get('Model name', '?').strip()}, {os.cpu_count()} CPUs, flags: {' '.join(isa)}"
+    return (
+        f"{fields.get('Model name', '?').strip()} (family {fields.get('CPU family', '?').strip()}, "
+        f"model {fields.get('Model', '?').strip()}), {os.cpu_count()} CPUs, "
+        f"flags: {' '.join(isa)}"
+    )
 
 
-def _wait_ready(url: str, proc: subprocess.Popen[bytes]) -> None:
-    end = time.monotonic() + 120
+def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 120) -> None:
+    end = time.monotonic() + timeout
     while time.monotonic() < end:
         if proc.poll() is not None:
             raise SystemExit(f"resnet-serve exited with {proc.returncode}")
@@ -149,7 +155,7 @@ def _wait_ready(url: str, proc: subprocess.Popen[bytes]) -> None:
         except OSError:
             pass
         time.sleep(0.2)
-    raise SystemExit("resnet-serve did not get ready in 120 s")
+    raise SystemExit(f"resnet-serve did not get ready in {timeout:g} s")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -181,7 +187,7 @@ def main(argv: list[str] | None = None) -> None:
     if not (home / "bin" / "perf_analyzer").is_file():
         install(home)
     tool = PerfAnalyzer.at(home)
-    port, grpc_port = _free_port(), _free_port()
+    port, grpc_port = free_port(), free_port()
     server = [sys.executable, "-m", "resnet_serve.service.cli",
               "--repository", str(args.repository), "--models", args.model,
               "--port", str(port), *args.server_arg.split()]  # fmt: skip
@@ -190,7 +196,7 @@ def main(argv: list[str] | None = None) -> None:
     load_before = os.getloadavg()
     with subprocess.Popen(server, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as proc:
         try:
-            _wait_ready(f"http://127.0.0.1:{port}", proc)
+            wait_ready(f"http://127.0.0.1:{port}", proc)
             target = grpc_port if args.protocol == "grpc" else port
             with tempfile.TemporaryDirectory() as tmp:
                 out = Path(tmp) / "report.csv"
@@ -214,7 +220,7 @@ def main(argv: list[str] | None = None) -> None:
             proc.terminate()
             proc.wait(60)
     load_after = os.getloadavg()
-    print(f"- machine: {_cpu()}; load average {load_before[0]:.2f} before, "
+    print(f"- machine: {cpu_line()}; load average {load_before[0]:.2f} before, "
           f"{load_after[0]:.2f} after; Python {platform.python_version()}")  # fmt: skip
     print(f"- perf_analyzer ({PERF_ANALYZER_WHEEL}): `perf_analyzer {' '.join(command[:-2])}`")
     print(f"- resnet-serve: `resnet-serve {' '.join(server[3:])}`\n")

@@ -26,8 +26,6 @@ import io
 import os
 import shlex
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -40,7 +38,8 @@ from resnet_serve.bench import corpus
 from resnet_serve.bench.load import MULTIPART_TYPE, multipart_body
 from tests.service import tiny
 from tools import profile_summary
-from tools.ab_serve import TICKS, Variant, free_port, machine, wait_ready
+from tools.ab_serve import TICKS, Variant, rotation, running
+from tools.perf_analyzer import cpu_line
 
 
 def thread_cpu_seconds(pid: int) -> dict[int, float]:
@@ -117,46 +116,26 @@ def main(argv: list[str] | None = None) -> int:
     if args.profile is not None:
         args.profile.mkdir(parents=True, exist_ok=True)
     variants: list[Variant] = args.variant
-    print(f"# machine: {machine()}; load average before: {os.getloadavg()[0]:.2f}")
+    print(f"# machine: {cpu_line()}; load average before: {os.getloadavg()[0]:.2f}")
     kinds = bodies()
     results: dict[tuple[str, str], list[tuple[float, float, float]]] = {}
     with tempfile.TemporaryDirectory(prefix="request-cost-") as tmp:
         repo = Path(tmp) / "repo"
         repo.mkdir()
         tiny.export(repo)
-        try:
-            for v in variants:
-                v.port = free_port()
-                cmd = [
-                    sys.executable, "-m", "resnet_serve.service.cli", "--repository",
-                    str(repo), "--port", str(v.port), "--grpc-port", "0", "--log-level",
-                    "warning", "--tuning", "off", *shlex.split(args.server_arg), *v.args,
-                ]  # fmt: skip
-                v.proc = subprocess.Popen(
-                    cmd, env={**os.environ, **v.env},
-                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                )  # fmt: skip
-            for v in variants:
+        options = ["--repository", str(repo), "--tuning", "off", *shlex.split(args.server_arg)]
+        with running(variants, options, Path(tmp)):
+            for r, v in rotation(variants, args.rounds):
                 assert v.proc is not None
-                wait_ready(f"http://127.0.0.1:{v.port}", v.proc)
-            for r in range(args.rounds):
-                shift = r % len(variants)
-                for v in variants[shift:] + variants[:shift]:
-                    assert v.proc is not None
-                    url = f"http://127.0.0.1:{v.port}/v1/models/{tiny.NAME}/classify"
-                    for k, (kind, (body, ctype)) in enumerate(kinds.items()):
-                        spy = None
-                        if args.profile is not None and r == 0 and k == 0:
-                            spy = args.profile / f"{v.name}.txt"
-                        got = asyncio.run(
-                            load(url, v.proc.pid, args.clients, args.seconds, body, ctype, spy)
-                        )
-                        results.setdefault((v.name, kind), []).append(got)
-        finally:
-            for v in variants:
-                if v.proc is not None and v.proc.poll() is None:
-                    v.proc.terminate()
-                    v.proc.wait(60)
+                url = f"http://127.0.0.1:{v.port}/v1/models/{tiny.NAME}/classify"
+                for k, (kind, (body, ctype)) in enumerate(kinds.items()):
+                    spy = None
+                    if args.profile is not None and r == 0 and k == 0:
+                        spy = args.profile / f"{v.name}.txt"
+                    got = asyncio.run(
+                        load(url, v.proc.pid, args.clients, args.seconds, body, ctype, spy)
+                    )
+                    results.setdefault((v.name, kind), []).append(got)
     print(
         f"\ntiny model, {args.clients} clients, {args.seconds:g} s per measurement, "
         f"{args.rounds} rounds, server options: {args.server_arg or '(defaults)'}; "
