@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
 import os
 import threading
@@ -122,9 +121,9 @@ class Runtime:
     untuned: list[ModelSpec] = field(default_factory=list)
     _warmup: asyncio.Task[None] | None = None
     _stop_warmup: threading.Event = field(default_factory=threading.Event)
-    # Set by the server process (cli), which the runtime has to itself; not where it shares
-    # the interpreter with other work (tests, an embedding application).
-    freeze_heap_when_ready: bool = False
+    # Called once every model is warm, before ready is announced: the server process (cli)
+    # freezes its heap there, which it has to itself (tests and embedders do not).
+    before_ready: Callable[[], None] | None = None
 
     def __post_init__(self) -> None:
         self.decode_pool = ThreadPoolExecutor(
@@ -272,20 +271,8 @@ class Runtime:
                 return
             m.ready = True
             log.info("%s: warmed up in %.2fs", m.name, time.perf_counter() - t)
-        if self.freeze_heap_when_ready:
-            # What exists now (modules, sessions, routes, schemas: ~80k objects) lives as
-            # long as the process. Frozen, the collector no longer walks it in each full
-            # collection, which under load came every few hundred requests: with the tiny
-            # model, a quarter of the event loop thread's profile samples (docs/benchmarks.md,
-            # "Where a request's CPU goes"). One collection first (40-55 ms, logged), so that no
-            # startup garbage is frozen.
-            t = time.perf_counter()
-            gc.collect()
-            gc.freeze()
-            log.debug(
-                "heap frozen: %d objects, after a collection of %.1f ms",
-                gc.get_freeze_count(), 1000 * (time.perf_counter() - t),
-            )  # fmt: skip
+        if self.before_ready is not None:
+            self.before_ready()
         elapsed = process_age_s()
         self.metrics.time_to_ready.set(elapsed)
         workers.mark_ready()
