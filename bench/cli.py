@@ -297,12 +297,14 @@ System = tuple[
 
 
 def run_systems(
-    systems: list[System], rounds: int, log: Callable[[str], None]
-) -> list[load.StepResult]:
+    systems: list[System], rounds: int, log: Callable[[str], None],
+    before_round: Callable[[int], None] | None = None,
+) -> list[load.StepResult]:  # fmt: skip
     """Each system's sweep. One round: one system after the other, each server up only for
     its own sweep. Several: every server up at once (idle ones take no CPU), the sweeps
     interleaved round after round, so that a busy spell on the machine falls on all of
-    them rather than on one (the report pairs the rounds)."""
+    them rather than on one (the report pairs the rounds); ``before_round(r)`` runs at the
+    start of each (the offline pipeline's measurement of that round)."""
     if rounds == 1:
         steps: list[load.StepResult] = []
         for label, start, sweep_fn in systems:
@@ -320,6 +322,8 @@ def run_systems(
             servers.append(server)
         steps = []
         for r in range(1, rounds + 1):
+            if before_round is not None:
+                before_round(r)
             for (label, _, sweep_fn), server in zip(systems, servers, strict=True):
                 log(f"round {r}/{rounds}: {label}")
                 for step in sweep_fn(server):
@@ -493,7 +497,9 @@ def run(args: argparse.Namespace) -> int:
 
     steps: list[load.StepResult] = []
     offline_result: offline.OfflineResult | None = None
-    with Display(not args.no_progress) as display:
+    pipeline_rounds: list[float] = []
+    before_round: Callable[[int], None] | None = None
+    with Display(not args.no_progress) as display, contextlib.ExitStack() as stack:
         try:
             if not args.no_offline and model_dir is not None and settings is not None:
                 offline_result = offline.measure(
@@ -552,7 +558,17 @@ def run(args: argparse.Namespace) -> int:
                     return start_service(args.repository, model, server_args, out / "service.log")
 
             systems.append(("resnet-serve", start_svc, run_service))
-            steps += run_systems(systems, args.rounds, display.log)
+            if args.rounds > 1 and offline_result is not None:
+                assert model_dir is not None and settings is not None
+                probe = offline.PipelineProbe(model_dir, images, settings)
+                stack.callback(probe.close)
+
+                def measure_pipeline(r: int, probe: offline.PipelineProbe = probe) -> None:
+                    display.log(f"round {r}/{args.rounds}: offline pipeline")
+                    pipeline_rounds.append(probe.rate(args.offline_seconds))
+
+                before_round = measure_pipeline
+            steps += run_systems(systems, args.rounds, display.log, before_round)
         except ServerError as exc:
             print(f"resnet-bench: {exc}", file=sys.stderr)
             return 1
@@ -561,7 +577,7 @@ def run(args: argparse.Namespace) -> int:
     meta["finished_at"] = datetime.now().astimezone().isoformat(timespec="seconds")
     order = ["service", *report.BASELINES]
     steps.sort(key=lambda st: (order.index(st.system), st.concurrency, st.round))
-    ratio_rows = report.ratios(steps, offline_result, args.ratio_concurrency)
+    ratio_rows = report.ratios(steps, offline_result, args.ratio_concurrency, pipeline_rounds)
     text = report.markdown(meta, steps, offline_result, ratio_rows) + (
         "\n" + tuning_md if tuning_md else ""
     )

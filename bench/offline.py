@@ -231,6 +231,39 @@ def _pipeline(
     return sum(r for r, _ in results), [m for _, ms in results for m in ms]
 
 
+class PipelineProbe:
+    """The offline pipeline of ``measure`` kept loaded, to be measured once per round of
+    ``--rounds`` right before the sweeps: the service's rate over the pipeline's is then a
+    ratio of two measurements seconds apart, like the baselines' paired rounds (on a
+    shared machine one configuration's offline rate moves by 10% within minutes)."""
+
+    def __init__(self, model_dir: Path, corpus: Sequence[bytes], settings: Settings) -> None:
+        self.spec = load_model_spec(model_dir)
+        self.corpus = corpus
+        self.settings = settings
+        self.options = DecodeOptions(
+            max_pixels=settings.max_image_pixels, jpeg_draft=settings.jpeg_draft
+        )
+        self.pool = SessionPool.load(self.spec, settings)
+        batch = _batch(
+            [preprocess(d, i, self.spec.preprocess, self.options) for i, d in enumerate(corpus)],
+            settings.max_batch_size,
+        )
+        for w in self.pool.workers:  # first-run allocations stay out of the figures
+            w.run(batch)
+
+    def rate(self, seconds: float) -> float:
+        s = self.settings
+        rate, _ = _pipeline(
+            self.corpus, self.spec, self.options, self.pool.workers, s.max_batch_size,
+            s.decode_threads, seconds,
+        )  # fmt: skip
+        return rate
+
+    def close(self) -> None:
+        self.pool.close()
+
+
 def measure(
     model_dir: Path,
     corpus: Sequence[bytes],

@@ -137,13 +137,31 @@ def _median_ratio(name: str, values: list[float | None]) -> Ratio:
     return Ratio(name, median, f"median of {len(values)}: {note}")
 
 
-def ratios(
-    steps: Sequence[StepResult], offline: OfflineResult | None, at_concurrency: int = 16
+def pipeline_paired(
+    steps: Sequence[StepResult], pipeline_rounds: Sequence[float], c: int
 ) -> list[Ratio]:
+    """The service at ``c`` clients over the offline pipeline measured in the same round
+    (``pipeline_rounds[r - 1]`` for round r), the median of the rounds' ratios."""
+    by_round = {s.round: s for s in steps if s.system == "service" and s.concurrency == c}
+    if len(pipeline_rounds) < 2 or len(by_round) != len(pipeline_rounds):
+        return []
+    values = [_div(by_round[r + 1].img_s, p) for r, p in enumerate(pipeline_rounds)]
+    row = _median_ratio(f"service@{c} / offline pipeline (img/s), paired rounds", values)
+    pipe = ", ".join(f"{p:.1f}" for p in pipeline_rounds)
+    return [Ratio(row.name, row.value, f"{row.note} (pipeline img/s by round: {pipe})")]
+
+
+def ratios(
+    steps: Sequence[StepResult], offline: OfflineResult | None, at_concurrency: int = 16,
+    pipeline_rounds: Sequence[float] = (),
+) -> list[Ratio]:  # fmt: skip
+    """The ratios table. ``pipeline_rounds``: the offline pipeline measured again at the
+    start of each round of ``--rounds`` (``offline.PipelineProbe``)."""
     out: list[Ratio] = []
     c = at_concurrency
     svc_c, svc_1 = _step(steps, "service", c), _step(steps, "service", 1)
     svc_peak = _peak(steps, "service")
+    out += pipeline_paired(steps, pipeline_rounds, c)
     if offline is not None:
         pipe = offline.pipeline.images_per_s
         if svc_c is not None:

@@ -6,6 +6,7 @@ answers, however long they take): CI machines differ and are shared."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -132,3 +133,23 @@ def test_usage_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
     argv = ["--url", "http://127.0.0.1:9", "--model", "m", "--baseline", "--endpoint", "embed"]
     assert main(argv) == 2
     assert "--baseline needs --repository" in capsys.readouterr().err
+
+
+def test_rounds_pair_the_service_with_the_pipeline_of_each_round(
+    cifar_repository: Path, tmp_path: Path
+) -> None:
+    pytest.importorskip("skimage")
+    rc = main([
+        "--start-server", "--repository", str(cifar_repository), "--model", "resnet20_cifar10",
+        "--concurrency", "4", "--requests", str(REQUESTS), "--warmup", "0.3", "--rounds", "2",
+        "--offline-seconds", "0.1", "--offline-rounds", "1", "--corpus-size", "16",
+        "--corpus-dir", str(tmp_path / "corpus"), "--ratio-concurrency", "4",
+        "--out", str(tmp_path / "out"), "--no-progress",
+    ])  # fmt: skip
+    assert rc == 0
+    rows = {r[0]: r for r in _table((tmp_path / "out" / "results.md").read_text(), "## Ratios")}
+    row = rows["service@4 / offline pipeline (img/s), paired rounds"]
+    assert float(row[1]) > 0
+    assert re.fullmatch(
+        r"median of 2: [0-9.]+, [0-9.]+ \(pipeline img/s by round: [0-9.]+, [0-9.]+\)", row[2]
+    ), row

@@ -9,7 +9,7 @@ import pytest
 
 from resnet_serve.bench.cli import run_systems
 from resnet_serve.bench.load import StepResult
-from resnet_serve.bench.report import paired_ratios
+from resnet_serve.bench.report import paired_ratios, pipeline_paired
 
 
 def _step(system: str, c: int, r: int, ok: int, p50: float) -> StepResult:
@@ -64,10 +64,10 @@ def test_rounds_interleave_the_sweeps_with_each_server_up_once() -> None:
         ("ort", lambda: Server("ort"), sweep_of("ort")),
         ("service", lambda: Server("service"), sweep_of("service")),
     ]
-    steps = run_systems(systems, 2, lambda _: None)  # type: ignore[arg-type]
+    steps = run_systems(systems, 2, lambda _: None, lambda r: events.append(f"round {r}"))  # type: ignore[arg-type]
     assert events == [
-        "start ort", "start service", "sweep ort", "sweep service", "sweep ort",
-        "sweep service", "stop service", "stop ort",
+        "start ort", "start service", "round 1", "sweep ort", "sweep service", "round 2",
+        "sweep ort", "sweep service", "stop service", "stop ort",
     ]  # fmt: skip
     assert [(s.system, s.round) for s in steps] == [
         ("ort", 1), ("service", 1), ("ort", 2), ("service", 2),
@@ -76,3 +76,22 @@ def test_rounds_interleave_the_sweeps_with_each_server_up_once() -> None:
     run_systems(systems, 1, lambda _: None)  # type: ignore[arg-type]
     assert events == ["start ort", "sweep ort", "stop ort", "start service", "sweep service",
                       "stop service"]  # fmt: skip
+
+
+def test_the_service_over_the_pipeline_of_the_same_round() -> None:
+    steps = [
+        _step("service", 16, 1, 90, 1.0), _step("service", 16, 2, 80, 1.0),
+        _step("service", 16, 3, 120, 1.0), _step("service", 1, 1, 10, 1.0),
+    ]  # fmt: skip
+    (row,) = pipeline_paired(steps, [100.0, 100.0, 100.0], 16)
+    assert row.name == "service@16 / offline pipeline (img/s), paired rounds"
+    assert row.value == pytest.approx(0.9)
+    assert row.note == (
+        "median of 3: 0.90, 0.80, 1.20 (pipeline img/s by round: 100.0, 100.0, 100.0)"
+    )
+    # Each round against its own pipeline figure, not the best one.
+    (row,) = pipeline_paired(steps, [90.0, 160.0, 120.0], 16)
+    assert row.value == pytest.approx(1.0) and row.note.startswith("median of 3: 1.00, 0.50, 1.00")
+    # One round, or a round without the service at that load: nothing to pair.
+    assert pipeline_paired(steps, [100.0], 16) == []
+    assert pipeline_paired(steps, [100.0, 100.0, 100.0], 4) == []
