@@ -5,9 +5,15 @@ faster on this machine, by how much, and how sure.
         --concurrency 32 --duration 8 --rounds 4 --server-arg="--tuning off --workers 2" \\
         --variant 'before|PYTHONPATH=/tmp/oldpkg' --variant 'after'
 
-A variant is ``NAME|ENV=VALUE ...|extra resnet-serve options`` (the last two parts may be
-left out). Every variant's server is started once, all of them up for the whole run (so
-that each round measures the same processes); round after round, each is loaded in turn by
+A variant is ``NAME|ENV=VALUE ...|extra resnet-serve options|MODEL`` (the last three parts
+may be left out; MODEL defaults to ``--model``: two models can be set against each other,
+int8 against fp32 for instance). With ``--engine-batch N`` each round starts by timing
+onnxruntime alone on every variant's model (batches of N, the variant's session settings,
+2 s), and the table adds each variant's service ratio to the first over its engine ratio
+to the first: how much of the engine's difference the service keeps.
+
+Every variant's server is started once, all of them up for the whole run (so that each
+round measures the same processes); round after round, each is loaded in turn by
 `resnet-bench --url` with the same clients, corpus and duration, the order rotating from
 round to round, so that a slow drift of the machine falls on all of them. On a shared
 machine one sweep's rate moves by 10-20% minutes apart; the ratio of two sweeps seconds
@@ -35,6 +41,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from tools.perf_analyzer import cpu_line, free_port, wait_ready
 
 TICKS = os.sysconf("SC_CLK_TCK")
@@ -45,18 +53,21 @@ class Variant:
     name: str
     env: dict[str, str]
     args: list[str]
+    model: str | None = None
     port: int = 0
     proc: subprocess.Popen[bytes] | None = None
     rates: list[float] = field(default_factory=list)
     p50s: list[float] = field(default_factory=list)
     cpus: list[float] = field(default_factory=list)
+    engine: list[float] = field(default_factory=list)
 
     @classmethod
     def parse(cls, text: str) -> Variant:
         name, _, rest = text.partition("|")
-        env_text, _, args = rest.partition("|")
+        env_text, _, rest = rest.partition("|")
+        args, _, model = rest.partition("|")
         env = dict(item.split("=", 1) for item in shlex.split(env_text))
-        return cls(name.strip(), env, shlex.split(args))
+        return cls(name.strip(), env, shlex.split(args), model.strip() or None)
 
 
 def tree_cpu_seconds(pid: int) -> float:
@@ -82,9 +93,10 @@ def running(variants: list[Variant], options: list[str], logs: Path) -> Iterator
     try:
         for v in variants:
             v.port = free_port()
+            models = ["--models", v.model] if v.model else []
             cmd = [
                 sys.executable, "-m", "resnet_serve.service.cli", "--port", str(v.port),
-                "--grpc-port", "0", "--log-level", "warning", *options, *v.args,
+                "--grpc-port", "0", "--log-level", "warning", *options, *models, *v.args,
             ]  # fmt: skip
             with open(logs / f"{v.name}.log", "wb") as log:
                 v.proc = subprocess.Popen(
@@ -112,7 +124,7 @@ def rotation(variants: list[Variant], rounds: int) -> Iterator[tuple[int, Varian
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--repository", required=True)
-    ap.add_argument("--model", required=True)
+    ap.add_argument("--model", help="every variant's model, unless it names its own")
     ap.add_argument("--variant", action="append", required=True, type=Variant.parse)
     ap.add_argument("--server-arg", default="", help="options every variant's server gets")
     ap.add_argument("--concurrency", type=int, default=16)
@@ -120,20 +132,62 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=float, default=2.0)
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--images-per-request", type=int, default=1)
+    ap.add_argument("--engine-batch", type=int, help="time onnxruntime alone too (batch size)")
     args = ap.parse_args(argv)
     variants: list[Variant] = args.variant
     if len({v.name for v in variants}) != len(variants) or len(variants) < 2:
         ap.error("give two or more variants, each with its own name")
+    for v in variants:
+        v.model = v.model or args.model
+        if v.model is None:
+            ap.error(f"variant {v.name}: no model (give --model, or MODEL in the variant)")
     print(f"# machine: {cpu_line()}; load average before: {os.getloadavg()[0]:.2f}")
-    options = ["--repository", args.repository, "--models", args.model]
+    server_args = shlex.split(args.server_arg)
+    engines = (
+        [Engine(args.repository, v, server_args, args.engine_batch) for v in variants]
+        if args.engine_batch
+        else []
+    )
     with (
         tempfile.TemporaryDirectory(prefix="ab-serve-") as tmp,
-        running(variants, [*options, *shlex.split(args.server_arg)], Path(tmp)),
+        running(variants, ["--repository", args.repository, *server_args], Path(tmp)),
     ):
         for r, v in rotation(variants, args.rounds):
+            if v is variants[r % len(variants)]:  # a round's first sweep: the engines first
+                for engine in engines:
+                    engine.variant.engine.append(engine.rate(2.0))
             measure(v, args, Path(tmp) / f"{v.name}-{r}")
     report(variants, args)
     return 0
+
+
+class Engine:
+    """onnxruntime alone on a variant's model, with the session settings its server gets."""
+
+    def __init__(self, repository: str, v: Variant, server_args: list[str], batch: int) -> None:
+        from resnet_serve.bench import corpus, offline
+        from resnet_serve.contract.preprocess import DecodeOptions, preprocess
+        from resnet_serve.service.repository import load_model_spec
+        from resnet_serve.service.sessions import SessionPool
+
+        assert v.model is not None
+        self.variant = v
+        settings = offline.service_settings(Path(repository), v.model, [*server_args, *v.args])
+        spec = load_model_spec(Path(repository) / v.model)
+        options = DecodeOptions(
+            max_pixels=settings.max_image_pixels, jpeg_draft=settings.jpeg_draft
+        )
+        images = [preprocess(d, i, spec.preprocess, options) for i, d in enumerate(corpus.load())]
+        self.batch = np.stack([images[i % len(images)] for i in range(batch)])
+        self.worker = SessionPool.load(spec, settings).workers[0]
+        self.worker.run(self.batch)  # first-run allocations stay out
+
+    def rate(self, seconds: float) -> float:
+        n, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            self.worker.run(self.batch)
+            n += len(self.batch)
+        return n / (time.perf_counter() - start)
 
 
 def measure(v: Variant, args: argparse.Namespace, out: Path) -> None:
@@ -141,7 +195,7 @@ def measure(v: Variant, args: argparse.Namespace, out: Path) -> None:
     cmd = [
         sys.executable, "-m", "resnet_serve.bench.cli",
         "--url", f"http://127.0.0.1:{v.port}", "--repository", args.repository,
-        "--model", args.model, "--concurrency", str(args.concurrency),
+        "--model", str(v.model), "--concurrency", str(args.concurrency),
         "--duration", str(args.duration), "--warmup", str(args.warmup),
         "--images-per-request", str(args.images_per_request),
         "--no-offline", "--no-progress", "--out", str(out),
@@ -158,8 +212,9 @@ def measure(v: Variant, args: argparse.Namespace, out: Path) -> None:
 
 def report(variants: list[Variant], args: argparse.Namespace) -> None:
     first = variants[0]
+    models = ", ".join(dict.fromkeys(str(v.model) for v in variants))
     print(
-        f"\n{args.model}, {args.concurrency} clients, {args.images_per_request} image(s) per "
+        f"\n{models}, {args.concurrency} clients, {args.images_per_request} image(s) per "
         f"request, {args.duration:g} s per sweep, {args.rounds} rounds; "
         f"load average after: {os.getloadavg()[0]:.2f}\n"
     )
@@ -173,6 +228,21 @@ def report(variants: list[Variant], args: argparse.Namespace) -> None:
             f"| {', '.join(f'{x:.1f}' for x in v.p50s)} "
             f"| {', '.join(f'{x:.0f}' for x in v.cpus)} "
             f"| {', '.join(f'{x:.3f}' for x in ratios)} | {statistics.median(ratios):.3f} |"
+        )
+    if not first.engine:
+        return
+    print(f"\nonnxruntime alone, batches of {args.engine_batch}, at the start of each round:\n")
+    print(f"| variant | engine img/s by round | engine ratio to {first.name} | service ratio "
+          "over engine ratio, by round | median |")  # fmt: skip
+    print("|---|---|---|---|---:|")
+    for v in variants:
+        engine = [a / b for a, b in zip(v.engine, first.engine, strict=True)]
+        service = [a / b for a, b in zip(v.rates, first.rates, strict=True)]
+        kept = [s / e for s, e in zip(service, engine, strict=True)]
+        print(
+            f"| {v.name} | {', '.join(f'{x:.1f}' for x in v.engine)} "
+            f"| {', '.join(f'{x:.3f}' for x in engine)} "
+            f"| {', '.join(f'{x:.3f}' for x in kept)} | {statistics.median(kept):.3f} |"
         )
 
 

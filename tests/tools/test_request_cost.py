@@ -15,7 +15,9 @@ def test_a_variant_is_a_name_an_environment_and_options() -> None:
     assert (v.name, v.env, v.args) == (
         "before", {"PYTHONPATH": "/tmp/old", "X": "1"}, ["--workers", "2", "--no-cpu-spinning"]
     )  # fmt: skip
-    assert (ab_serve.Variant.parse("after").env, ab_serve.Variant.parse("after").args) == ({}, [])
+    after = ab_serve.Variant.parse("after")
+    assert (after.env, after.args, after.model) == ({}, [], None)
+    assert ab_serve.Variant.parse("int8|||resnet50_int8").model == "resnet50_int8"
 
 
 def test_request_cost_measures_two_variants(capsys: pytest.CaptureFixture[str]) -> None:
