@@ -96,10 +96,10 @@ class DrainingServer(uvicorn.Server):
 
 def freeze_heap() -> None:
     """What exists once the models are warm (modules, sessions, routes, schemas: ~80k
-    objects) lives as long as the process. Frozen, the collector no longer walks it in each
-    full collection, which under load came every few hundred requests: with the tiny model,
-    a quarter of the event loop thread's profile samples (docs/benchmarks.md, "Where a
-    request's CPU goes"). One collection first (40-55 ms, logged), so that no startup
+    objects) lives as long as the process. Frozen, the collector no longer walks it in the
+    full collections that request handling's allocations keep triggering: with the tiny
+    model, a quarter of the event loop thread's profile samples (docs/benchmarks.md, "where
+    a request's CPU goes"). One collection first (40-55 ms, logged), so that no startup
     garbage is frozen."""
     t = time.perf_counter()
     gc.collect()

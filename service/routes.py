@@ -17,7 +17,7 @@ def include(app: FastAPI, router: APIRouter) -> None:
     FastAPI keeps an included router as one entry whose route table it checks for changes
     on every request it routes (``_get_routes_version``, once per included router and
     again for the one that matches): 4-8% of the event loop thread's profile samples under
-    load with the tiny model (docs/benchmarks.md, "Where a request's CPU goes"). Our routers
+    load with the tiny model (docs/benchmarks.md, "... where a request's CPU goes"). Our routers
     have no prefix, dependencies or other include options, so their routes are the
     same routes either way."""
     app.router.routes.extend(router.routes)
