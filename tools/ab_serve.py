@@ -43,9 +43,8 @@ from pathlib import Path
 
 import numpy as np
 
+from tools.grpc_http_pairs import cpu_seconds
 from tools.perf_analyzer import cpu_line, free_port, wait_ready
-
-TICKS = os.sysconf("SC_CLK_TCK")
 
 
 @dataclass
@@ -77,8 +76,7 @@ def tree_cpu_seconds(pid: int) -> float:
     while todo:
         p = todo.pop()
         try:
-            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / TICKS
+            total += cpu_seconds(p)
             for task in Path(f"/proc/{p}/task").iterdir():
                 todo += [int(c) for c in (task / "children").read_text().split()]
         except (OSError, ValueError):

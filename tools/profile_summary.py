@@ -95,8 +95,7 @@ def event_loop(profile: Path, top: int) -> int:
         frames = stack.split(";")
         # The main thread runs the loop; with py-spy's --subprocesses a worker's stacks
         # start with its process line, then the same frames.
-        if not any("resnet_serve/service/cli.py" in f or "(resnet-serve:" in f or
-                   "service/cli.py" in f for f in frames[:3]):  # fmt: skip
+        if not any("service/cli.py" in f or "(resnet-serve:" in f for f in frames[:3]):
             continue
         n = int(count)
         total += n

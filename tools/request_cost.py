@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import io
 import os
 import shlex
@@ -38,18 +39,16 @@ from resnet_serve.bench import corpus
 from resnet_serve.bench.load import MULTIPART_TYPE, multipart_body
 from tests.service import tiny
 from tools import profile_summary
-from tools.ab_serve import TICKS, Variant, rotation, running
+from tools.ab_serve import Variant, rotation, running
+from tools.grpc_http_pairs import cpu_seconds
 from tools.perf_analyzer import cpu_line
 
 
 def thread_cpu_seconds(pid: int) -> dict[int, float]:
     out = {}
     for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        out[int(task.name)] = (int(fields[11]) + int(fields[12])) / TICKS
+        with contextlib.suppress(OSError):  # a thread that ended meanwhile
+            out[int(task.name)] = cpu_seconds(pid, int(task.name))
     return out
 
 
