@@ -8,7 +8,6 @@ limits first (before any server is up), then the service's sweep, then the basel
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import json
 import os
@@ -26,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import ValidationError
 
 from resnet_serve.bench import corpus as corpus_mod
-from resnet_serve.bench import load, offline, report, tune
+from resnet_serve.bench import load, offline, rawhttp, report, tune
 from resnet_serve.bench.servers import (
     ServerError,
     ServerProcess,
@@ -96,6 +95,12 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument("--timeout", type=float, default=60.0, help="per request, seconds")
     p.add_argument(
+        "--client", choices=load.CLIENTS, default="raw",
+        help="the load generator's HTTP client: raw (prepared requests, httptools' parser, "
+        "uvloop; about a third of aiohttp's CPU per request, which on a small machine is CPU "
+        "taken from the server measured) or aiohttp (TLS, proxies); default raw",
+    )  # fmt: skip
+    p.add_argument(
         "--baseline", action="store_true",
         help="also sweep the naive FastAPI + PyTorch server (bench/naive_server.py) on the "
         "same weights, one image per request",
@@ -141,6 +146,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="the step compared with the offline pipeline and the baseline (default 16)",
     )  # fmt: skip
     p.add_argument("--corpus-size", type=int, default=64, help="JPEGs in the request corpus")
+    p.add_argument(
+        "--images", type=Path, metavar="PATH",
+        help="send these images instead of the photo corpus: a folder of image files (sent as "
+        "they are, in name order) or an .npz whose `images` array is uint8 [N, H, W, 3] "
+        "(each sent as a PNG), e.g. ../shared/data/cifar10-test-846.npz",
+    )  # fmt: skip
     p.add_argument("--corpus-dir", type=Path, help="corpus cache (default ~/.cache/resnet-bench)")
     p.add_argument("--out", type=Path, help="output directory (default bench-results/<time>)")
     p.add_argument("--no-progress", action="store_true", help="no live progress display")
@@ -225,11 +236,11 @@ def sweep(
         by_time = duration is not None
         total = duration if duration is not None else float(args.requests)
         tick = display.step(f"{target.system} @ {c} clients", total, by_time)
-        result = asyncio.run(
+        result = rawhttp.run(
             load.run_step(
                 target, bodies, c,
                 warmup_s=args.warmup, duration_s=duration, requests=args.requests,
-                timeout_s=args.timeout, server_pid=server_pid, tick=tick,
+                timeout_s=args.timeout, server_pid=server_pid, tick=tick, client=args.client,
             )
         )  # fmt: skip
         display.finish_step(result)
@@ -376,11 +387,14 @@ def _meta(
         else f"{args.requests} requests measured per step",
         "warmup_s": args.warmup,
         "timeout_s": args.timeout,
+        "client": args.client,
         "corpus": {
-            "count": spec.count,
+            "count": len(images),
+            "source": str(args.images) if args.images is not None else "photos",
             "seed": spec.seed,
             "quality": spec.quality,
-            "key": spec.key,
+            "key": spec.key if args.images is None else None,
+            "formats": corpus_mod.formats(images),
             "mean_bytes": sum(map(len, images)) / len(images),
         },
         "server_args": server_args,
@@ -475,7 +489,15 @@ def run(args: argparse.Namespace) -> int:
     out = args.out or Path("bench-results") / datetime.now().strftime("%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
     spec = corpus_mod.CorpusSpec(count=args.corpus_size)
-    images = corpus_mod.load(spec, args.corpus_dir)
+    try:
+        images = (
+            corpus_mod.load(spec, args.corpus_dir)
+            if args.images is None
+            else corpus_mod.from_path(args.images)
+        )
+    except (OSError, ValueError, KeyError) as exc:
+        print(f"resnet-bench: --images {args.images}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     path = f"/v1/models/{model}/{args.endpoint}"
     if args.endpoint == "embed":
         path += f"?encoding={args.encoding}"

@@ -1,4 +1,5 @@
-"""The benchmark's request images: natural photos at ImageNet-like sizes, as JPEG.
+"""The benchmark's request images: natural photos at ImageNet-like sizes, as JPEG (or the
+user's own, ``from_path``).
 
 Decode and resize cost depends on what is in the picture and how large it is, so the
 corpus is made of real photographs (scikit-image's bundled samples), cut at several
@@ -111,4 +112,60 @@ def load(spec: CorpusSpec = CorpusSpec(), cache_dir: Path | None = None) -> list
         tmp = directory / f".{name}.{os.getpid()}"
         tmp.write_bytes(data)
         tmp.replace(directory / name)
+    return images
+
+
+# The leading bytes of the formats a folder of images is likely to hold: each part of a
+# request names its type as a browser or curl would (servers may check it).
+_SIGNATURES = (
+    (b"\xff\xd8\xff", "jpg", "image/jpeg"),
+    (b"\x89PNG\r\n\x1a\n", "png", "image/png"),
+    (b"GIF8", "gif", "image/gif"),
+    (b"BM", "bmp", "image/bmp"),
+    (b"II*\x00", "tif", "image/tiff"),
+    (b"MM\x00*", "tif", "image/tiff"),
+)
+
+
+def image_type(data: bytes) -> tuple[str, str]:
+    """``(extension, media type)`` of an encoded image, from its first bytes."""
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp", "image/webp"
+    for magic, ext, mime in _SIGNATURES:
+        if data.startswith(magic):
+            return ext, mime
+    return "bin", "application/octet-stream"
+
+
+def formats(images: list[bytes]) -> dict[str, int]:
+    """How many images of each type (by extension)."""
+    counts: dict[str, int] = {}
+    for data in images:
+        ext = image_type(data)[0]
+        counts[ext] = counts.get(ext, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def from_path(path: Path) -> list[bytes]:
+    """The images to send from ``path``: a folder's files in name order (hidden ones
+    skipped), or an .npz's ``images`` (uint8 ``[N, H, W, 3]``), each encoded as a PNG."""
+    if path.is_dir():
+        files = sorted(f for f in path.iterdir() if f.is_file() and not f.name.startswith("."))
+        images = [f.read_bytes() for f in files]
+    elif path.suffix == ".npz":
+        with np.load(path) as data:
+            arrays = data["images"]
+        if arrays.dtype != np.uint8 or arrays.ndim != 4 or arrays.shape[-1] != 3:
+            raise ValueError(
+                f"`images` must be uint8 [N, H, W, 3], not {arrays.dtype} {arrays.shape}"
+            )
+        images = []
+        for array in arrays:
+            buf = io.BytesIO()
+            Image.fromarray(array).save(buf, "PNG")
+            images.append(buf.getvalue())
+    else:
+        raise ValueError("not a folder or an .npz file")
+    if not images:
+        raise ValueError("no images there")
     return images

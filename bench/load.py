@@ -1,4 +1,5 @@
-"""The load generator: closed-loop HTTP clients over keep-alive connections (aiohttp).
+"""The load generator: closed-loop HTTP clients over keep-alive connections (by default
+bench/rawhttp.py's lean client, or aiohttp's).
 
 Each of ``concurrency`` clients sends a request, waits for the whole answer, and sends
 the next one at once. A step first warms up unmeasured (connections opened, the server's
@@ -22,10 +23,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
+import httptools
 import numpy as np
 import orjson
 
+from resnet_serve.bench import rawhttp
+from resnet_serve.bench.corpus import image_type
+
 BOUNDARY = "resnet-bench-8f3c1a7e5b2d4c6f"
+CLIENTS = ("raw", "aiohttp")
 MULTIPART_TYPE = f"multipart/form-data; boundary={BOUNDARY}"
 
 
@@ -112,9 +118,10 @@ def multipart_body(images: Sequence[bytes]) -> bytes:
     for i, data in enumerate(images):
         if sep in data:  # never seen in a JPEG; a silently corrupt body would skew everything
             raise ValueError(f"image {i} contains the multipart boundary")
+        ext, mime = image_type(data)
         head = (
-            f'Content-Disposition: form-data; name="file"; filename="{i}.jpg"\r\n'
-            "Content-Type: image/jpeg\r\n\r\n"
+            f'Content-Disposition: form-data; name="file"; filename="{i}.{ext}"\r\n'
+            f"Content-Type: {mime}\r\n\r\n"
         )
         parts.append(sep + b"\r\n" + head.encode() + data + b"\r\n")
     return b"".join(parts) + sep + b"--\r\n"
@@ -203,10 +210,6 @@ async def _scrape(session: aiohttp.ClientSession, target: Target) -> dict[str, f
         return None  # the figures are a diagnosis; the step is valid without them
 
 
-class InvalidAnswerError(Exception):
-    pass
-
-
 # Called about four times a second: (seconds measured so far, None while warming up;
 # measured OK answers; measured errors).
 Tick = Callable[[float | None, int, int], None]
@@ -257,39 +260,74 @@ async def run_step(
     timeout_s: float,
     server_pid: int | None = None,
     tick: Tick | None = None,
+    client: str = "raw",
 ) -> StepResult:
     """One step at ``concurrency``: warmup (``warmup_s`` and until every client has had
     an answer, so that the server has seen the full load), then ``duration_s`` seconds or
-    ``requests`` measured completions."""
+    ``requests`` measured completions. ``client``: one of CLIENTS."""
     if (duration_s is None) == (requests is None):
         raise ValueError("give exactly one of duration_s and requests")
+    if client not in CLIENTS:
+        raise ValueError(f"client must be one of {', '.join(CLIENTS)}")
     headers = {"Content-Type": MULTIPART_TYPE, **dict(target.headers)}
     cycle = itertools.cycle(bodies)
     st = _StepState(concurrency, requests)
 
-    async def client(session: aiohttp.ClientSession) -> None:
+    def judge(status: int, payload: bytes) -> str | None:
+        if status != 200:
+            return str(status)
+        if st.measuring and not st.checked:
+            # One parsed answer per step proves the endpoint does the work asked for;
+            # parsing every one would load the client.
+            st.checked = True
+            if check_answer(payload, target) is not None:
+                return "invalid-answer"
+        return None
+
+    async def aiohttp_client(session: aiohttp.ClientSession) -> None:
         while not st.stopping:
             body = next(cycle)
             start = time.perf_counter()
             outcome: str | None = None
             try:
                 async with session.post(target.url, data=body, headers=headers) as resp:
-                    payload = await resp.read()
-                    if resp.status != 200:
-                        outcome = str(resp.status)
-                    elif st.measuring and not st.checked:
-                        # One parsed answer per step proves the endpoint does the work
-                        # asked for; parsing every one would load the client.
-                        st.checked = True
-                        if (why := check_answer(payload, target)) is not None:
-                            raise InvalidAnswerError(why)
-            except InvalidAnswerError:
-                outcome = "invalid-answer"
+                    outcome = judge(resp.status, await resp.read())
             except asyncio.TimeoutError:
                 outcome = "timeout"
             except aiohttp.ClientError as exc:
                 outcome = type(exc).__name__
             st.record(outcome, start, time.perf_counter())
+
+    host, port, prepared = (
+        rawhttp.prepare(target.url, bodies, list(headers.items()))
+        if client == "raw"
+        else ("", 0, [])
+    )
+    raw_cycle = itertools.cycle(prepared)
+
+    async def raw_client() -> None:
+        conn: rawhttp.Connection | None = None
+        try:
+            while not st.stopping:
+                request = next(raw_cycle)
+                start = time.perf_counter()
+                outcome: str | None = None
+                try:
+                    if conn is None or conn.closed:
+                        conn = None  # a failed connect must not leave the old one to reuse
+                        conn = await rawhttp.Connection.open(host, port)
+                    outcome = judge(*await conn.exchange(request, timeout_s))
+                except TimeoutError:
+                    outcome = "timeout"
+                except (OSError, httptools.HttpParserError) as exc:
+                    outcome = type(exc).__name__
+                    # Some failures come without an await (a connection found closed): the
+                    # loop must still run the step's timers and the other clients.
+                    await asyncio.sleep(0)
+                st.record(outcome, start, time.perf_counter())
+        finally:
+            if conn is not None:
+                conn.close()
 
     connector = aiohttp.TCPConnector(limit=concurrency, limit_per_host=concurrency)
     timeout = aiohttp.ClientTimeout(total=timeout_s)
@@ -299,7 +337,10 @@ async def run_step(
         aiohttp.ClientSession(connector=connector, timeout=timeout) as session,
         aiohttp.ClientSession(timeout=timeout) as scraper,
     ):
-        tasks = [asyncio.create_task(client(session)) for _ in range(concurrency)]
+        tasks = [
+            asyncio.create_task(raw_client() if client == "raw" else aiohttp_client(session))
+            for _ in range(concurrency)
+        ]
 
         async def ticker() -> None:
             while tick is not None:

@@ -199,6 +199,14 @@ def _errors(s: StepResult) -> str:
     return ", ".join(f"{k}: {v}" for k, v in s.errors.items()) if s.errors else "0"
 
 
+def _corpus_line(corpus: dict[str, Any]) -> str:
+    source = corpus.get("source", "photos")
+    kinds = ", ".join(f"{n} {ext.upper()}" for ext, n in (corpus.get("formats") or {}).items())
+    if source == "photos":
+        return f"corpus {corpus['count']} JPEGs"
+    return f"images from `{source}` ({kinds or corpus['count']})"
+
+
 def _cpu(seconds: float | None, window: float) -> str:
     # Percent of one core, as top shows it: 200% is both cores of a 2-core machine.
     return "-" if seconds is None or window <= 0 else f"{100.0 * seconds / window:.0f}%"
@@ -248,7 +256,7 @@ def markdown(
         f"- load: `{m['endpoint_path']}`, {m['images_per_request']} image(s) per request"
         f"{' (baseline: 1)' if m.get('baseline') else ''}, {m['step']}, "
         f"warmup {m['warmup_s']:g} s per step, "
-        f"corpus {m['corpus']['count']} JPEGs",
+        f"{_corpus_line(m['corpus'])}, client {m.get('client', 'aiohttp')}",
         f"- service: {m['service']}",
         *([f"- baseline: {m['baseline']}"] if m.get("baseline") else []),
         "- versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()),

@@ -9,6 +9,7 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -67,6 +68,7 @@ def test_markdown_report(bench_run: tuple[int, Path]) -> None:
     text = (out / "results.md").read_text()
     header, *rows = _table(text, "## HTTP load")
     assert header == HTTP_COLUMNS
+    assert "corpus 16 JPEGs, client raw" in text
     assert [(r[0], r[1]) for r in rows] == [
         ("resnet-serve", "1"), ("resnet-serve", "4"),
         ("FastAPI + onnxruntime", "1"), ("FastAPI + onnxruntime", "4"),
@@ -125,6 +127,31 @@ def test_plot_and_server_logs(bench_run: tuple[int, Path]) -> None:
         assert img.width > 800 and img.height > 300
     for log in ("service.log", "naive.log", "ort.log"):
         assert (out / log).exists()
+
+
+def test_own_images_and_the_aiohttp_client(
+    cifar_repository: Path, cifar_test: dict[str, np.ndarray], tmp_path: Path
+) -> None:
+    """``--images`` with the CIFAR test set's layout (each sent as a PNG), loaded by aiohttp."""
+    np.savez(tmp_path / "eight.npz", images=cifar_test["images"][:8])
+    out = tmp_path / "out"
+    rc = main([
+        "--start-server", "--repository", str(cifar_repository), "--model", "resnet20_cifar10",
+        "--images", str(tmp_path / "eight.npz"), "--client", "aiohttp", "--no-offline",
+        "--concurrency", "2", "--requests", str(REQUESTS), "--warmup", "0.3",
+        "--out", str(out), "--no-progress",
+    ])  # fmt: skip
+    assert rc == 0
+    text = (out / "results.md").read_text()
+    assert f"images from `{tmp_path / 'eight.npz'}` (8 PNG), client aiohttp" in text
+    (row,) = _table(text, "## HTTP load")[1:]
+    assert row[:2] == ["resnet-serve", "2"] and row[7] == "0"
+    meta = json.loads((out / "results.json").read_text())["meta"]
+    assert meta["client"] == "aiohttp"
+    assert meta["corpus"]["formats"] == {"png": 8} and meta["corpus"]["count"] == 8
+    (tmp_path / "empty").mkdir()
+    argv = ["--url", "http://127.0.0.1:9", "--model", "m", "--images", str(tmp_path / "empty")]
+    assert main(argv) == 2
 
 
 def test_usage_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

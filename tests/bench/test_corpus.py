@@ -45,3 +45,53 @@ def test_load_caches_the_same_bytes(tmp_path: Path) -> None:
     files[0].write_bytes(b"cached")
     assert load(spec, tmp_path)[0] == b"cached"
     assert load(spec, tmp_path)[1:] == written[1:]
+
+
+def test_image_types_from_their_first_bytes() -> None:
+    from resnet_serve.bench.corpus import formats, image_type
+
+    def encoded(fmt: str) -> bytes:
+        buf = io.BytesIO()
+        Image.new("RGB", (4, 4)).save(buf, fmt)
+        return buf.getvalue()
+
+    expected = {
+        "JPEG": ("jpg", "image/jpeg"), "PNG": ("png", "image/png"), "GIF": ("gif", "image/gif"),
+        "BMP": ("bmp", "image/bmp"), "TIFF": ("tif", "image/tiff"), "WEBP": ("webp", "image/webp"),
+    }  # fmt: skip
+    for fmt, kind in expected.items():
+        assert image_type(encoded(fmt)) == kind
+    assert image_type(b"not an image") == ("bin", "application/octet-stream")
+    assert formats([encoded("PNG"), encoded("JPEG"), encoded("PNG")]) == {"jpg": 1, "png": 2}
+
+
+def test_images_from_a_folder_or_an_npz(tmp_path: Path) -> None:
+    import numpy as np
+
+    from resnet_serve.bench.corpus import from_path
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for name, data in (("b.jpg", b"second"), ("a.png", b"first"), (".hidden", b"skipped")):
+        (folder / name).write_bytes(data)
+    (folder / "sub").mkdir()
+    assert from_path(folder) == [b"first", b"second"]
+
+    arrays = np.random.default_rng(0).integers(0, 256, (3, 5, 7, 3), dtype=np.uint8)
+    np.savez(tmp_path / "set.npz", images=arrays, labels=np.arange(3))
+    pngs = from_path(tmp_path / "set.npz")
+    for data, array in zip(pngs, arrays, strict=True):
+        with Image.open(io.BytesIO(data)) as img:
+            assert img.format == "PNG"
+            assert (np.asarray(img) == array).all()  # lossless: the pixels as stored
+
+    np.savez(tmp_path / "gray.npz", images=arrays[..., 0])
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for bad, why in (
+        (tmp_path / "gray.npz", "uint8 \\[N, H, W, 3\\]"),
+        (empty, "no images"),
+        (tmp_path / "set.txt", "not a folder or an .npz"),
+    ):
+        with pytest.raises(ValueError, match=why):
+            from_path(bad)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import math
 import os
 import signal
@@ -12,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from resnet_serve.bench import rawhttp
 from resnet_serve.bench.load import (
     StepResult,
     Target,
@@ -34,8 +34,11 @@ def jpegs(cifar_test: dict[str, np.ndarray]) -> list[bytes]:
     return [encode(img, "JPEG", quality=90) for img in cifar_test["images"][:8]]
 
 
+CLIENTS = pytest.mark.parametrize("client", ["raw", "aiohttp"])
+
+
 def _run(target: Target, bodies: list[bytes], concurrency: int, **kw: object) -> StepResult:
-    return asyncio.run(
+    return rawhttp.run(
         run_step(target, bodies, concurrency, warmup_s=0.1, timeout_s=30, **kw)  # type: ignore[arg-type]
     )
 
@@ -61,14 +64,23 @@ def test_bodies_cover_the_corpus_in_multipart_parts() -> None:
     assert len(request_bodies(corpus, 16)) == 1  # more images per request than the corpus
 
 
+def test_parts_name_their_image_type(jpegs: list[bytes], cifar_test: dict[str, np.ndarray]) -> None:
+    png = encode(cifar_test["images"][0], "PNG")
+    body = request_bodies([png, jpegs[0]], 2)[0]
+    assert b'filename="0.png"\r\nContent-Type: image/png\r\n' in body
+    assert b'filename="1.jpg"\r\nContent-Type: image/jpeg\r\n' in body
+
+
+@CLIENTS
 def test_requests_mode_counts_exactly_and_the_service_reads_every_part(
-    server: ThreadServer, jpegs: list[bytes]
+    server: ThreadServer, jpegs: list[bytes], client: str
 ) -> None:
     url = server.url + "/v1/models/resnet20_cifar10/classify"
     target = Target(
         "service", url, 4, metrics_url=server.url + "/metrics", model="resnet20_cifar10"
     )
-    result = _run(target, request_bodies(jpegs, 4), 2, duration_s=None, requests=25)
+    bodies = request_bodies(jpegs, 4)
+    result = _run(target, bodies, 2, duration_s=None, requests=25, client=client)
     assert result.errors == {}
     assert result.ok == 25
     assert len(result.latencies_ms) == 25
@@ -97,19 +109,24 @@ resnet_serve_inference_duration_seconds_sum{model="a"} 1.5
     }  # fmt: skip
 
 
-def test_errors_are_counted_by_status(server: ThreadServer, jpegs: list[bytes]) -> None:
+@CLIENTS
+def test_errors_are_counted_by_status(
+    server: ThreadServer, jpegs: list[bytes], client: str
+) -> None:
     target = Target("service", server.url + "/v1/models/no_such_model/classify", 1)
-    result = _run(target, request_bodies(jpegs, 1), 2, duration_s=None, requests=10)
+    bodies = request_bodies(jpegs, 1)
+    result = _run(target, bodies, 2, duration_s=None, requests=10, client=client)
     assert result.ok == 0
     assert result.errors == {"404": 10}
     assert result.img_s == 0.0
 
 
-def test_a_wrong_answer_is_an_error(server: ThreadServer, jpegs: list[bytes]) -> None:
+@CLIENTS
+def test_a_wrong_answer_is_an_error(server: ThreadServer, jpegs: list[bytes], client: str) -> None:
     # Two images sent where the target expects three: the one checked answer (the first
     # measured) is refused, the others are taken as they come.
     target = Target("service", server.url + "/v1/models/resnet20_cifar10/classify", 3)
-    result = _run(target, request_bodies(jpegs, 2), 1, duration_s=None, requests=5)
+    result = _run(target, request_bodies(jpegs, 2), 1, duration_s=None, requests=5, client=client)
     assert result.errors == {"invalid-answer": 1}
     assert result.ok == 4
 
