@@ -18,6 +18,7 @@ import numpy as np
 import onnxruntime as ort
 
 from resnet_serve.contract.schema import GRAPH_OUTPUTS, INPUT, ModelSpec
+from resnet_serve.service import affinity
 from resnet_serve.service.settings import Settings, cpu_count
 
 log = logging.getLogger(__name__)
@@ -110,11 +111,14 @@ class Worker:
     name: str
     providers: list[str | tuple[str, dict[str, str]]]
     io_binding: bool = False
+    cpu: int | None = None  # the core its thread is pinned to (--cpu-affinity)
     session: ort.InferenceSession = field(init=False)
     executor: ThreadPoolExecutor = field(init=False)
 
     def __post_init__(self) -> None:
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=self.name)
+        if self.cpu is not None:
+            self.executor.submit(affinity.pin_this_thread, self.cpu).result()
         self.session = self._create()
 
     def _create(self) -> ort.InferenceSession:
@@ -179,6 +183,7 @@ class SessionPool:
         # load. Other models' sessions are not counted: they are busy when this one is not,
         # and a fixed fraction each would leave a lone busy model on a fraction of the cores.
         threads = settings.intra_op_threads or max(1, cpu_count() // settings.sessions_per_device)
+        cpus = affinity.process_cpus() if settings.cpu_affinity else []
         workers: list[Runner] = []
         for device in devices:
             for i in range(settings.sessions_per_device):
@@ -190,14 +195,23 @@ class SessionPool:
                 spin = "1" if settings.cpu_spinning else "0"
                 opts.add_session_config_entry("session.intra_op.allow_spinning", spin)
                 opts.add_session_config_entry("session.inter_op.allow_spinning", spin)
+                cores = None
+                if cpus and device.kind == "cpu":
+                    cores = affinity.session_cores(cpus, i, threads)
+                    if threads > 1:
+                        opts.add_session_config_entry(
+                            "session.intra_op_thread_affinities", affinity.pool_affinities(cores)
+                        )
+                    log.info("%s session %d: threads on CPUs %s", spec.name, i, cores)
                 name = f"ort-{spec.name}-{device}-{i}"
                 io_binding = (
                     settings.io_binding if settings.io_binding is not None
                     else device.kind == "cuda"
                 )  # fmt: skip
                 providers = providers_for(device, settings)
+                cpu = cores[0] if cores else None
                 workers.append(
-                    Worker(str(spec.onnx_path), opts, device, name, providers, io_binding)
+                    Worker(str(spec.onnx_path), opts, device, name, providers, io_binding, cpu)
                 )
         log.info(
             "%s: %d session(s) on %s, %d intra-op thread(s) each, providers %s",

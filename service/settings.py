@@ -84,6 +84,12 @@ class Settings(BaseSettings):
         "a quiet spell a ResNet-50 run took 1.8x as long on 2 KVM vCPUs, docs/benchmarks.md; "
         "turn it off under a CPU quota, which spinning spends)",
     )
+    cpu_affinity: bool = Field(
+        False,
+        description="pin each CPU session's threads to cores of their own within the allowed "
+        "CPUs (each worker its slice): a steadier latency (ResNet-50, one client: p99 -20%, "
+        "docs/benchmarks.md); off where other processes pin to the same cores",
+    )
     io_binding: bool | None = Field(None, description="onnxruntime IOBinding: one copy in, one out")
     cuda_conv_algo_search: Literal["EXHAUSTIVE", "HEURISTIC", "DEFAULT"] = Field(
         "EXHAUSTIVE", description="cuDNN algorithm search, paid once per warmed bucket"

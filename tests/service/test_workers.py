@@ -177,3 +177,32 @@ def test_cores_are_split_unless_given() -> None:
     assert given == {"RESNET_SERVE_SESSIONS_PER_DEVICE": "1"}
     two = split_threads(Settings(workers=2, sessions_per_device=2))
     assert two["RESNET_SERVE_INTRA_OP_THREADS"] == str(max(1, per // 2))
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="Linux only")
+def test_pinned_workers_keep_to_their_slices(tiny_repository: Path) -> None:
+    """``--cpu-affinity`` with two workers: each one's session thread sits on a core of its
+    own slice of the CPUs (the kernel's record of each thread: /proc/PID/task)."""
+    from resnet_serve.service.affinity import allowed_cpus, share
+
+    srv = ProcessServer(tiny_repository, workers="2", cpu_affinity="true").start()
+    try:
+        workers = children(srv.proc.pid)  # type: ignore[union-attr]
+        assert len(workers) == 2
+        cpus = allowed_cpus()
+        firsts = set()
+        for pid in workers:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            index = int(next(e for e in environ if e.startswith(b"_RESNET_SERVE_WORKER="))[21:])
+            slice_ = share(cpus, index, 2)
+            masks = set()
+            for task in Path(f"/proc/{pid}/task").iterdir():
+                lines = (task / "status").read_text().splitlines()
+                masks.add(next(x for x in lines if x.startswith("Cpus_allowed_list:")).split()[1])
+            # One intra-op thread per worker (the cores split): its own thread, on the
+            # slice's first core; everything else free to run anywhere.
+            assert str(slice_[0]) in masks, (index, masks)
+            firsts.add(slice_[0])
+        assert len(firsts) == min(2, len(cpus))
+    finally:
+        assert srv.stop() == 0
