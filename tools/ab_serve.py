@@ -57,6 +57,7 @@ class Variant:
     proc: subprocess.Popen[bytes] | None = None
     rates: list[float] = field(default_factory=list)
     p50s: list[float] = field(default_factory=list)
+    p99s: list[float] = field(default_factory=list)
     cpus: list[float] = field(default_factory=list)
     engine: list[float] = field(default_factory=list)
 
@@ -206,6 +207,7 @@ def measure(v: Variant, args: argparse.Namespace, out: Path) -> None:
         raise SystemExit(f"{v.name}: errors {step['errors']}")
     v.rates.append(step["img_s"])
     v.p50s.append(step["p50_ms"])
+    v.p99s.append(step["p99_ms"])
 
 
 def report(variants: list[Variant], args: argparse.Namespace) -> None:
@@ -216,14 +218,15 @@ def report(variants: list[Variant], args: argparse.Namespace) -> None:
         f"request, {args.duration:g} s per sweep, {args.rounds} rounds; "
         f"load average after: {os.getloadavg()[0]:.2f}\n"
     )
-    print("| variant | img/s by round | p50 ms by round | server CPU % | ratio to "
-          f"{first.name} by round | median ratio |")  # fmt: skip
-    print("|---|---|---|---|---|---:|")
+    print("| variant | img/s by round | p50 ms by round | p99 ms by round | server CPU % "
+          f"| ratio to {first.name} by round | median ratio |")  # fmt: skip
+    print("|---|---|---|---|---|---|---:|")
     for v in variants:
         ratios = [a / b for a, b in zip(v.rates, first.rates, strict=True)]
         print(
             f"| {v.name} | {', '.join(f'{x:.1f}' for x in v.rates)} "
             f"| {', '.join(f'{x:.1f}' for x in v.p50s)} "
+            f"| {', '.join(f'{x:.1f}' for x in v.p99s)} "
             f"| {', '.join(f'{x:.0f}' for x in v.cpus)} "
             f"| {', '.join(f'{x:.3f}' for x in ratios)} | {statistics.median(ratios):.3f} |"
         )
