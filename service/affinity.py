@@ -3,15 +3,18 @@
 A session with T intra-op threads runs on the thread that calls it plus T - 1 onnxruntime
 pool threads. Unpinned, the kernel places them as it wakes them: with a lone client on
 2 cores, a run sometimes starts with its caller on the core where the pool thread is
-spinning, and runs at about half speed until one of them migrates (ResNet-50 runs of 19 ms
-took 27-30 ms at the 99th percentile; pinned, 21-23: docs/benchmarks.md, "Pinned
-sessions"). Pinned, the caller sits on the first of the session's cores and each pool
-thread on one of the others (onnxruntime's ``session.intra_op_thread_affinities``).
+spinning, and runs at about half speed until one of them migrates (ResNet-50 at one
+client: the slowest 5% of requests spent 26.9 ms in inference against a median of 18.5;
+pinned, 19.0, and the p99 fell by a quarter: docs/benchmarks.md, "Pinned sessions").
+Pinned, the caller sits on the first of the session's cores and each pool thread on one of
+the others (onnxruntime's ``session.intra_op_thread_affinities``). Under load it costs:
+decode threads then share cores with session threads that cannot move (4% fewer img/s
+at 16 clients).
 
 The cores come from the process's allowed set (containers' cpusets, ``taskset``). With
 ``--workers N`` each worker takes its own slice of them, so that the workers' sessions do
-not share cores. Off by default: processes that do not know of each other (two replicas
-on one host without a CPU manager) would pin to the same first cores.
+not share cores. Off by default, also because processes that do not know of each other
+(two replicas on one host without a CPU manager) would pin to the same first cores.
 """
 
 from __future__ import annotations
