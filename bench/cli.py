@@ -97,8 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--client", choices=load.CLIENTS, default="raw",
         help="the load generator's HTTP client: raw (prepared requests, httptools' parser, "
-        "uvloop; about a third of aiohttp's CPU per request, which on a small machine is CPU "
-        "taken from the server measured) or aiohttp (TLS, proxies); default raw",
+        "uvloop; a quarter to a third of aiohttp's CPU per request, which on a small machine "
+        "is CPU taken from the server measured) or aiohttp (TLS, proxies); default raw",
     )  # fmt: skip
     p.add_argument(
         "--baseline", action="store_true",

@@ -3,8 +3,9 @@ keep-alive connection, each answer read by httptools' C parser (uvicorn's own).
 
 On a 2-core machine the clients share the CPU with the server they measure: every
 microsecond a client spends per request is taken from that server. aiohttp's client
-costs 0.13-0.16 ms of CPU per request under the default asyncio loop, this one about
-0.04 under uvloop (docs/benchmarks.md, "The load generator's own CPU"), so that the
+cost 0.13-0.19 ms of CPU per request under the default asyncio loop, this one about
+0.045 under uvloop (resnet-bench's client CPU column; docs/benchmarks.md, "The load
+generator's own CPU"), so that the
 figures say more about the server and less about the client. What it does not do: TLS,
 redirects, cookies, proxies, HTTP/2 (``--client aiohttp`` for those).
 """

@@ -87,7 +87,7 @@ class Settings(BaseSettings):
     cpu_affinity: bool = Field(
         False,
         description="pin each CPU session's threads to cores of their own within the allowed "
-        "CPUs (each worker its slice): ResNet-50 at one client p99 -24%, at 16 clients 4% "
+        "CPUs (each worker its slice): ResNet-50 at one client p99 -23%, at 16 clients 4% "
         "fewer img/s (docs/benchmarks.md); for a lightly loaded service that owns its CPUs",
     )
     io_binding: bool | None = Field(None, description="onnxruntime IOBinding: one copy in, one out")
