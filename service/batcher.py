@@ -48,7 +48,7 @@ class Ticket:
     except images ``hold``-ed (still being decoded), which count until ``let_go``.
     Every step is idempotent or counted, so no path through a request can leak."""
 
-    __slots__ = ("_admitted", "_announced", "_batcher", "_held", "_over")
+    __slots__ = ("_admitted", "_announced", "_batcher", "_held", "_open", "_over")
 
     def __init__(self, batcher: Batcher) -> None:
         self._batcher = batcher
@@ -56,7 +56,9 @@ class Ticket:
         self._over = False
         self._admitted = 0
         self._held = 0
+        self._open = True
         batcher._expected += 1
+        batcher._requests += 1
 
     def __enter__(self) -> Ticket:
         return self
@@ -108,6 +110,9 @@ class Ticket:
         self._batcher._incoming -= n
 
     def close(self) -> None:
+        if self._open:
+            self._open = False
+            self._batcher._requests -= 1
         self._arrived()
         free = self._admitted - self._held
         self._admitted -= free
@@ -137,6 +142,7 @@ class Batcher:
         self._queue: deque[QueuedImage] = deque()
         self._incoming = 0
         self._expected = 0
+        self._requests = 0  # tickets open: requests from arrival to answer
         self._arrival = asyncio.Event()
         self._closing = False
         self._task: asyncio.Task[None] | None = None
@@ -257,6 +263,9 @@ class Batcher:
             start = time.perf_counter()
             self._record.started(items, start)
             n = len(items)
+            # Other requests in flight: spinning threads would take the CPU their decoding
+            # and HTTP need (Worker.run's non-spinning copy). A lone client's batch spins.
+            busy = self._requests > 1 or self.pending > 0
             bucket = self.buckets[bisect.bisect_left(self.buckets, n)]
             batch = np.zeros((bucket, *self.image_shape), dtype=np.uint8)
             for i, item in enumerate(items):
@@ -266,7 +275,7 @@ class Batcher:
             names = tuple(dict.fromkeys(name for item in items for name in item.outputs))
             loop = asyncio.get_running_loop()
             try:
-                arrays = await loop.run_in_executor(worker.executor, worker.run, batch, names)
+                arrays = await loop.run_in_executor(worker.executor, worker.run, batch, names, busy)
             except Exception as exc:
                 self._record.failed(items)
                 log.exception("inference failed on a batch of %d for %s", n, self.model)

@@ -116,7 +116,8 @@ class ModelQueue:
             if size > n:
                 parts.append(np.zeros((size - n, *parts[0].shape[1:]), parts[0].dtype))
             batch = parts[0] if len(parts) == 1 else np.concatenate(parts)
-            outputs = worker.run(batch, jobs[0].names)
+            # As the batcher's: other jobs waiting (a racy glance is enough), or several.
+            outputs = worker.run(batch, jobs[0].names, n > 1 or bool(self._jobs))
         except Exception as exc:
             log.exception("inference failed on a batch of %d job(s) for %s", len(jobs), self.name)
             for j in jobs:

@@ -101,7 +101,10 @@ class RemoteRunner:
             raise RemoteInferenceError(answer["error"])
         return out
 
-    def run(self, images: np.ndarray, names: tuple[str, ...] = DEFAULT_OUTPUTS) -> list[np.ndarray]:
+    def run(
+        self, images: np.ndarray, names: tuple[str, ...] = DEFAULT_OUTPUTS, busy: bool = False
+    ) -> list[np.ndarray]:
+        # The inference process sees every worker's queue and decides busy for itself.
         return self._call({"op": "run", "model": self.model, "names": list(names)}, [images])
 
     def models(self) -> dict[str, dict[str, Any]]:

@@ -95,7 +95,7 @@ class Runner(Protocol):
     executor: ThreadPoolExecutor
 
     def run(
-        self, images: np.ndarray, names: tuple[str, ...] = DEFAULT_OUTPUTS
+        self, images: np.ndarray, names: tuple[str, ...] = DEFAULT_OUTPUTS, busy: bool = False
     ) -> list[np.ndarray]: ...
 
     def recreate(self) -> None: ...
@@ -103,7 +103,9 @@ class Runner(Protocol):
 
 @dataclass(eq=False)
 class Worker:
-    """One session and the one thread that runs it."""
+    """One session and the one thread that runs it; optionally a non-spinning copy of the
+    session (``calm_options``) for the batches of busy spells, run by the same thread, so
+    the two never run at once."""
 
     path: str
     options: ort.SessionOptions
@@ -112,36 +114,63 @@ class Worker:
     providers: list[str | tuple[str, dict[str, str]]]
     io_binding: bool = False
     cpu: int | None = None  # the core its thread is pinned to (--cpu-affinity)
+    calm_options: ort.SessionOptions | None = None
     session: ort.InferenceSession = field(init=False)
+    calm: ort.InferenceSession | None = field(init=False, default=None)
     executor: ThreadPoolExecutor = field(init=False)
 
     def __post_init__(self) -> None:
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=self.name)
         if self.cpu is not None:
             self.executor.submit(affinity.pin_this_thread, self.cpu).result()
-        self.session = self._create()
+        self.recreate()
 
-    def _create(self) -> ort.InferenceSession:
-        return ort.InferenceSession(self.path, sess_options=self.options, providers=self.providers)
+    def _create(self, options: ort.SessionOptions) -> ort.InferenceSession:
+        return ort.InferenceSession(self.path, sess_options=options, providers=self.providers)
 
-    def run(self, images: np.ndarray, names: tuple[str, ...] = DEFAULT_OUTPUTS) -> list[np.ndarray]:
+    def sessions(self) -> list[ort.InferenceSession]:
+        return [self.session] if self.calm is None else [self.session, self.calm]
+
+    def run(
+        self, images: np.ndarray, names: tuple[str, ...] = DEFAULT_OUTPUTS, busy: bool = False
+    ) -> list[np.ndarray]:
         """The named outputs for a batch (only those: a feature map nobody asked for is
-        never copied out)."""
+        never copied out). ``busy``: other images wait or decode meanwhile, so the batch
+        runs on the non-spinning copy where there is one."""
+        session = self.calm if busy and self.calm is not None else self.session
         if self.io_binding:
             # The uint8 batch goes to the device in one copy and each output comes back in
             # one copy into host memory; nothing else crosses the bus.
-            binding = self.session.io_binding()
+            binding = session.io_binding()
             binding.bind_cpu_input(INPUT, images)
             for name in names:
                 binding.bind_output(name, "cpu")
-            self.session.run_with_iobinding(binding)
+            session.run_with_iobinding(binding)
             return list(binding.copy_outputs_to_cpu())
-        return list(self.session.run(list(names), {INPUT: images}))
+        return list(session.run(list(names), {INPUT: images}))
 
     def recreate(self) -> None:
-        """A fresh session after a failed run: whatever state the failure left (a CUDA
+        """Fresh sessions after a failed run: whatever state the failure left (a CUDA
         error poisons the context's stream, an arena may stay fragmented) goes with it."""
-        self.session = self._create()
+        self.session = self._create(self.options)
+        if self.calm_options is not None:
+            self.calm = self._create(self.calm_options)
+
+
+def session_options(threads: int, spin: bool, cores: list[int] | None) -> ort.SessionOptions:
+    """A CPU or GPU session's options; ``cores``: where its threads are pinned, if anywhere."""
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+    opts.add_session_config_entry("session.inter_op.allow_spinning", "1" if spin else "0")
+    if cores and threads > 1:
+        opts.add_session_config_entry(
+            "session.intra_op_thread_affinities", affinity.pool_affinities(cores)
+        )
+    return opts
 
 
 class SessionPool:
@@ -184,25 +213,19 @@ class SessionPool:
         # and a fixed fraction each would leave a lone busy model on a fraction of the cores.
         threads = settings.intra_op_threads or max(1, cpu_count() // settings.sessions_per_device)
         cpus = affinity.process_cpus() if settings.cpu_affinity else []
+        # One intra-op thread has no pool to spin; a GPU session's CPU threads barely run.
+        twin = settings.cpu_spinning and not settings.spin_under_load and threads > 1
         workers: list[Runner] = []
         for device in devices:
             for i in range(settings.sessions_per_device):
-                opts = ort.SessionOptions()
-                opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-                opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-                opts.intra_op_num_threads = threads
-                opts.inter_op_num_threads = 1
-                spin = "1" if settings.cpu_spinning else "0"
-                opts.add_session_config_entry("session.intra_op.allow_spinning", spin)
-                opts.add_session_config_entry("session.inter_op.allow_spinning", spin)
                 cores = None
                 if cpus and device.kind == "cpu":
                     cores = affinity.session_cores(cpus, i, threads)
-                    if threads > 1:
-                        opts.add_session_config_entry(
-                            "session.intra_op_thread_affinities", affinity.pool_affinities(cores)
-                        )
                     log.info("%s session %d: threads on CPUs %s", spec.name, i, cores)
+                opts = session_options(threads, settings.cpu_spinning, cores)
+                calm = None
+                if twin and device.kind == "cpu":
+                    calm = session_options(threads, False, cores)
                 name = f"ort-{spec.name}-{device}-{i}"
                 io_binding = (
                     settings.io_binding if settings.io_binding is not None
@@ -210,13 +233,14 @@ class SessionPool:
                 )  # fmt: skip
                 providers = providers_for(device, settings)
                 cpu = cores[0] if cores else None
-                workers.append(
-                    Worker(str(spec.onnx_path), opts, device, name, providers, io_binding, cpu)
-                )
+                path = str(spec.onnx_path)
+                workers.append(Worker(path, opts, device, name, providers, io_binding, cpu, calm))
+        first = workers[0]
         log.info(
-            "%s: %d session(s) on %s, %d intra-op thread(s) each, providers %s",
+            "%s: %d session(s) on %s, %d intra-op thread(s) each%s, providers %s",
             spec.name, len(workers), ", ".join(map(str, devices)), threads,
-            workers[0].session.get_providers(),
+            ", and a non-spinning copy for busy spells" if getattr(first, "calm", None) else "",
+            first.session.get_providers(),
         )  # fmt: skip
         return cls(workers, settings.buckets_for(devices[0].kind))
 
@@ -231,8 +255,14 @@ class SessionPool:
         for a first shape (allocations, kernel selection, cuDNN search). Checks ``stop``
         between runs; False if it was set before the end. ``progress(done, total)`` after
         each run."""
-        total, done = len(self.workers) * len(sizes), 0
-        for worker in self.workers:
+        # Each copy of a session (the non-spinning one too) runs every size.
+        runs = [
+            (worker, busy)
+            for worker in self.workers
+            for busy in ((False, True) if getattr(worker, "calm", None) is not None else (False,))
+        ]
+        total, done = len(runs) * len(sizes), 0
+        for worker, busy in runs:
             for i, b in enumerate(sizes):
                 if stop is not None and stop.is_set():
                     return False
@@ -242,9 +272,9 @@ class SessionPool:
                     # starts that thread and its onnxruntime per-thread state. Measured on
                     # ResNet-20 (tools/cold_start.py, 5 runs each), the first request's
                     # inference took 0.99-1.06 ms this way, 1.03-4.37 ms without.
-                    worker.executor.submit(worker.run, batch).result()
+                    worker.executor.submit(worker.run, batch, DEFAULT_OUTPUTS, busy).result()
                 else:
-                    worker.run(batch)
+                    worker.run(batch, DEFAULT_OUTPUTS, busy)
                 done += 1
                 if progress is not None:
                     progress(done, total)

@@ -19,7 +19,7 @@ import numpy as np
 
 from resnet_serve.contract.preprocess import DecodeOptions, preprocess
 from resnet_serve.service.repository import ModelSpec
-from resnet_serve.service.settings import CPU_SPINNING, Settings, cpu_count
+from resnet_serve.service.settings import CPU_SPINNING, SPIN_UNDER_LOAD, Settings, cpu_count
 from resnet_serve.service.tuning import Choice, cache_path, machine_key, save
 
 log = logging.getLogger(__name__)
@@ -63,14 +63,16 @@ def synthetic_jpegs(count: int = 8, size: tuple[int, int] = (500, 375)) -> list[
     return out
 
 
-def _session(spec: ModelSpec, threads: int) -> Any:
+def _session(spec: ModelSpec, threads: int, busy: bool = False) -> Any:
+    """As the service's: under load (``busy``) its batches run on a non-spinning copy."""
     import onnxruntime as ort
 
+    spin = CPU_SPINNING and (SPIN_UNDER_LOAD or not busy)
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
-    opts.add_session_config_entry("session.intra_op.allow_spinning", str(int(CPU_SPINNING)))
+    opts.add_session_config_entry("session.intra_op.allow_spinning", str(int(spin)))
     return ort.InferenceSession(str(spec.onnx_path), opts, providers=["CPUExecutionProvider"])
 
 
@@ -94,7 +96,7 @@ def pipeline(
     """Decode threads fill a queue; one thread per session runs full batches from it; the
     rate is counted at the sessions from the end of their first batch."""
     options = options or DecodeOptions()
-    sessions = [_session(spec, c.intra_op_threads) for _ in range(c.sessions_per_device)]
+    sessions = [_session(spec, c.intra_op_threads, True) for _ in range(c.sessions_per_device)]
     shape = (c.max_batch_size, *spec.input_shape)
     for s in sessions:
         s.run(["logits"], {"images": np.zeros(shape, np.uint8)})

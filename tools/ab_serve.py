@@ -131,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=float, default=2.0)
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--images-per-request", type=int, default=1)
+    ap.add_argument("--images", help="resnet-bench --images: a folder of files or an .npz")
     ap.add_argument("--engine-batch", type=int, help="time onnxruntime alone too (batch size)")
     args = ap.parse_args(argv)
     variants: list[Variant] = args.variant
@@ -198,6 +199,7 @@ def measure(v: Variant, args: argparse.Namespace, out: Path) -> None:
         "--duration", str(args.duration), "--warmup", str(args.warmup),
         "--images-per-request", str(args.images_per_request),
         "--no-offline", "--no-progress", "--out", str(out),
+        *(["--images", args.images] if args.images else []),
     ]  # fmt: skip
     cpu, wall = tree_cpu_seconds(v.proc.pid), time.perf_counter()
     subprocess.run(cmd, check=True, capture_output=True)
@@ -215,7 +217,8 @@ def report(variants: list[Variant], args: argparse.Namespace) -> None:
     models = ", ".join(dict.fromkeys(str(v.model) for v in variants))
     print(
         f"\n{models}, {args.concurrency} clients, {args.images_per_request} image(s) per "
-        f"request, {args.duration:g} s per sweep, {args.rounds} rounds; "
+        f"request ({f'images from {args.images}' if args.images else 'photos'}), "
+        f"{args.duration:g} s per sweep, {args.rounds} rounds; "
         f"load average after: {os.getloadavg()[0]:.2f}\n"
     )
     print("| variant | img/s by round | p50 ms by round | p99 ms by round | server CPU % "

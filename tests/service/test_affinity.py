@@ -87,11 +87,15 @@ def test_session_threads_are_pinned(
             assert worker.cpu == cores[0]  # type: ignore[attr-defined]
             ran_on = worker.executor.submit(os.sched_getaffinity, 0).result()
             assert ran_on == {cores[0]}
-            assert worker.options.get_session_config_entry(  # type: ignore[attr-defined]
-                "session.intra_op_thread_affinities"
-            ) == affinity.pool_affinities(cores)
+            # The spinning session and its non-spinning copy, on the same cores (never
+            # running at once: one thread runs both).
+            copies = [worker.options, worker.calm_options]  # type: ignore[attr-defined]
+            for options in copies:
+                assert options.get_session_config_entry(
+                    "session.intra_op_thread_affinities"
+                ) == affinity.pool_affinities(cores)
             expected[str(cores[0])] += 1  # the worker's own thread
-            expected[str(cores[1])] += 1  # onnxruntime's pool thread, pinned by onnxruntime
+            expected[str(cores[1])] += 2  # each copy's pool thread, pinned by onnxruntime
         # Every thread the sessions started is pinned where it was meant to be (onnxruntime's
         # threads pin themselves once started: a moment after the session exists).
         deadline = time.monotonic() + 5

@@ -33,6 +33,7 @@ class FakeWorker:
         self.fail = fail
         self.batches: list[int] = []
         self.names: list[tuple[str, ...]] = []
+        self.busy: list[bool] = []
         self.recreated = 0
         self.gate = threading.Event()  # runs wait for it
         self.gate.set()
@@ -41,11 +42,14 @@ class FakeWorker:
     name = "fake"
     device = Device("cpu")
 
-    def run(self, images: np.ndarray, names: tuple[str, ...]) -> list[np.ndarray]:
+    def run(
+        self, images: np.ndarray, names: tuple[str, ...], busy: bool = False
+    ) -> list[np.ndarray]:
         self.entered.set()
         self.gate.wait(60)
         self.batches.append(images.shape[0])
         self.names.append(names)
+        self.busy.append(busy)
         time.sleep(self.delay_s)
         if self.fail:
             raise RuntimeError("device on fire")
@@ -155,6 +159,38 @@ def test_lone_request_does_not_wait_for_the_delay() -> None:
         b.start()
         assert await asyncio.wait_for(submit(b, [7]), MINUTE_S) == [7.0]
         await b.close(1)
+
+    asyncio.run(main())
+
+
+def test_batches_run_busy_while_other_requests_are_in_flight() -> None:
+    async def main() -> None:
+        worker = FakeWorker()
+        b, _ = make(worker)
+        b.start()
+
+        async def request(values: list[int]) -> None:
+            # Open until answered, as the engine holds its ticket.
+            with b.admission() as t:
+                t.admit(len(values))
+                await asyncio.gather(*t.submit([img(v) for v in values]))
+
+        await request([1, 2, 3])  # alone, even with three images: spinning is worth it
+        other = b.admission()  # another request, still reading its body
+        other.pause()  # (not awaited by batches: its body stalled)
+        await request([4])
+        other.close()
+        other.close()  # idempotent: counted once
+        await request([5])
+        gone = b.admission()  # a request that left while its image decodes on
+        gone.admit(1)
+        gone.hold(1)
+        gone.close()
+        await request([6])
+        gone.let_go()
+        await request([7])
+        await b.close(1)
+        assert worker.busy == [False, True, False, True, False]
 
     asyncio.run(main())
 

@@ -51,6 +51,54 @@ def test_threads_spin_unless_told_not_to(tiny_repository, args, spin) -> None:
         assert worker.options.get_session_config_entry(key) == spin
 
 
+class Recording:
+    """An onnxruntime session that counts its runs."""
+
+    def __init__(self, session: ort.InferenceSession) -> None:
+        self.session = session
+        self.runs = 0
+
+    def run(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        self.runs += 1
+        return self.session.run(*args, **kwargs)
+
+
+def test_busy_batches_run_on_a_non_spinning_copy(tiny_repository, tiny_images) -> None:
+    spec = load_model_spec(tiny_repository / tiny.NAME)
+    pool = SessionPool.load(spec, Settings(intra_op_threads=2))
+    (worker,) = pool.workers
+    assert worker.calm is not None and worker.calm_options is not None
+    key = "session.intra_op.allow_spinning"
+    assert worker.options.get_session_config_entry(key) == "1"
+    assert worker.calm_options.get_session_config_entry(key) == "0"
+    spinning, calm = Recording(worker.session), Recording(worker.calm)
+    worker.session, worker.calm = spinning, calm  # type: ignore[assignment]
+    images = np.ascontiguousarray(tiny_images[:4])
+    alone, busy = worker.run(images), worker.run(images, busy=True)
+    assert (spinning.runs, calm.runs) == (1, 1)
+    for a, b in zip(alone, busy, strict=True):
+        np.testing.assert_array_equal(a, b)
+    pool.warmup([1, 2], spec.input_shape)  # both copies warmed, every size
+    assert (spinning.runs, calm.runs) == (3, 3)
+    worker.recreate()  # after a failure: both anew
+    assert worker.session is not spinning and worker.calm is not calm and worker.calm is not None
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        {"intra_op_threads": 1},  # no pool threads to spin
+        {"intra_op_threads": 2, "cpu_spinning": False},
+        {"intra_op_threads": 2, "spin_under_load": True},
+    ],
+)
+def test_no_copy_where_nothing_spins_or_spinning_is_wanted(tiny_repository, args) -> None:
+    spec = load_model_spec(tiny_repository / tiny.NAME)
+    (worker,) = SessionPool.load(spec, Settings(**args)).workers
+    assert worker.calm is None
+    worker.run(np.zeros((1, *spec.input_shape), np.uint8), busy=True)
+
+
 @pytest.mark.gpu
 def test_cuda_matches_cpu(cifar_repository, cifar_test) -> None:
     if "CUDAExecutionProvider" not in ort.get_available_providers():

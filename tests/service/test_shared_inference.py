@@ -91,11 +91,13 @@ def test_concurrent_calls_are_batched_together_and_get_their_own_rows(
     sizes: list[int] = []
     gate, entered = threading.Event(), threading.Event()
 
-    def held_run(images: np.ndarray, names: tuple[str, ...] = DEFAULT_OUTPUTS) -> list:  # type: ignore[type-arg]
+    def held_run(
+        images: np.ndarray, names: tuple[str, ...] = DEFAULT_OUTPUTS, busy: bool = False
+    ) -> list:  # type: ignore[type-arg]
         sizes.append(len(images))
         entered.set()
         assert gate.wait(60)
-        return real_run(images, names)
+        return real_run(images, names, busy)
 
     worker.run = held_run  # type: ignore[method-assign]
     # Different images and sizes per caller: a row handed to the wrong caller shows.
