@@ -7,11 +7,9 @@ all sessions are busy the queue grows, so batches grow with load. Items whose re
 is gone (future cancelled: client disconnected or timed out) are dropped unrun.
 Admission is explicit: past ``max_queue_images`` a request is refused at once (503), and
 one that could never fit, having more images than that on its own, is too large (413).
-
 Waiting for more images only pays when more are coming: a request announces itself
 (``admission``) as soon as it arrives, before its body is read and decoded, and a batch
-waits for its delay only while announced requests have not submitted yet. A lone
-client's image runs at once; under concurrency batches fill up.
+waits for its delay only while announced requests have not submitted yet.
 """
 
 from __future__ import annotations
@@ -24,7 +22,8 @@ from collections import deque
 
 import numpy as np
 
-from resnet_serve.service.batchrecord import BatchRecord, QueuedImage, Result
+from resnet_serve.service import batchrecord
+from resnet_serve.service.batchrecord import BatchRecord, Deferred, QueuedImage, Result
 from resnet_serve.service.errors import (
     InferenceFailedError,
     NotReadyError,
@@ -87,7 +86,7 @@ class Ticket:
         self._admitted += n
 
     def submit(
-        self, images: list[np.ndarray], outputs: tuple[str, ...] = DEFAULT_OUTPUTS
+        self, images: list[np.ndarray | Deferred], outputs: tuple[str, ...] = DEFAULT_OUTPUTS
     ) -> list[asyncio.Future[Result]]:
         """Queue admitted images; one future each, in order, for the named outputs."""
         if len(images) > self._admitted - self._held:
@@ -143,6 +142,7 @@ class Batcher:
         self._incoming = 0
         self._expected = 0
         self._requests = 0  # tickets open: requests from arrival to answer
+        self._free = False
         self._arrival = asyncio.Event()
         self._closing = False
         self._task: asyncio.Task[None] | None = None
@@ -198,7 +198,7 @@ class Batcher:
             timing.reserved()
 
     def _enqueue(
-        self, images: list[np.ndarray], outputs: tuple[str, ...]
+        self, images: list[np.ndarray | Deferred], outputs: tuple[str, ...]
     ) -> list[asyncio.Future[Result]]:
         loop = asyncio.get_running_loop()
         now = time.perf_counter()
@@ -216,12 +216,13 @@ class Batcher:
     async def _loop(self) -> None:
         while True:
             worker = await self.pool.acquire()
+            self._free = True  # a session waits for work (``alone``)
             items = await self._collect()
-            if items is None:
-                self.pool.release(worker)
-                return
+            self._free = False
             if not items:
                 self.pool.release(worker)
+                if items is None:
+                    return
                 continue
             task = asyncio.create_task(self._execute(worker, items))
             self._running.add(task)
@@ -268,14 +269,13 @@ class Batcher:
             busy = self._requests > 1 or self.pending > 0
             bucket = self.buckets[bisect.bisect_left(self.buckets, n)]
             batch = np.zeros((bucket, *self.image_shape), dtype=np.uint8)
-            for i, item in enumerate(items):
-                batch[i] = item.image
-            assembled = time.perf_counter()
             # The batch fetches what any of its images asked for, each name once.
             names = tuple(dict.fromkeys(name for item in items for name in item.outputs))
             loop = asyncio.get_running_loop()
             try:
-                arrays = await loop.run_in_executor(worker.executor, worker.run, batch, names, busy)
+                failed, assembled, arrays = await loop.run_in_executor(
+                    worker.executor, batchrecord.run_batch, worker, items, batch, names, busy
+                )
             except Exception as exc:
                 self._record.failed(items)
                 log.exception("inference failed on a batch of %d for %s", n, self.model)
@@ -286,13 +286,15 @@ class Batcher:
                 await self.pool.recover(worker)
                 return
             ran = time.perf_counter()
-            by_name = dict(zip(names, arrays, strict=True))
-            for i, item in enumerate(items):
-                if not item.future.done():
-                    item.future.set_result({name: by_name[name][i] for name in item.outputs})
-            self._record.ran(items, bucket, start, assembled, ran, time.perf_counter())
+            ok = batchrecord.hand_out(items, failed, dict(zip(names, arrays, strict=True)))
+            if ok:  # not every image failed to decode
+                self._record.ran(ok, bucket, start, assembled, ran, time.perf_counter())
         finally:
             self.pool.release(worker)
+
+    def alone(self) -> bool:
+        """One request in flight, a session free: its image may be ``Deferred``."""
+        return self._requests == 1 and self._free and not self._queue
 
     async def close(self, timeout_s: float) -> None:
         """Stop taking work, finish what was accepted (up to ``timeout_s``), stop."""

@@ -5,26 +5,68 @@ Server-Timing split (service/timing.py). One place, so that the batcher only bat
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from resnet_serve.service.metrics import Metrics
+from resnet_serve.service.sessions import Runner
 from resnet_serve.service.timing import Timing
 
 # One image's outputs by name (rows of the batch's arrays): logits, embedding, and any
 # feature map its request asked for.
 Result = dict[str, np.ndarray]
+# An image that the session's thread decodes right before the run (a lone request's).
+Deferred = Callable[[], np.ndarray]
 
 
 @dataclass(eq=False, slots=True)
 class QueuedImage:
-    image: np.ndarray
+    image: np.ndarray | Deferred
     future: asyncio.Future[Result]
     enqueued: float
     outputs: tuple[str, ...]
     timing: Timing | None  # the submitting request's (Server-Timing)
+
+
+def assemble(items: Sequence[QueuedImage], batch: np.ndarray) -> dict[int, Exception]:
+    """Fill ``batch``'s first rows with the items' images, decoding the deferred ones; those
+    that fail (the client's image: 400) by position, their rows left as they are."""
+    failed: dict[int, Exception] = {}
+    for i, item in enumerate(items):
+        try:
+            batch[i] = item.image() if callable(item.image) else item.image
+        except Exception as exc:
+            failed[i] = exc
+    return failed
+
+
+def run_batch(
+    worker: Runner, items: list[QueuedImage], batch: np.ndarray, names: tuple[str, ...], busy: bool
+) -> tuple[dict[int, Exception], float, list[np.ndarray]]:
+    """On the session's thread: assemble (``assemble``), then run what is left. The images
+    that failed, when the batch was assembled, and the outputs."""
+    failed = assemble(items, batch)
+    assembled = time.perf_counter()
+    if len(failed) == len(items):  # nothing left to run
+        return failed, assembled, [np.empty((len(items), 0))] * len(names)
+    return failed, assembled, worker.run(batch, names, busy)
+
+
+def hand_out(
+    items: list[QueuedImage], failed: dict[int, Exception], outputs: dict[str, np.ndarray]
+) -> list[QueuedImage]:
+    """Each waiting item its rows of ``outputs``, or its image's error; the items that ran."""
+    for i, item in enumerate(items):
+        if item.future.done():  # its request is gone
+            continue
+        if i in failed:
+            item.future.set_exception(failed[i])
+        else:
+            item.future.set_result({name: outputs[name][i] for name in item.outputs})
+    return [item for i, item in enumerate(items) if i not in failed]
 
 
 class BatchRecord:
@@ -49,15 +91,17 @@ class BatchRecord:
         self, items: Sequence[QueuedImage], bucket: int, start: float, assembled: float, ran: float,
         answered: float,
     ) -> None:  # fmt: skip
-        """``start``: the batch taken from the queue; ``assembled``: its input array built;
-        ``ran``: onnxruntime done; ``answered``: every future set."""
+        """``start``: the batch taken from the queue; ``assembled``: its input array built
+        (deferred images decoded); ``ran``: onnxruntime done; ``answered``: every future set."""
         n = len(items)
-        self._inference.observe(ran - start)
+        self._inference.observe(ran - assembled)
         self._batch_size.observe(n)
         self._padding.inc(bucket - n)
         for item in items:
             if item.timing is not None:
-                item.timing.batch_done(start - item.enqueued, ran - start, ran)
+                if callable(item.image):  # its decoding happened in the batch
+                    item.timing.decoded(assembled - start)
+                item.timing.batch_done(start - item.enqueued, ran - assembled, ran)
         self.metrics.stats.of(self.model).executed(
             [item.enqueued for item in items], start, assembled, ran, answered
         )

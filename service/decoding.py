@@ -1,4 +1,5 @@
-"""Decoding one request's images in the decode pool.
+"""Decoding one request's images in the decode pool; or, for a lone request's one image,
+on the session's thread right before its run (``Clocked``, ``watch``: the same time limit).
 
 Each image's time limit (``--decode-timeout-ms``) counts from the moment its own decode
 starts, never the time it waited for a decode thread: a busy pool is overload, answered by
@@ -15,6 +16,7 @@ import contextlib
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
 
 import numpy as np
 
@@ -22,6 +24,45 @@ from resnet_serve.service.batcher import Ticket
 from resnet_serve.service.errors import InvalidImageError
 
 Work = Callable[[bytes, int], np.ndarray]
+
+
+class Clocked:
+    """A lone request's decode, deferred to the session's thread (``batchrecord.Deferred``),
+    that records when it starts and ends, for ``watch``."""
+
+    __slots__ = ("ended", "fn", "started")
+
+    def __init__(self, fn: Callable[[], np.ndarray]) -> None:
+        self.fn = fn
+        self.started: float | None = None
+        self.ended = False
+
+    def __call__(self) -> np.ndarray:
+        self.started = time.monotonic()
+        try:
+            return self.fn()
+        finally:
+            self.ended = True
+
+
+def watch(future: asyncio.Future[Any], decode: Clocked, limit_s: float) -> Callable[[], None]:
+    """Fail ``future`` with a 400 once ``decode`` has run ``limit_s`` (from its own start, as
+    in ``decode_all``); the session's thread finishes it unheeded. Returns the cancel."""
+    loop = asyncio.get_running_loop()
+    timer: list[asyncio.TimerHandle] = []
+
+    def check() -> None:
+        if future.done() or decode.ended:
+            return
+        begun = decode.started
+        left = limit_s if begun is None else begun + limit_s - time.monotonic()
+        if left > 0:
+            timer[:] = [loop.call_later(left, check)]
+        else:
+            future.set_exception(InvalidImageError(0, f"decoding took longer than {limit_s:g}s"))
+
+    timer.append(loop.call_later(limit_s, check))
+    return lambda: timer[0].cancel()
 
 
 async def decode_all(

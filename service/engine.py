@@ -23,7 +23,8 @@ import numpy as np
 from resnet_serve.contract.preprocess import preprocess
 from resnet_serve.contract.schema import LOGITS, PROBABILITIES, ModelSpec
 from resnet_serve.service.batcher import Batcher, Ticket
-from resnet_serve.service.decoding import decode_all
+from resnet_serve.service.batchrecord import Deferred
+from resnet_serve.service.decoding import Clocked, decode_all, watch
 from resnet_serve.service.errors import (
     InvalidParameterError,
     ModelNotFoundError,
@@ -187,23 +188,36 @@ class Engine:
     async def _run(
         self, model: ServedModel, ticket: Ticket, job: Job, names: tuple[str, ...]
     ) -> dict[str, np.ndarray]:
+        arrays: list[np.ndarray | Deferred]
+        limit_s = self.settings.decode_timeout_ms / 1000.0
+        lone = None
         if isinstance(job.images, np.ndarray):
             arrays = list(self._check_preprocessed(model.spec, job.images))
+        elif len(job.images) == 1 and self._batcher(model).alone():
+            # Alone, its image is decoded by the session's thread right before the run: one
+            # hand-off between threads instead of three (to a decode thread, back, to the
+            # session's), where nothing else would use a decode thread meanwhile.
+            one = functools.partial(self.preprocess_one, job.images[0], 0, model=model)
+            arrays = [lone := Clocked(one)]
         else:
             arrays = await decode_all(
                 self.runtime.decode_pool,
                 job.images,
                 functools.partial(self.preprocess_one, model=model),
-                self.settings.decode_timeout_ms / 1000.0,
+                limit_s,
                 ticket,
             )
         futures = ticket.submit(arrays, names)
+        unwatch = watch(futures[0], lone, limit_s) if lone is not None else None
         try:
             results = await asyncio.gather(*futures)
         except BaseException:
             for f in futures:
                 f.cancel()  # the batcher drops what is still queued
             raise
+        finally:
+            if unwatch is not None:
+                unwatch()
         return {name: np.stack([r[name] for r in results]) for name in names}
 
     @staticmethod

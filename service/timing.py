@@ -40,6 +40,10 @@ class Timing:
         if self._reserved is not None:
             self.preprocess_s = time.perf_counter() - self._reserved
 
+    def decoded(self, seconds: float) -> None:
+        """The image was decoded by the session's thread, in its batch (a lone request)."""
+        self.preprocess_s = (self.preprocess_s or 0.0) + seconds
+
     def batch_done(self, queue_s: float, inference_s: float, end: float) -> None:
         """One of the request's images came out of a batch."""
         if end >= self._result_at:

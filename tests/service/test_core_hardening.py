@@ -250,6 +250,8 @@ def test_a_timed_out_request_keeps_its_running_decode_counted(
         release, started = _slow_decoding(srv.runtime.engine, slow)
         batcher = srv.runtime.models[tiny.NAME].batcher
         assert batcher is not None
+        # As if other requests were in flight: the decode pool's path, not a lone request's.
+        batcher.alone = lambda: False  # type: ignore[method-assign]
         try:
             headers = {**PNG, "x-request-timeout-ms": "300"}
             r = httpx.post(srv.url + "/v1/classify", content=slow, headers=headers, timeout=60)
@@ -260,3 +262,61 @@ def test_a_timed_out_request_keeps_its_running_decode_counted(
         wait_until(lambda: batcher.pending == 0, timeout=30)
         r = httpx.post(srv.url + "/v1/classify", content=tiny_pngs[1], headers=PNG, timeout=30)
         assert r.status_code == 200 and batcher.pending == 0
+
+
+def test_a_lone_request_is_decoded_by_the_session_thread_within_its_limits(
+    tiny_repository: Path, tiny_pngs: list[bytes]
+) -> None:
+    """Alone, a request's image is decoded on the session's thread (one hand-off instead of
+    three); with another request in flight, in the decode pool. A lone decode still answers
+    400 at its time limit, and 504 at the request's deadline, before it ends; the session
+    then finishes it and serves the next request."""
+    slow = tiny_pngs[0]
+    with thread_server(tiny_repository, decode_workers=1, decode_timeout_ms=400) as srv:
+        engine = srv.runtime.engine
+        real = engine.preprocess_one
+        threads: list[str] = []
+
+        def recording(*args: Any, **kw: Any) -> Any:
+            threads.append(threading.current_thread().name)
+            return real(*args, **kw)
+
+        engine.preprocess_one = recording  # type: ignore[method-assign]
+        r = httpx.post(srv.url + "/v1/classify", content=tiny_pngs[1], headers=PNG, timeout=30)
+        assert r.status_code == 200
+        timing = dict(p.split(";dur=") for p in r.headers["server-timing"].split(", "))
+        assert set(timing) == {"preprocess", "queue", "inference"}
+        batcher = srv.runtime.models[tiny.NAME].batcher
+        assert batcher is not None
+        batcher.alone = lambda: False  # type: ignore[method-assign]
+        r = httpx.post(srv.url + "/v1/classify", content=tiny_pngs[1], headers=PNG, timeout=30)
+        assert r.status_code == 200
+        del batcher.alone
+        assert threads[0].startswith(f"ort-{tiny.NAME}-cpu-0"), threads
+        assert not threads[1].startswith("ort-"), threads
+
+        for timeout_ms, status in ((None, 400), (200, 504)):
+            release, _ = _slow_decoding(engine, slow)
+            headers = PNG if timeout_ms is None else {**PNG, "x-request-timeout-ms": "200"}
+            try:
+                t = time.perf_counter()
+                r = httpx.post(srv.url + "/v1/classify", content=slow, headers=headers, timeout=60)
+                assert r.status_code == status, r.text
+                assert time.perf_counter() - t < HOLD_TIMEOUT_S / 2
+                if status == 400:
+                    assert "image 0: decoding took longer than 0.4s" in r.text
+                assert batcher.pending == 0  # the session holds it, not admission
+                # Meanwhile the next request is not alone (the session is busy): it is
+                # decoded in the pool, and runs once the session has finished the slow one.
+                seen, answers = len(threads), []
+                nxt = threading.Thread(target=lambda out=answers: out.append(httpx.post(
+                    srv.url + "/v1/classify", content=tiny_pngs[2], headers=PNG, timeout=60
+                )))  # fmt: skip
+                nxt.start()
+                wait_until(lambda n=seen: len(threads) > n, timeout=30)
+                assert not threads[-1].startswith("ort-"), threads
+            finally:
+                release.set()
+            nxt.join(60)
+            assert answers[0].status_code == 200
+            engine.preprocess_one = recording  # type: ignore[method-assign]
