@@ -283,7 +283,9 @@ def markdown(
             "",
             f"{offline.sessions} session(s) x {offline.intra_op_threads} intra-op threads, "
             f"{offline.decode_threads} decode threads, max batch {offline.max_batch}; "
-            f"each the best of {offline.rounds} interleaved rounds of {offline.seconds:g} s.",
+            f"each the best of {offline.rounds} interleaved rounds of {offline.seconds:g} s. "
+            "The pipeline runs its batches as the service does under load (onnxruntime's "
+            "threads not spinning while decoding goes on, unless --spin-under-load).",
             "",
             "| measurement | img/s | p50 ms per call | CPU |",
             "|---|---:|---:|---:|",
