@@ -128,9 +128,6 @@ class Worker:
     def _create(self, options: ort.SessionOptions) -> ort.InferenceSession:
         return ort.InferenceSession(self.path, sess_options=options, providers=self.providers)
 
-    def sessions(self) -> list[ort.InferenceSession]:
-        return [self.session] if self.calm is None else [self.session, self.calm]
-
     def run(
         self, images: np.ndarray, names: tuple[str, ...] = DEFAULT_OUTPUTS, busy: bool = False
     ) -> list[np.ndarray]:

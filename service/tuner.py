@@ -64,15 +64,13 @@ def synthetic_jpegs(count: int = 8, size: tuple[int, int] = (500, 375)) -> list[
 
 
 def _session(spec: ModelSpec, threads: int, busy: bool = False) -> Any:
-    """As the service's: under load (``busy``) its batches run on a non-spinning copy."""
+    """The service's session options; under load (``busy``) its batches run on a
+    non-spinning copy."""
     import onnxruntime as ort
 
-    spin = CPU_SPINNING and (SPIN_UNDER_LOAD or not busy)
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.add_session_config_entry("session.intra_op.allow_spinning", str(int(spin)))
+    from resnet_serve.service.sessions import session_options
+
+    opts = session_options(threads, CPU_SPINNING and (SPIN_UNDER_LOAD or not busy), None)
     return ort.InferenceSession(str(spec.onnx_path), opts, providers=["CPUExecutionProvider"])
 
 
