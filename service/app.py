@@ -17,6 +17,7 @@ from starlette.types import Message, Scope
 
 from resnet_serve.service import docs, ui
 from resnet_serve.service.auth import AuthMiddleware
+from resnet_serve.service.direct import ServiceApp
 from resnet_serve.service.metrics import Metrics
 from resnet_serve.service.middleware import RequestMiddleware, Traffic
 from resnet_serve.service.responses import FastJSONResponse, add_error_handlers
@@ -25,7 +26,9 @@ from resnet_serve.service.runtime import Runtime
 from resnet_serve.service.settings import Settings
 from resnet_serve.service.timing import TimingMiddleware
 from resnet_serve.service.triton_http import router as triton_router
+from resnet_serve.service.v1 import inference_router as v1_inference
 from resnet_serve.service.v1 import router as v1_router
+from resnet_serve.service.v2 import inference_router as v2_inference
 from resnet_serve.service.v2 import router as v2_router
 
 log = logging.getLogger(__name__)
@@ -120,7 +123,7 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
                 },
             )
 
-    app = FastAPI(
+    app = ServiceApp(
         title="resnet-serve",
         version="0.1.0",
         description="Classification and backbone features (embeddings) for the ResNet family, "
@@ -133,9 +136,11 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.metrics = metrics
     include(app, router)
+    include(app, v1_inference)
     include(app, v1_router)
     # Before v2's: its /v2/models/{model} would take /v2/models/stats.
     include(app, triton_router)
+    include(app, v2_inference)
     include(app, v2_router)
     docs.install(app, settings)
     if settings.ui:

@@ -1,11 +1,12 @@
 """What the HTTP codecs take from a request for the core: its deadline (the server's
-limit or the client's ``X-Request-Timeout-Ms``, counted from its arrival) and a watch that
-completes when the client disconnects."""
+limit or the client's ``X-Request-Timeout-Ms``, counted from its arrival), a watch that
+completes when the client disconnects, and the query parameters as written."""
 
 from __future__ import annotations
 
 import re
 import time
+from collections.abc import Iterable
 
 from fastapi import Request
 
@@ -15,6 +16,16 @@ from resnet_serve.service.errors import InvalidParameterError
 
 def engine_of(request: Request) -> Engine:
     return request.app.state.runtime.engine
+
+
+def query_values(request: Request, names: Iterable[str]) -> dict[str, str]:
+    """The query parameters among ``names``, as written (a repeated one: its last value),
+    for the codec's own validation; any others are ignored. The query is parsed only when
+    there is one: most inference requests have none."""
+    if not request.scope.get("query_string"):
+        return {}
+    query = request.query_params
+    return {name: query[name] for name in names if name in query}
 
 
 def deadline(request: Request, engine: Engine) -> float:

@@ -64,13 +64,20 @@ def protocol_of(path: str) -> str:
     return V2 if path == "/v2" or path.startswith("/v2/") else V1
 
 
-def protocol_route(protocol: str) -> type[APIRoute]:
+def protocol_route(protocol: str, *, own_parameters: bool = False) -> type[APIRoute]:
     """A route class whose errors are answered in ``protocol``'s shape: every route of a
-    codec's router answers its own errors, so nothing downstream rewrites them."""
+    codec's router answers its own errors, so nothing downstream rewrites them.
+
+    ``own_parameters``: the endpoint is called with the request and its path parameters
+    alone, and reads and validates its query parameters itself (as the inference routes
+    do anyway, with the body's parameters, by one set of strict rules). FastAPI's own
+    resolution of the same parameters cost the event loop a fifth of its CPU per request
+    with a small model (docs/benchmarks.md, "A lean route"). The signature and the
+    route's ``dependencies`` still document them in the OpenAPI schema."""
 
     class ProtocolRoute(APIRoute):
         def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
-            handler = super().get_route_handler()
+            handler = self._direct() if own_parameters else super().get_route_handler()
 
             async def answer_errors(request: Request) -> Response:
                 try:
@@ -87,7 +94,17 @@ def protocol_route(protocol: str) -> type[APIRoute]:
                     log.exception("unhandled error on %s %s", request.method, request.url.path)
                     return error_response(InternalError("internal error"), protocol)
 
+            if own_parameters:
+                self.direct_handler = answer_errors  # service.direct runs it as it is
             return answer_errors
+
+        def _direct(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+            endpoint = self.endpoint
+
+            async def call(request: Request) -> Response:
+                return await endpoint(request, **request.path_params)  # type: ignore[no-any-return]
+
+            return call
 
     return ProtocolRoute
 

@@ -4,7 +4,7 @@ encode; errors get /v1's shape from the one table (``service.errors``)."""
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import Response
@@ -12,7 +12,7 @@ from pydantic import BaseModel
 
 from resnet_serve.contract.schema import LOGITS, PROBABILITIES, ModelSpec
 from resnet_serve.service.engine import Job
-from resnet_serve.service.httpcall import deadline, disconnect_watch, engine_of
+from resnet_serve.service.httpcall import deadline, disconnect_watch, engine_of, query_values
 from resnet_serve.service.inputs import read_payload
 from resnet_serve.service.postprocess import encode_embeddings, to_npy, top_k
 from resnet_serve.service.reading import Reading
@@ -35,6 +35,9 @@ def _wants_npy(request: Request) -> bool:
 
 
 router = APIRouter(route_class=protocol_route(V1))
+# Classification and embeddings: their endpoints read their query parameters themselves
+# (protocol_route's own_parameters); the query functions below document them.
+inference_router = APIRouter(route_class=protocol_route(V1, own_parameters=True))
 
 
 async def _infer(
@@ -70,9 +73,9 @@ async def _infer(
     return result, parsed["params"]
 
 
-async def _classify(request: Request, model_name: str | None, top_k_q: int) -> Response:
+async def _classify(request: Request, model_name: str | None) -> Response:
     # The query's text, not FastAPI's lax int (which takes "1.0" as 1), is validated.
-    query = {"top_k": request.query_params.get("top_k", top_k_q)}
+    query = query_values(request, ClassifyParams.model_fields)
 
     def job_of(images: list[bytes], params: ClassifyParams) -> Job:
         return Job(images, (PROBABILITIES,))
@@ -98,7 +101,9 @@ async def _classify(request: Request, model_name: str | None, top_k_q: int) -> R
     return FastJSONResponse(body)
 
 
-async def _embed(request: Request, model_name: str | None, query: dict[str, Any]) -> Response:
+async def _embed(request: Request, model_name: str | None) -> Response:
+    query = query_values(request, EmbedParams.model_fields)
+
     def job_of(images: list[bytes], params: EmbedParams) -> Job:
         return Job(images, (params.output(),), pooling=params.pooling())
 
@@ -123,23 +128,10 @@ async def _embed(request: Request, model_name: str | None, query: dict[str, Any]
     return FastJSONResponse(body)
 
 
-TopK = Query(5, ge=1, description="how many classes per image")
-
-
-@router.post(
-    "/v1/classify", response_model=ClassifyResponse, responses=ERRORS, openapi_extra=IMAGE_BODY,
-    tags=["inference"], summary="Classify images with the default model",
-)  # fmt: skip
-async def classify_default(request: Request, top_k: int = TopK) -> Response:
-    return await _classify(request, None, top_k)
-
-
-@router.post(
-    "/v1/models/{model}/classify", response_model=ClassifyResponse, responses=ERRORS,
-    openapi_extra=IMAGE_BODY, tags=["inference"], summary="Classify images",
-)  # fmt: skip
-async def classify(request: Request, model: str, top_k: int = TopK) -> Response:
-    return await _classify(request, model, top_k)
+def _classify_query(
+    top_k: int = Query(5, ge=1, description="how many classes per image"),
+) -> None:
+    """Documents the query parameters: the endpoint reads them itself."""
 
 
 def _embed_query(
@@ -156,29 +148,40 @@ def _embed_query(
     p: float = Query(
         3.0, ge=0.5, le=20, description="GeM exponent, 0.5 to 20 (1: average; larger: towards max)"
     ),
-) -> dict[str, Any]:
-    return {"normalize": normalize, "encoding": encoding, "layer": layer, "pool": pool, "p": p}
+) -> None:
+    """Documents the query parameters: the endpoint reads them itself."""
 
 
-EmbedQuery = Annotated[dict[str, Any], Depends(_embed_query)]
+CLASSIFY = {"response_model": ClassifyResponse, "responses": ERRORS, "openapi_extra": IMAGE_BODY,
+            "tags": ["inference"], "dependencies": [Depends(_classify_query)]}  # fmt: skip
+EMBED = CLASSIFY | {"response_model": EmbedResponse, "responses": ERRORS | NPY_ANSWER,
+                    "dependencies": [Depends(_embed_query)]}  # fmt: skip
 
 
-@router.post(
-    "/v1/embed", response_model=EmbedResponse, responses=ERRORS | NPY_ANSWER,
-    openapi_extra=IMAGE_BODY, tags=["inference"],
+@inference_router.post("/v1/classify", summary="Classify images with the default model", **CLASSIFY)
+async def classify_default(request: Request) -> Response:
+    return await _classify(request, None)
+
+
+@inference_router.post("/v1/models/{model}/classify", summary="Classify images", **CLASSIFY)
+async def classify(request: Request, model: str) -> Response:
+    return await _classify(request, model)
+
+
+@inference_router.post(
+    "/v1/embed",
     summary="Backbone features (pooled embedding or a stage) with the default model",
-)  # fmt: skip
-async def embed_default(request: Request, query: EmbedQuery) -> Response:
-    return await _embed(request, None, query)
+    **EMBED,
+)
+async def embed_default(request: Request) -> Response:
+    return await _embed(request, None)
 
 
-@router.post(
-    "/v1/models/{model}/embed", response_model=EmbedResponse, responses=ERRORS | NPY_ANSWER,
-    openapi_extra=IMAGE_BODY, tags=["inference"],
-    summary="Backbone features (pooled embedding or a stage)",
-)  # fmt: skip
-async def embed(request: Request, model: str, query: EmbedQuery) -> Response:
-    return await _embed(request, model, query)
+@inference_router.post(
+    "/v1/models/{model}/embed", summary="Backbone features (pooled embedding or a stage)", **EMBED
+)
+async def embed(request: Request, model: str) -> Response:
+    return await _embed(request, model)
 
 
 @router.get(

@@ -78,6 +78,8 @@ def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
 # --- routes: every model route also under /versions/{version} (only VERSION exists) ---
 
 router = APIRouter(tags=["v2"], route_class=protocol_route(V2))
+# Inference: no query parameters, and FastAPI's resolution of the path's is skipped.
+inference_router = APIRouter(tags=["v2"], route_class=protocol_route(V2, own_parameters=True))
 
 
 def _served(request: Request, name: str) -> V2Model:
@@ -137,9 +139,10 @@ async def model_ready(request: Request, model: str) -> Response:
 
 # Not in the OpenAPI schema: no generated body is a valid tensor, so schema fuzzers learn
 # nothing from it; the protocol's own specification and docs/v2.md describe it.
-@router.post("/v2/models/{model}/versions/{version}/infer", include_in_schema=False)
-@router.post("/v2/models/{model}/infer", include_in_schema=False)
-async def infer(request: Request, model: str) -> Response:
+@inference_router.post("/v2/models/{model}/versions/{version}/infer", include_in_schema=False)
+@inference_router.post("/v2/models/{model}/infer", include_in_schema=False)
+async def infer(request: Request, model: str, version: str | None = None) -> Response:
+    # The versioned path passes its version too; _served takes it from the path.
     engine = engine_of(request)
     v2model = _served(request, model)
     limit = deadline(request, engine)

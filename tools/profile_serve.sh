@@ -5,7 +5,8 @@
 # CLIENTS closed-loop clients for 14 s, records 10 s of it with py-spy (--subprocesses: the
 # workers of --workers too; non-blocking, so the server is never paused), writes
 # OUT.txt (collapsed stacks), OUT/ (the resnet-bench report) and prints the summary.
-# Needs py-spy (pip install py-spy).
+# Extra resnet-bench options (e.g. --images ../shared/data/cifar10-test-846.npz) go in
+# $BENCH_ARGS. Needs py-spy (pip install py-spy).
 set -euo pipefail
 repo=$1 model=$2 clients=$3 out=$4
 shift 4
@@ -16,7 +17,7 @@ server=$!
 trap 'kill -TERM $server 2>/dev/null || true' EXIT
 until curl -sf "http://127.0.0.1:$port/readyz" >/dev/null; do sleep 0.2; done
 resnet-bench --url "http://127.0.0.1:$port" --repository "$repo" --model "$model" \
-    --concurrency "$clients" --duration 14 --warmup 2 --no-offline --no-progress \
+    --concurrency "$clients" --duration 14 --warmup 2 --no-offline --no-progress ${BENCH_ARGS:-} \
     --out "$out" >"$out.bench.log" 2>&1 &
 bench=$!
 sleep 4

@@ -15,6 +15,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from resnet_serve.service.app import create_app
+from resnet_serve.service.settings import Settings
+from resnet_serve.service.v1_schema import ClassifyParams, EmbedParams
 from tests.service import tiny
 from tests.service.servers import (
     ProcessServer,
@@ -354,6 +357,48 @@ def test_422_bad_embed_encoding_and_empty_request(server: ProcessServer, tiny_pn
     _error(r, 422, "invalid_parameter")
     _error(_classify(server, json={"images": []}), 422, "invalid_parameter")
     _error(_classify(server, json={"pictures": []}), 422, "invalid_parameter")
+
+
+def test_query_parameters_are_read_by_the_route_as_written(
+    server: ProcessServer, tiny_pngs
+) -> None:
+    """The inference routes read their query themselves (FastAPI's parameter resolution is
+    skipped): strictly as written, the last of a repeated one, unknown ones ignored."""
+    one = {"content": tiny_pngs[0], "headers": PNG}
+    r = httpx.post(server.url + "/v1/classify?top_k=1&top_k=3&unknown=x", **one)
+    assert r.status_code == 200 and len(r.json()["results"][0]["predictions"]) == 3
+    for query in ("top_k=1.0", "top_k=", "top_k=1_0"):
+        _error(httpx.post(f"{server.url}/v1/classify?{query}", **one), 422, "invalid_parameter")
+    embed = server.url + "/v1/embed"
+    for query, named in (("p=abc", "p:"), ("normalize=maybe", "normalize:"),
+                         ("pool=median", "pool:"), ("pool=gem&p=0.1", "p:")):  # fmt: skip
+        msg = _error(httpx.post(f"{embed}?{query}", **one), 422, "invalid_parameter")
+        assert msg.startswith(named), msg
+    plain = httpx.post(f"{embed}?normalize=false&encoding=base64", **one).json()
+    assert plain["encoding"] == "base64" and plain["dim"] > 0
+    # The model is resolved first: an unknown one is a 404 whatever its query.
+    r = httpx.post(f"{server.url}/v1/models/nope/classify?top_k=0", **one)
+    _error(r, 404, "model_not_found")
+
+
+def test_the_documented_query_parameters_are_the_validated_ones() -> None:
+    """The OpenAPI schema documents the inference routes' query parameters from functions
+    the routes never call: they must name exactly what the routes validate."""
+    spec = create_app(Settings()).openapi()["paths"]
+    for path, fields in (
+        ("/v1/classify", ClassifyParams.model_fields),
+        ("/v1/models/{model}/classify", ClassifyParams.model_fields),
+        ("/v1/embed", EmbedParams.model_fields),
+        ("/v1/models/{model}/embed", EmbedParams.model_fields),
+    ):
+        documented = {p["name"] for p in spec[path]["post"]["parameters"] if p["in"] == "query"}
+        assert documented == set(fields), path
+        defaults = {
+            p["name"]: p["schema"].get("default")
+            for p in spec[path]["post"]["parameters"]
+            if p["in"] == "query"
+        }
+        assert defaults == {name: f.default for name, f in fields.items()}, path
 
 
 def test_413_when_a_request_could_never_fit_the_queue(tiny_repository, tiny_pngs) -> None:

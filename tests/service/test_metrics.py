@@ -21,7 +21,9 @@ from resnet_serve.service.routes import router as health_router
 from resnet_serve.service.settings import Settings
 from resnet_serve.service.triton_http import router as triton_router
 from resnet_serve.service.ui import router as ui_router
+from resnet_serve.service.v1 import inference_router as v1_inference
 from resnet_serve.service.v1 import router as v1_router
+from resnet_serve.service.v2 import inference_router as v2_inference
 from resnet_serve.service.v2 import router as v2_router
 from tests.service import tiny
 from tests.service.faults import hold_decoding, retire_sessions
@@ -79,9 +81,9 @@ def test_every_answer_is_counted_and_logged(keyed: ProcessServer, tiny_pngs) -> 
 
     with httpx.Client(timeout=30) as c:
         one = tiny_pngs[0]
-        for _ in range(5):  # query parameters refused before the route runs
+        for _ in range(5):  # a query parameter refused: the default model's request
             expect(c.post(f"{url}/v1/classify?top_k=0", content=one, headers=PNG),
-                   "classify", "", 422)  # fmt: skip
+                   "classify", R20, 422)  # fmt: skip
         for _ in range(3):
             r = c.post(f"{url}/v1/models/{R20}/embed?encoding=bogus", content=one, headers=PNG)
             expect(r, "embed", R20, 422)
@@ -157,7 +159,8 @@ def test_endpoint_table_names_every_route() -> None:
     # table FastAPI re-checks on every request: service.routes.include).
     paths = [getattr(r, "path", None) for r in app.routes]
     assert all(isinstance(p, str) for p in paths), app.routes
-    routers = (health_router, v1_router, v2_router, triton_router, docs_router, ui_router)
+    routers = (health_router, v1_inference, v1_router, v2_inference, v2_router, triton_router,
+               docs_router, ui_router)  # fmt: skip
     assert {r.path for router in routers for r in router.routes} <= set(paths)  # type: ignore[attr-defined]
     assert set(paths) == set(ENDPOINTS), set(paths) ^ set(ENDPOINTS)
     assert endpoint_of("/v2/models/m/versions/1/infer") == ("v2_infer", "m")

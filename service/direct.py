@@ -1,0 +1,99 @@
+"""The inference routes' direct path through the application.
+
+A request for a route that reads its own parameters (``protocol_route(own_parameters=True)``:
+classification, embeddings, V2 inference) goes through the service's own middleware (request
+IDs, metrics and access log, ``Server-Timing``, CORS, API keys: the application's
+``user_middleware``, in its order) straight to the route's handler. What it skips, and why
+nothing is lost on these routes:
+
+- FastAPI's outermost error middleware: ``RequestMiddleware`` answers an unhandled error
+  itself (500, logged once), inside the request ID and metrics;
+- FastAPI's exception-telemetry middleware: it records exceptions on OpenTelemetry spans of
+  an instrumented application; the service configures no OpenTelemetry;
+- FastAPI's body-size middleware: no ``max_body_size`` is set; ``--max-body-bytes`` is
+  enforced while the body is read;
+- the exception middleware and its handlers: the routes answer their own errors in their
+  protocol's shape (``protocol_route``), so none reaches it;
+- the exit-stack middleware and ``request_response``'s exit stacks: they close uploaded
+  files and dependencies with ``yield``; these routes take neither;
+- the scan of the whole route table.
+
+Each of those is a few microseconds of Python on the event loop; together about a tenth of
+the loop's CPU per request with a small model (docs/benchmarks.md, "The direct path").
+Everything else (other methods and paths, lifespan, websockets) goes to FastAPI.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.routing import APIRoute
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Match
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+Handler = Callable[[Request], Coroutine[Any, Any, Response]]
+
+
+def direct_handler(route: object) -> Handler | None:
+    """The handler of a route that reads its own parameters, set by ``protocol_route``."""
+    return getattr(route, "direct_handler", None)
+
+
+class DirectPath:
+    """Matches the direct routes (POST only) and runs them under ``app``'s user middleware;
+    ``None`` from ``match`` when the request is not for one of them."""
+
+    def __init__(self, app: FastAPI) -> None:
+        self.app = app
+        self.routes = [
+            r
+            for r in app.router.routes
+            if isinstance(r, APIRoute) and direct_handler(r) is not None and "POST" in r.methods
+        ]
+        inner: ASGIApp = self._handle
+        for cls, args, kwargs in reversed(app.user_middleware):
+            inner = cls(inner, *args, **kwargs)
+        self.stack = inner
+
+    def match(self, scope: Scope) -> Scope | None:
+        """The route's scope additions (its path parameters, the route itself)."""
+        if scope["method"] != "POST":
+            return None
+        for route in self.routes:
+            match, child = route.matches(scope)
+            if match is Match.FULL:
+                return {**child, "route": route}
+        return None
+
+    async def __call__(self, scope: Scope, child: Scope, receive: Receive, send: Send) -> None:
+        scope["app"] = self.app
+        scope.update(child)
+        await self.stack(scope, receive, send)
+
+    @staticmethod
+    async def _handle(scope: Scope, receive: Receive, send: Send) -> None:
+        handler = direct_handler(scope["route"])
+        assert handler is not None  # only direct routes are matched
+        response = await handler(Request(scope, receive, send))
+        await response(scope, receive, send)
+
+
+class ServiceApp(FastAPI):
+    """FastAPI, with the direct path for the inference routes (built on the first request,
+    once the routes and middleware are final, as Starlette builds its middleware stack)."""
+
+    _direct: DirectPath | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            if self._direct is None:
+                self._direct = DirectPath(self)
+            child = self._direct.match(scope)
+            if child is not None:
+                await self._direct(scope, child, receive, send)
+                return
+        await super().__call__(scope, receive, send)
