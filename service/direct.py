@@ -18,8 +18,9 @@ nothing is lost on these routes:
   files and dependencies with ``yield``; these routes take neither;
 - the scan of the whole route table.
 
-Each of those is a few microseconds of Python on the event loop; together about a tenth of
-the loop's CPU per request with a small model (docs/benchmarks.md, "The direct path").
+Each of those is a few microseconds of Python on the event loop; with the routes reading
+their own parameters, the event loop's CPU per request fell by 20-29% with a small model
+(docs/benchmarks.md, "fifth session").
 Everything else (other methods and paths, lifespan, websockets) goes to FastAPI.
 """
 

@@ -70,10 +70,10 @@ def protocol_route(protocol: str, *, own_parameters: bool = False) -> type[APIRo
 
     ``own_parameters``: the endpoint is called with the request and its path parameters
     alone, and reads and validates its query parameters itself (as the inference routes
-    do anyway, with the body's parameters, by one set of strict rules). FastAPI's own
-    resolution of the same parameters cost the event loop a fifth of its CPU per request
-    with a small model (docs/benchmarks.md, "A lean route"). The signature and the
-    route's ``dependencies`` still document them in the OpenAPI schema."""
+    do anyway, with the body's parameters, by one set of strict rules): FastAPI's own
+    resolution of them cost event loop CPU on every request for nothing (docs/benchmarks.md,
+    "fifth session"). The signature and the route's ``dependencies`` still document them
+    in the OpenAPI schema; ``service.direct`` runs these routes' handlers directly."""
 
     class ProtocolRoute(APIRoute):
         def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:

@@ -29,7 +29,12 @@ import time
 from pathlib import Path
 
 import numpy as np
+from fastapi import FastAPI
 from PIL import Image
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
 
 from resnet_serve.bench import rawhttp
 from tests.service import tiny
@@ -53,12 +58,7 @@ async def raw_app(scope, receive, send) -> None:  # type: ignore[no-untyped-def]
     await send({"type": "http.response.body", "body": ANSWER})
 
 
-def starlette_app():  # type: ignore[no-untyped-def]
-    from starlette.applications import Starlette
-    from starlette.requests import Request
-    from starlette.responses import Response
-    from starlette.routing import Route
-
+def starlette_app() -> Starlette:
     async def answer(request: Request) -> Response:
         await request.body()
         return Response(ANSWER, media_type="application/json")
@@ -66,10 +66,7 @@ def starlette_app():  # type: ignore[no-untyped-def]
     return Starlette(routes=[Route("/v1/models/{model}/classify", answer, methods=["POST"])])
 
 
-def fastapi_app():  # type: ignore[no-untyped-def]
-    from fastapi import FastAPI, Request
-    from fastapi.responses import Response
-
+def fastapi_app() -> FastAPI:
     app = FastAPI()
 
     @app.post("/v1/models/{model}/classify")
