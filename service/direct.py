@@ -84,15 +84,16 @@ class DirectPath:
 
 
 class ServiceApp(FastAPI):
-    """FastAPI, with the direct path for the inference routes (built on the first request,
-    once the routes and middleware are final, as Starlette builds its middleware stack)."""
+    """FastAPI, with the direct path for the inference routes. Built on the first call (the
+    lifespan's, under uvicorn), once the routes and middleware are final, as Starlette
+    builds its own middleware stack."""
 
     _direct: DirectPath | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self._direct is None:
+            self._direct = DirectPath(self)
         if scope["type"] == "http":
-            if self._direct is None:
-                self._direct = DirectPath(self)
             child = self._direct.match(scope)
             if child is not None:
                 await self._direct(scope, child, receive, send)
