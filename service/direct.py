@@ -8,8 +8,9 @@ nothing is lost on these routes:
 
 - FastAPI's outermost error middleware: ``RequestMiddleware`` answers an unhandled error
   itself (500, logged once), inside the request ID and metrics;
-- FastAPI's exception-telemetry middleware: it records exceptions on OpenTelemetry spans of
-  an instrumented application; the service configures no OpenTelemetry;
+- FastAPI's OpenTelemetry (its request spans and metrics, its exception-telemetry
+  middleware): off unless a provider is configured in the process, and then the direct
+  path is not taken (``ServiceApp._traced``);
 - FastAPI's body-size middleware: no ``max_body_size`` is set; ``--max-body-bytes`` is
   enforced while the body is read;
 - the exception middleware and its handlers: the routes answer their own errors in their
@@ -84,18 +85,30 @@ class DirectPath:
 
 
 class ServiceApp(FastAPI):
-    """FastAPI, with the direct path for the inference routes. Built on the first call (the
-    lifespan's, under uvicorn), once the routes and middleware are final, as Starlette
-    builds its own middleware stack."""
+    """FastAPI, with the direct path for the inference routes. Built with Starlette's own
+    middleware stack, on the first call (the lifespan's, under uvicorn): the routes and
+    middleware are final by then, and ``add_middleware`` refuses any later addition."""
 
     _direct: DirectPath | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.middleware_stack is None:
+            self.middleware_stack = self.build_middleware_stack()
         if self._direct is None:
             self._direct = DirectPath(self)
-        if scope["type"] == "http":
+        if scope["type"] == "http" and not self._traced():
+            if self.root_path:
+                scope["root_path"] = self.root_path
             child = self._direct.match(scope)
             if child is not None:
                 await self._direct(scope, child, receive, send)
                 return
         await super().__call__(scope, receive, send)
+
+    def _traced(self) -> bool:
+        """FastAPI's own OpenTelemetry is on: it switches itself on once a tracer, meter or
+        logger provider is set (``opentelemetry-instrument``, an SDK configured in the
+        process), and then spans and measures every request it serves. The inference
+        routes then take FastAPI's path too, so that none is missing from the traces."""
+        telemetry = getattr(self, "_native_telemetry", None)
+        return telemetry is not None and bool(telemetry.enabled())

@@ -102,12 +102,21 @@ class EmbedParams(BaseModel):
 
 
 def parse_params(cls: type[BaseModel], query: dict[str, Any], body: dict[str, Any]) -> Any:
-    # A parameter in the body (JSON field or multipart form field) wins over the query.
+    """The parameters: the query's and the body's (JSON fields or multipart form fields),
+    the body's winning where both name one. The query is validated on its own first when
+    the body has parameters too, so that a bad query value is refused even where the body
+    overrides it; its errors are named ``query.<name>``."""
+    if query and body:
+        _validate(cls, query, "query.")
+    return _validate(cls, {**query, **body}, "" if body else "query.")
+
+
+def _validate(cls: type[BaseModel], values: dict[str, Any], prefix: str) -> Any:
     try:
-        return cls.model_validate({**query, **body})
+        return cls.model_validate(values)
     except ValidationError as exc:
         detail = "; ".join(
-            f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in exc.errors()
+            f"{prefix}{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in exc.errors()
         )
         raise InvalidParameterError(detail) from None
 

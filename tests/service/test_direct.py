@@ -7,11 +7,13 @@ from __future__ import annotations
 import base64
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import pytest
 
 from resnet_serve.service.direct import DirectPath
+from resnet_serve.service.errors import ModelNotFoundError
 from tests.service.servers import ThreadServer, metric_value, thread_server
 
 KEY = "k-direct"
@@ -119,3 +121,50 @@ def test_an_unexpected_error_on_the_direct_path_is_a_logged_500(
         assert r.headers["x-request-id"]
         assert httpx.get(srv.url + "/healthz").status_code == 200
     assert any("a bug" in (rec.exc_text or "") for rec in caplog.records)
+
+
+def test_with_fastapis_opentelemetry_on_every_request_takes_its_path(
+    tiny_repository: Path, tiny_pngs, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """FastAPI switches its telemetry on once a provider is configured; its spans must then
+    cover the inference routes too."""
+    from fastapi.telemetry._asgi import NativeTelemetry
+
+    traced: list[str] = []
+    call = NativeTelemetry.__call__
+
+    async def spy(self: NativeTelemetry, *, scope: dict[str, object], **kwargs: object) -> None:
+        traced.append(str(scope["path"]))
+        await call(self, scope=scope, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(NativeTelemetry, "enabled", lambda self: True)
+    monkeypatch.setattr(NativeTelemetry, "__call__", spy)
+    monkeypatch.setattr(DirectPath, "match", lambda self, scope: pytest.fail("direct path"))
+    with thread_server(tiny_repository) as srv:
+        r = httpx.post(srv.url + "/v1/classify", content=tiny_pngs[0],
+                       headers={"content-type": "image/png"})  # fmt: skip
+        assert r.status_code == 200 and r.headers["x-request-id"]
+    assert "/v1/classify" in traced
+
+
+def test_middleware_cannot_be_added_once_the_direct_path_is_built(tiny_pngs) -> None:
+    """Built with Starlette's stack on the first call, whatever that call is: middleware
+    added later would be missing from the direct path, so it is refused, as Starlette does."""
+    from starlette.middleware.gzip import GZipMiddleware
+    from starlette.testclient import TestClient
+
+    from resnet_serve.service.app import create_app
+    from resnet_serve.service.settings import Settings
+
+    def no_model(name: str | None) -> None:
+        raise ModelNotFoundError(str(name), [])
+
+    app = create_app(Settings())
+    # No lifespan and no runtime: the first call is the request itself, answered by the
+    # route (its model lookup fails) through the direct path.
+    app.state.runtime = SimpleNamespace(engine=SimpleNamespace(model=no_model), models={})
+    r = TestClient(app).post("/v1/models/m/classify", content=tiny_pngs[0],
+                             headers={"content-type": "image/png"})  # fmt: skip
+    assert r.status_code == 404 and r.headers["x-request-id"]
+    with pytest.raises(RuntimeError):
+        app.add_middleware(GZipMiddleware)

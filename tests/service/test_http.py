@@ -373,7 +373,15 @@ def test_query_parameters_are_read_by_the_route_as_written(
     for query, named in (("p=abc", "p:"), ("normalize=maybe", "normalize:"),
                          ("pool=median", "pool:"), ("pool=gem&p=0.1", "p:")):  # fmt: skip
         msg = _error(httpx.post(f"{embed}?{query}", **one), 422, "invalid_parameter")
-        assert msg.startswith(named), msg
+        assert msg.startswith("query." + named), msg
+    # A bad query value is refused even where the body's own value would win.
+    b64 = base64.b64encode(tiny_pngs[0]).decode()
+    r = httpx.post(server.url + "/v1/classify?top_k=0", json={"images": [b64], "top_k": 2})
+    assert _error(r, 422, "invalid_parameter").startswith("query.top_k:")
+    r = httpx.post(server.url + "/v1/classify?top_k=1", json={"images": [b64], "top_k": 2})
+    assert len(r.json()["results"][0]["predictions"]) == 2
+    r = httpx.post(server.url + "/v1/classify?top_k=1", json={"images": [b64], "top_k": 0})
+    assert _error(r, 422, "invalid_parameter").startswith("top_k:")
     plain = httpx.post(f"{embed}?normalize=false&encoding=base64", **one).json()
     assert plain["encoding"] == "base64" and plain["dim"] > 0
     # The model is resolved first: an unknown one is a 404 whatever its query.
