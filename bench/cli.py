@@ -15,6 +15,7 @@ import shlex
 import signal
 import sys
 import threading
+import time
 import urllib.request
 from collections.abc import Callable
 from datetime import datetime
@@ -25,12 +26,13 @@ from typing import TYPE_CHECKING, Any
 from pydantic import ValidationError
 
 from resnet_serve.bench import corpus as corpus_mod
-from resnet_serve.bench import load, offline, rawhttp, report, tune
+from resnet_serve.bench import load, offline, peers, rawhttp, report, tune
 from resnet_serve.bench.servers import (
     ServerError,
     ServerProcess,
     start_naive,
     start_ort_baseline,
+    start_peer,
     start_service,
 )
 from resnet_serve.service import tuning
@@ -111,8 +113,16 @@ def build_parser() -> argparse.ArgumentParser:
         "and preprocessing, a `def` endpoint without batching, one image per request",
     )  # fmt: skip
     p.add_argument(
+        "--peer", action="append", default=[], metavar="NAME=PYTHON",
+        help="also sweep a serving framework on the same model.onnx and preprocessing, "
+        "its own batching on (bench/peers/NAME.py; NAME one of "
+        f"{', '.join(peers.NAMES)}), started by PYTHON, the interpreter of an environment "
+        "made by tools/peer_env.sh NAME DIR (repeatable)",
+    )  # fmt: skip
+    p.add_argument(
         "--baseline-concurrency", type=_positive_ints,
-        help="the baselines' steps (default: --concurrency); the PyTorch one serves one "
+        help="the baselines' and peers' steps (default: --concurrency); the PyTorch one "
+        "serves one "
         "request at a time, so more clients only queue longer",
     )  # fmt: skip
     p.add_argument(
@@ -282,6 +292,8 @@ def _baseline_info(args: argparse.Namespace) -> str | None:
             "session with onnxruntime's default options, the service's preprocessing, no "
             "batching, one image per request"
         )
+    for name, python in _peer_args(args):
+        parts.append(f"{peers.peer(name).description} ({python})")
     if args.baseline:
         threads = os.environ.get("OMP_NUM_THREADS")
         parts.append(
@@ -290,6 +302,11 @@ def _baseline_info(args: argparse.Namespace) -> str | None:
             + (f"{threads} (OMP_NUM_THREADS)" if threads else "default (one per core)")
         )
     return "; ".join(parts) or None
+
+
+def _peer_args(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """``--peer NAME=PYTHON`` as pairs (checked by ``main``)."""
+    return [tuple(p.split("=", 1)) for p in args.peer]  # type: ignore[misc]
 
 
 def _tunes_in_background(model_dir: Path | None, settings: Settings | None) -> bool:
@@ -310,12 +327,17 @@ System = tuple[
 def run_systems(
     systems: list[System], rounds: int, log: Callable[[str], None],
     before_round: Callable[[int], None] | None = None,
+    idle_cpu: dict[str, float] | None = None, idle_s: float = 4.0,
 ) -> list[load.StepResult]:  # fmt: skip
     """Each system's sweep. One round: one system after the other, each server up only for
-    its own sweep. Several: every server up at once (idle ones take no CPU), the sweeps
-    interleaved round after round, so that a busy spell on the machine falls on all of
-    them rather than on one (the report pairs the rounds); ``before_round(r)`` runs at the
-    start of each (the offline pipeline's measurement of that round)."""
+    its own sweep. Several: every server up at once, the sweeps interleaved round after
+    round, so that a busy spell on the machine falls on all of them rather than on one (the
+    report pairs the rounds); ``before_round(r)`` runs at the start of each (the offline
+    pipeline's measurement of that round). An idle server should take no CPU, but a
+    framework's own processes may (schedulers, health loops, a JVM): with ``idle_cpu``, each
+    server's CPU over ``idle_s`` seconds with all of them up and none loaded is put there
+    (cores, by label) before the first round, so that the report can say what the others'
+    sweeps shared the machine with."""
     if rounds == 1:
         steps: list[load.StepResult] = []
         for label, start, sweep_fn in systems:
@@ -331,6 +353,8 @@ def run_systems(
                 server = start()
                 stack.callback(server.stop)
             servers.append(server)
+        if idle_cpu is not None:
+            idle_cpu.update(_idle_cpu([label for label, _, _ in systems], servers, idle_s))
         steps = []
         for r in range(1, rounds + 1):
             if before_round is not None:
@@ -341,6 +365,23 @@ def run_systems(
                     step.round = r
                     steps.append(step)
         return steps
+
+
+def _idle_cpu(
+    labels: list[str], servers: list[ServerProcess | None], seconds: float
+) -> dict[str, float]:
+    time.sleep(1.0)  # start-up work (a first compile, a JIT) is not idling
+    pids = {lb: srv.pid for lb, srv in zip(labels, servers, strict=True) if srv is not None}
+    before = {lb: load.process_cpu_s(pid) for lb, pid in pids.items()}
+    start = time.perf_counter()
+    time.sleep(seconds)
+    wall = time.perf_counter() - start
+    after = {lb: load.process_cpu_s(pid) for lb, pid in pids.items()}
+    return {
+        lb: (after[lb] - before[lb]) / wall  # type: ignore[operator]
+        for lb in pids
+        if before[lb] is not None and after[lb] is not None
+    }
 
 
 def _with_server(
@@ -437,8 +478,24 @@ def run(args: argparse.Namespace) -> int:
         usage_errors.append("--baseline needs --repository (and the model) to build the model")
     if args.baseline_ort and args.repository is None:
         usage_errors.append("--baseline-ort needs --repository (and the model)")
-    if (args.baseline or args.baseline_ort) and args.endpoint != "classify":
-        usage_errors.append("the baselines compare classification only (--endpoint classify)")
+    for p in args.peer:
+        name, sep, python = p.partition("=")
+        if not sep or name not in peers.NAMES or not python:
+            usage_errors.append(f"--peer {p!r}: expected NAME=PYTHON, NAME one of "
+                                f"{', '.join(peers.NAMES)}")  # fmt: skip
+        elif not os.access(python, os.X_OK):
+            usage_errors.append(
+                f"--peer {p!r}: {python} is not an executable; make the peer's environment "
+                f"with tools/peer_env.sh {name} DIR and give DIR/bin/python"
+            )
+    if args.peer and args.repository is None:
+        usage_errors.append("--peer needs --repository (and the model)")
+    if (args.baseline or args.baseline_ort or args.peer) and args.endpoint != "classify":
+        usage_errors.append(
+            "the baselines and peers compare classification only (--endpoint classify)"
+        )
+    if (args.baseline or args.baseline_ort or args.peer) and args.images_per_request != 1:
+        usage_errors.append("the baselines and peers take one image per request")
     if min(args.images_per_request, args.corpus_size, args.offline_rounds, args.rounds) < 1:
         usage_errors.append(
             "--images-per-request, --corpus-size, --offline-rounds and --rounds must be positive"
@@ -521,6 +578,7 @@ def run(args: argparse.Namespace) -> int:
     offline_result: offline.OfflineResult | None = None
     pipeline_rounds: list[float] = []
     before_round: Callable[[int], None] | None = None
+    idle_cpu: dict[str, float] = {}
     with Display(not args.no_progress) as display, contextlib.ExitStack() as stack:
         try:
             if not args.no_offline and model_dir is not None and settings is not None:
@@ -543,6 +601,25 @@ def run(args: argparse.Namespace) -> int:
                                                   out / "naive.log"))
                 )  # fmt: skip
             one_image = load.request_bodies(images, 1)
+            # Each system's path, answer kind, request headers and bodies.
+            requests: dict[str, tuple[str, str, tuple[tuple[str, str], ...], list[bytes]]] = {
+                "ort": ("/classify", "classify", (), one_image),
+                "naive": ("/classify", "classify", (), one_image),
+            }
+            for name, python in _peer_args(args):
+                assert model_dir is not None
+
+                def start_named(name: str = name, python: str = python) -> ServerProcess:
+                    return start_peer(name, python, model_dir, out / name)
+
+                baselines.append((name, start_named))
+                contract = peers.peer(name)
+                url_path = contract.classify_path.format(model=model)
+                if contract.request == "v2":
+                    v2_bodies, v2_headers = load.v2_bytes_bodies(images, *contract.v2_tensors)
+                    requests[name] = (url_path, "v2", tuple(v2_headers), v2_bodies)
+                else:
+                    requests[name] = (url_path, "classify", (), one_image)
             systems: list[System] = []
             for system, start in baselines:
 
@@ -550,11 +627,12 @@ def run(args: argparse.Namespace) -> int:
                     server: ServerProcess | None, system: str = system
                 ) -> list[load.StepResult]:
                     assert server is not None
-                    target = load.Target(system, server.url + "/classify", 1, "classify")
+                    url_path, kind, sent_headers, sent = requests[system]
+                    target = load.Target(system, server.url + url_path, 1, kind, sent_headers)
                     levels = args.baseline_concurrency or args.concurrency
-                    return sweep(display, target, one_image, args, server.pid, levels)
+                    return sweep(display, target, sent, args, server.pid, levels)
 
-                systems.append((report.SYSTEM_LABELS[system], start, run_baseline))
+                systems.append((report.label(system), start, run_baseline))
 
             bodies = load.request_bodies(images, args.images_per_request)
 
@@ -590,12 +668,13 @@ def run(args: argparse.Namespace) -> int:
                     pipeline_rounds.append(probe.rate(args.offline_seconds))
 
                 before_round = measure_pipeline
-            steps += run_systems(systems, args.rounds, display.log, before_round)
+            steps += run_systems(systems, args.rounds, display.log, before_round, idle_cpu)
         except ServerError as exc:
             print(f"resnet-bench: {exc}", file=sys.stderr)
             return 1
 
     meta["loadavg_after"] = list(os.getloadavg())
+    meta["idle_cpu"] = idle_cpu
     meta["finished_at"] = datetime.now().astimezone().isoformat(timespec="seconds")
     order = ["service", *report.BASELINES]
     steps.sort(key=lambda st: (order.index(st.system), st.concurrency, st.round))

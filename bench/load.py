@@ -42,7 +42,8 @@ class Target:
     system: str  # "service" | "naive": the row label in the report
     url: str  # the full endpoint URL, query included
     images_per_request: int
-    endpoint: str = "classify"  # "classify" | "embed"
+    # "classify" | "embed" | "v2" (a V2 answer whose BYTES output is a classify answer)
+    endpoint: str = "classify"
     headers: tuple[tuple[str, str], ...] = ()
     # The service's Prometheus endpoint, read around each window for the batch sizes of
     # ``model`` (all models when None).
@@ -140,13 +141,47 @@ def request_bodies(corpus: Sequence[bytes], images_per_request: int) -> list[byt
     ]
 
 
+def v2_bytes_bodies(
+    corpus: Sequence[bytes], input_name: str, output_name: str
+) -> tuple[list[bytes], list[tuple[str, str]]]:
+    """KServe V2 requests with the binary tensor extension, one image each: the encoded
+    image as a ``[1, 1]`` BYTES input ``input_name``, ``output_name`` asked for as JSON.
+    Each JSON header is padded with spaces to the longest one's length, so that every
+    request carries the same ``Inference-Header-Content-Length`` (the lean client sends one
+    set of headers) and the headers to send with them."""
+    heads = [
+        orjson.dumps({
+            "inputs": [{
+                "name": input_name, "shape": [1, 1], "datatype": "BYTES",
+                "parameters": {"binary_data_size": 4 + len(data)},
+            }],
+            "outputs": [{"name": output_name, "parameters": {"binary_data": False}}],
+        })
+        for data in corpus
+    ]  # fmt: skip
+    width = max(len(h) for h in heads)
+    bodies = [
+        h.ljust(width) + len(data).to_bytes(4, "little") + data
+        for h, data in zip(heads, corpus, strict=True)
+    ]
+    headers = [
+        ("Content-Type", "application/octet-stream"),
+        ("Inference-Header-Content-Length", str(width)),
+    ]
+    return bodies, headers
+
+
 def check_answer(body: bytes, target: Target) -> str | None:
     """Why a 200 answer is not a correct one, or None."""
     try:
         doc = orjson.loads(body)
-    except orjson.JSONDecodeError:
+        if target.endpoint == "v2":
+            # A V2 answer whose one BYTES output is the service's /classify answer as text.
+            (output,) = doc["outputs"]
+            doc = {"results": [orjson.loads(a)["results"][0] for a in output["data"]]}
+    except (orjson.JSONDecodeError, KeyError, IndexError, TypeError, ValueError):
         return "invalid JSON"
-    key = "results" if target.endpoint == "classify" else "embeddings"
+    key = "embeddings" if target.endpoint == "embed" else "results"
     items = doc.get(key) if isinstance(doc, dict) else None
     if not isinstance(items, list) or len(items) != target.images_per_request:
         return f"expected {target.images_per_request} {key}"

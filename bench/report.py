@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import orjson
 
+from resnet_serve.bench import peers
 from resnet_serve.bench.load import StepResult
 from resnet_serve.bench.offline import OfflineResult, Rate
 
@@ -21,8 +22,16 @@ SYSTEM_LABELS = {
     "naive": "naive FastAPI + PyTorch",
     "ort": "FastAPI + onnxruntime",
 }
-# The baselines, in the order their rows and ratios appear.
-BASELINES = ("ort", "naive")
+# The baselines and then the peers, in the order their rows and ratios appear.
+BASELINES = ("ort", "naive", *peers.NAMES)
+MARKERS = {"service": "o", "ort": "^", "naive": "s", **dict(zip(peers.NAMES, "DvP*", strict=True))}
+
+
+def label(system: str) -> str:
+    """The report's name of a system: the peers' name their framework and its version."""
+    if system in peers.NAMES:
+        return peers.peer(system).label
+    return SYSTEM_LABELS.get(system, system)
 
 
 @dataclass(frozen=True)
@@ -212,6 +221,14 @@ def _cpu(seconds: float | None, window: float) -> str:
     return "-" if seconds is None or window <= 0 else f"{100.0 * seconds / window:.0f}%"
 
 
+def _idle_line(idle_cpu: dict[str, float]) -> str:
+    servers = ", ".join(f"{k} {_cpu(v, 1.0)}" for k, v in idle_cpu.items())
+    return (
+        "- CPU of each server while all were up and none loaded (with --rounds they share "
+        f"the machine during each other's sweeps): {servers}"
+    )
+
+
 def _batch(s: StepResult) -> str:
     mean = s.mean_batch
     return "-" if mean is None else f"{mean:.1f}"
@@ -259,6 +276,7 @@ def markdown(
         f"{_corpus_line(m['corpus'])}, client {m.get('client', 'aiohttp')}",
         f"- service: {m['service']}",
         *([f"- baseline: {m['baseline']}"] if m.get("baseline") else []),
+        *([_idle_line(m["idle_cpu"])] if m.get("idle_cpu") else []),
         "- versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()),
         "",
         "## HTTP load",
@@ -270,7 +288,7 @@ def markdown(
     many = len({s.round for s in steps}) > 1
     for s in steps:
         lines.append(
-            f"| {SYSTEM_LABELS.get(s.system, s.system)}{f' (round {s.round})' if many else ''} "
+            f"| {label(s.system)}{f' (round {s.round})' if many else ''} "
             f"| {s.concurrency} | {s.img_s:.1f} "
             f"| {s.req_s:.1f} | {_ms(s.percentile(50))} | {_ms(s.percentile(95))} "
             f"| {_ms(s.percentile(99))} | {_errors(s)} | {_cpu(s.client_cpu_s, s.window_s)} "
@@ -312,15 +330,15 @@ def plot(
     import matplotlib.pyplot as plt
 
     fig, (ax_t, ax_l) = plt.subplots(1, 2, figsize=(13, 5))
-    for system, marker in (("service", "o"), ("ort", "^"), ("naive", "s")):
+    for system, marker in MARKERS.items():
         mine = [s for s in steps if s.system == system and s.round == 1]  # --rounds: the first
         if not mine:
             continue
-        label = SYSTEM_LABELS.get(system, system)
+        name = label(system)
         ax_t.plot([s.concurrency for s in mine], [s.img_s for s in mine], marker=marker,
-                  label=label)  # fmt: skip
+                  label=name)  # fmt: skip
         ax_l.plot([s.img_s for s in mine], [s.percentile(99) for s in mine], marker=marker,
-                  label=label)  # fmt: skip
+                  label=name)  # fmt: skip
         for s in mine:
             ax_l.annotate(str(s.concurrency), (s.img_s, s.percentile(99)), fontsize=7,
                           textcoords="offset points", xytext=(3, 3))  # fmt: skip
@@ -337,11 +355,11 @@ def plot(
         inference = [offline.pipeline, offline.ort_max_batch, offline.ort_batch1]
         top = 1.5 * max([*measured, *(r.images_per_s for r in inference)], default=0.0)
         for rate, style, color in limits:
-            label = f"offline {offline_label(rate)}: {rate.images_per_s:.1f} img/s"
+            text = f"offline {offline_label(rate)}: {rate.images_per_s:.1f} img/s"
             if rate.images_per_s > top > 0:
-                ax_t.plot([], [], linestyle=style, color=color, label=label + " (off scale)")
+                ax_t.plot([], [], linestyle=style, color=color, label=text + " (off scale)")
                 continue
-            ax_t.axhline(rate.images_per_s, linestyle=style, color=color, label=label, lw=1)
+            ax_t.axhline(rate.images_per_s, linestyle=style, color=color, label=text, lw=1)
             ax_l.axvline(rate.images_per_s, linestyle=style, color=color, lw=1)
     ax_t.set_xscale("log", base=2)
     concurrencies = sorted({s.concurrency for s in steps})

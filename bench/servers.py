@@ -156,3 +156,32 @@ def start_naive(
     return _uvicorn_factory(
         "naive", "resnet_serve.bench.naive_server:app_from_env", env, log_path, ready_timeout_s
     )
+
+
+def start_peer(
+    name: str, python: str, model_dir: Path, workdir: Path, ready_timeout_s: float = 600.0
+) -> ServerProcess:
+    """A serving framework of bench/peers/ (``peers.NAMES``), started by ``python`` (its own
+    environment's interpreter) with its scratch files and log in ``workdir``, serving the
+    model under the name of its folder."""
+    from resnet_serve.bench import peers
+
+    peer = peers.peer(name)
+    port = free_port()
+    workdir.mkdir(parents=True, exist_ok=True)
+    argv = [
+        python, "-m", f"resnet_serve.bench.peers.{name}",
+        "--model-dir", str(model_dir.resolve()), "--port", str(port),
+        "--workdir", str(workdir.resolve()),
+    ]  # fmt: skip
+    # As if its environment were activated: frameworks start helper processes by the
+    # `python` they find on PATH (Triton's Python-backend stub, TorchServe's workers), and
+    # this process's own environment must not be the one they find.
+    bindir = Path(python).absolute().parent
+    env = {
+        "PATH": f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}",
+        "VIRTUAL_ENV": str(bindir.parent),
+    }
+    server = _spawn(name, argv, port, workdir / "server.log", env)
+    server.wait_ready(peer.health_path.format(model=model_dir.name), ready_timeout_s)
+    return server

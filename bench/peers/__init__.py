@@ -1,0 +1,73 @@
+"""Peer servers for ``resnet-bench --peer NAME=PYTHON``: the serving frameworks users
+compare resnet-serve with, each serving the same ``model.onnx`` with onnxruntime, the
+same Pillow preprocessing (``common.Classifier``) and its own batching switched on.
+
+A peer NAME is the module ``bench/peers/NAME.py``. Its framework is not one of ours to
+install (they pin conflicting versions of FastAPI, pydantic and each other), so each runs
+in an environment of its own: ``tools/peer_env.sh NAME DIR`` makes one from
+``bench/peers/NAME.txt`` (the framework, pinned; onnxruntime at the version resnet-serve
+runs) plus this repository without its dependencies. ``resnet-bench`` then starts
+
+    PYTHON -m resnet_serve.bench.peers.NAME --model-dir DIR --port PORT --workdir DIR
+
+and waits for ``GET HEALTH_PATH`` to answer 200. Every peer listens on 127.0.0.1 only and
+answers ``POST CLASSIFY_PATH`` (``{model}`` in it: the model's name in the repository)
+with one image, as its users send one: ``REQUEST = "multipart"`` (the default), one
+multipart ``file`` part answered by ``{"model": ..., "results": [{"predictions":
+[{"index", "label", "score"}, ...]}]}``, the shape of the service's own ``/classify``
+answer; or ``REQUEST = "v2"`` (a server that speaks KServe V2, Triton), a binary-tensor
+V2 request with the encoded image as the ``[1, 1]`` BYTES input ``V2_INPUT``, answered
+with that JSON as the BYTES output ``V2_OUTPUT``. The module keeps its framework's imports
+inside ``main`` so that resnet-bench can read these constants and ``DESCRIPTION`` without
+the framework installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+
+# Batching where the framework has the knob, as the service's defaults (--max-batch-size,
+# --max-batch-delay-ms), so that batching policy is not what differs.
+MAX_BATCH_SIZE = 32
+MAX_BATCH_DELAY_MS = 2.0
+
+NAMES = ("torchserve", "ray", "bentoml", "triton")
+
+
+@dataclass(frozen=True)
+class Peer:
+    name: str
+    label: str  # the report's row label
+    health_path: str
+    classify_path: str
+    description: str
+    request: str = "multipart"  # | "v2"
+    v2_tensors: tuple[str, str] = ("", "")  # with "v2": (V2_INPUT, V2_OUTPUT)
+
+
+def peer(name: str) -> Peer:
+    if name not in NAMES:
+        raise ValueError(f"unknown peer {name!r} (one of {', '.join(NAMES)})")
+    module: ModuleType = importlib.import_module(f"{__name__}.{name}")
+    request = getattr(module, "REQUEST", "multipart")
+    tensors = (module.V2_INPUT, module.V2_OUTPUT) if request == "v2" else ("", "")
+    return Peer(
+        name, module.LABEL, module.HEALTH_PATH, module.CLASSIFY_PATH, module.DESCRIPTION,
+        request, tensors,
+    )  # fmt: skip
+
+
+def arguments(prog: str) -> argparse.Namespace:
+    """The command line every peer module takes."""
+    parser = argparse.ArgumentParser(prog=prog)
+    parser.add_argument("--model-dir", type=Path, required=True, help="<repository>/<model>")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument(
+        "--workdir", type=Path, required=True,
+        help="scratch space the framework may write (archives, configs, logs)",
+    )  # fmt: skip
+    return parser.parse_args()
