@@ -4,7 +4,7 @@ service/ alone (no torch code in them); everything else is in pyproject.toml."""
 
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 HERE = Path(__file__).parent
 FOLDERS = [
@@ -13,7 +13,11 @@ FOLDERS = [
     if (HERE / name / "__init__.py").is_file()
 ]
 
-setup(
-    packages=[f"resnet_serve.{name}" for name in FOLDERS],
-    package_dir={f"resnet_serve.{name}": name for name in FOLDERS},
-)
+# Each folder's own subpackages too (bench/peers).
+PACKAGES = {
+    f"resnet_serve.{name}" + (f".{sub}" if sub else ""): str(Path(name, *sub.split(".")))
+    for name in FOLDERS
+    for sub in ["", *find_packages(where=str(HERE / name))]
+}
+
+setup(packages=list(PACKAGES), package_dir=PACKAGES)
