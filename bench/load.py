@@ -189,11 +189,20 @@ def check_answer(body: bytes, target: Target) -> str | None:
 
 
 def _children(pid: int) -> list[int]:
+    # Every thread's children: a process started from another thread than the main one (a
+    # JVM's or Ray's raylet's workers) is listed under that thread only.
+    found: list[int] = []
     try:
-        with open(f"/proc/{pid}/task/{pid}/children", encoding="ascii") as f:
-            return [int(p) for p in f.read().split()]
+        tasks = os.listdir(f"/proc/{pid}/task")
     except OSError:
-        return []
+        return found
+    for tid in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children", encoding="ascii") as f:
+                found += [int(p) for p in f.read().split()]
+        except OSError:
+            continue  # the thread ended meanwhile
+    return found
 
 
 def process_cpu_s(pid: int) -> float | None:

@@ -140,8 +140,10 @@ def test_answers_are_checked() -> None:
     assert check_answer(b"not json", target) == "invalid JSON"
 
 
-def test_process_cpu_counts_the_children() -> None:
-    """A server started with --workers does its work in child processes."""
+@pytest.mark.parametrize("from_thread", [False, True])
+def test_process_cpu_counts_the_children(from_thread: bool) -> None:
+    """A server started with --workers does its work in child processes; a framework's may
+    be started by another thread than the main one (a JVM's, Ray's raylet's)."""
     import subprocess
     import sys
 
@@ -152,10 +154,10 @@ def test_process_cpu_counts_the_children() -> None:
         "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.3: pass\n"
         "time.sleep(60)"
     )
-    parent = subprocess.Popen([
-        sys.executable, "-c",
-        f"import subprocess, sys; subprocess.Popen([sys.executable, '-c', {burn!r}]).wait()",
-    ])  # fmt: skip
+    spawn = f"subprocess.Popen([sys.executable, '-c', {burn!r}]).wait()"
+    if from_thread:
+        spawn = f"t = threading.Thread(target=lambda: {spawn}); t.start(); t.join()"
+    parent = subprocess.Popen([sys.executable, "-c", f"import subprocess, sys, threading; {spawn}"])
     try:
         wait_until(lambda: len(_children(parent.pid)) == 1, timeout=30)
         (child,) = _children(parent.pid)
