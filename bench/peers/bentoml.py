@@ -59,7 +59,7 @@ DESCRIPTION = (
     "`list[Path]` of one upload (BentoML's file input, saved to a request temp file), the "
     "shared Classifier runs once per batch (one onnxruntime session, default options and "
     "intra-op threads), and each request's one-answer slice of the batch is written as "
-    "that answer."
+    "that answer; access log off."
 )
 
 SERVICE_SOURCE = f'''\
@@ -86,7 +86,8 @@ def _one_answer(answers: list[dict[str, Any]]) -> Any:
 Answers = Annotated[list[dict[str, Any]], PlainSerializer(_one_answer)]
 
 
-@bentoml.service(name="resnet_peer", workers=1)
+# The access log off, as in every server of the benchmark (a line per request is work).
+@bentoml.service(name="resnet_peer", workers=1, logging={{"access": {{"enabled": False}}}})
 class {SERVICE_CLASS}:
     def __init__(self) -> None:
         # Loaded before the worker accepts connections, so /readyz answers only after it.
