@@ -9,7 +9,8 @@ service serves, written the way a user who knows both would write it.
   ``DecodeOptions``, JPEG draft included), so decoding costs the same on both sides and
   the comparison is of the serving, not of the image code;
 - no batching: one image per request, one ``run`` per image;
-- top-5 as JSON, in the shape of the service's ``/classify`` answer.
+- top-5 as JSON, in the shape of the service's ``/classify`` answer;
+- all of it ``peers.common.Classifier``, which the peers of ``resnet-bench --peer`` run too.
 
 Run: ``BASELINE_MODEL_DIR=repo/resnet50 uvicorn bench.baseline_ort:app_from_env --factory``.
 """
@@ -20,20 +21,14 @@ import os
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import onnxruntime as ort
 from fastapi import FastAPI, File
 
-from resnet_serve.contract.preprocess import DecodeOptions, preprocess
-from resnet_serve.service.repository import load_model_spec
+from resnet_serve.bench.peers.common import Classifier
 
 
 def create_app(model_dir: Path) -> FastAPI:
-    spec = load_model_spec(model_dir)
-    session = ort.InferenceSession(str(spec.onnx_path), providers=["CPUExecutionProvider"])
-    options = DecodeOptions()
-    labels = spec.labels
-    top = min(5, len(labels))
+    # The same session, decoding and answer as the peers of bench/peers/, one image a run.
+    classifier = Classifier(model_dir)
     app = FastAPI(title="FastAPI + onnxruntime baseline")
 
     @app.get("/healthz")
@@ -42,16 +37,7 @@ def create_app(model_dir: Path) -> FastAPI:
 
     @app.post("/classify")
     def classify(file: bytes = File()) -> dict[str, Any]:
-        image = preprocess(file, 0, spec.preprocess, options)
-        (logits,) = session.run(["logits"], {"images": image[None]})
-        row = logits[0].astype(np.float64)
-        probs = np.exp(row - row.max())
-        probs /= probs.sum()
-        order = np.argsort(-probs)[:top]
-        predictions = [
-            {"index": int(i), "label": labels[int(i)], "score": float(probs[i])} for i in order
-        ]
-        return {"model": spec.name, "results": [{"predictions": predictions}]}
+        return classifier.answer(classifier.logits([classifier.decode(file)])[0])
 
     return app
 

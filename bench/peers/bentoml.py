@@ -27,7 +27,7 @@ from importlib.metadata import version
 from pathlib import Path
 from types import FrameType
 
-from resnet_serve.bench.peers import MAX_BATCH_SIZE, arguments
+from resnet_serve.bench.peers import MAX_BATCH_SIZE, arguments, become_subreaper
 
 # resnet-bench's bound on a peer's shutdown is 60 s: the arbiter gets this long to stop its
 # worker before whatever is left of the tree is killed.
@@ -104,16 +104,6 @@ class {SERVICE_CLASS}:
 '''
 
 
-def _become_subreaper() -> None:
-    """Make orphans of the tree (a worker whose arbiter died) our children rather than
-    init's, so that they stay in the tree resnet-bench measures and are ours to stop."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        pr_set_child_subreaper = 36
-        ctypes.CDLL(None, use_errno=True).prctl(pr_set_child_subreaper, 1, 0, 0, 0)
-
-
 def main() -> None:
     import psutil  # a BentoML dependency, so in the peer's environment
 
@@ -136,7 +126,7 @@ def main() -> None:
         sys.executable, "-m", "bentoml", "serve", f"{SERVICE_MODULE}:{SERVICE_CLASS}",
         "--host", "127.0.0.1", "--port", str(args.port), "--working-dir", str(workdir),
     ]  # fmt: skip
-    _become_subreaper()
+    become_subreaper()  # a worker whose arbiter died stays ours to stop
     # The arbiter gets a session of its own so that a terminal's Ctrl-C reaches it only
     # through us, and it is stopped one way (below); circus puts each worker in a session
     # of its own anyway, so process groups are no way to reach the tree.

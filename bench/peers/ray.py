@@ -25,7 +25,12 @@ from pathlib import Path
 from types import FrameType, ModuleType
 from typing import Any
 
-from resnet_serve.bench.peers import MAX_BATCH_DELAY_MS, MAX_BATCH_SIZE, arguments
+from resnet_serve.bench.peers import (
+    MAX_BATCH_DELAY_MS,
+    MAX_BATCH_SIZE,
+    arguments,
+    become_subreaper,
+)
 
 RAY_VERSION = "2.60.0"  # as pinned in ray.txt; main() checks it against the installed one
 LABEL = f"Ray Serve {RAY_VERSION}"
@@ -92,17 +97,6 @@ def _descendants() -> list[int]:
         found += kids
         todo += kids
     return found
-
-
-def _become_subreaper() -> None:
-    """Have the processes Ray orphans (a worker whose raylet is gone) re-parented to this
-    process rather than to init: they stay in its process tree, counted and killable."""
-    import ctypes
-
-    pr_set_child_subreaper = 36
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(pr_set_child_subreaper, 1, 0, 0, 0) != 0:
-        log.warning("prctl(PR_SET_CHILD_SUBREAPER): errno %d", ctypes.get_errno())
 
 
 def _reap() -> None:
@@ -229,7 +223,8 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     workdir: Path = args.workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
-    _become_subreaper()
+    if not become_subreaper():  # Ray's orphans (a worker whose raylet is gone) stay ours
+        log.warning("could not become the subreaper of Ray's processes")
     # Read when Ray is imported. No usage report to anywhere. And a node of one machine,
     # as on Windows and macOS: without this, ray.init turns _node_ip_address 127.0.0.1 into
     # the machine's outward address and Ray's servers bind to it or to every address.

@@ -14,7 +14,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ from pathlib import Path
 from types import FrameType
 
 from resnet_serve.bench.peers import MAX_BATCH_DELAY_MS, MAX_BATCH_SIZE, arguments
+from resnet_serve.bench.servers import free_port
 
 LABEL = "TorchServe 0.12"
 MODEL_NAME = "resnet"
@@ -114,12 +114,6 @@ LOG_CONFIG = """<?xml version="1.0" encoding="UTF-8"?>
 _MAX_SOCKET_DIR = 80
 _STOP_GRACE_S = 30.0
 _KILL_GRACE_S = 20.0
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def write_model(model_dir: Path, workdir: Path) -> Path:

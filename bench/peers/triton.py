@@ -22,7 +22,6 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import sys
 import sysconfig
 import tempfile
@@ -33,6 +32,7 @@ from types import FrameType
 from typing import Any
 
 from resnet_serve.bench.peers import MAX_BATCH_DELAY_MS, MAX_BATCH_SIZE, arguments
+from resnet_serve.bench.servers import free_port
 
 # Pinned in bench/peers/triton.txt; PyTriton 0.7.0 bundles tritonserver 2.51.0 (its
 # GET /v2 says so).
@@ -54,12 +54,6 @@ OUTPUT = V2_OUTPUT = "answer"
 # after the model, in its workspace.
 _SOCKET_PATH_MAX = 100
 _LOG = logging.getLogger("peers.triton")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _use_this_libpython() -> None:
@@ -142,7 +136,7 @@ def main() -> None:
         workspace = short_dir / "ws"
         _LOG.info("workdir too long for unix sockets: PyTriton workspace in %s", workspace)
     shutil.rmtree(workspace, ignore_errors=True)
-    grpc_port, metrics_port = _free_port(), _free_port()
+    grpc_port, metrics_port = free_port(), free_port()
     config = TritonConfig(
         http_address="127.0.0.1",
         http_port=args.port,
