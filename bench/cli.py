@@ -122,8 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--baseline-concurrency", type=_positive_ints,
         help="the baselines' and peers' steps (default: --concurrency); the PyTorch one "
-        "serves one "
-        "request at a time, so more clients only queue longer",
+        "serves one request at a time, so more clients only queue longer",
     )  # fmt: skip
     p.add_argument(
         "--baseline-weights",
@@ -494,8 +493,6 @@ def run(args: argparse.Namespace) -> int:
         usage_errors.append(
             "the baselines and peers compare classification only (--endpoint classify)"
         )
-    if (args.baseline or args.baseline_ort or args.peer) and args.images_per_request != 1:
-        usage_errors.append("the baselines and peers take one image per request")
     if min(args.images_per_request, args.corpus_size, args.offline_rounds, args.rounds) < 1:
         usage_errors.append(
             "--images-per-request, --corpus-size, --offline-rounds and --rounds must be positive"

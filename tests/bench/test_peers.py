@@ -133,7 +133,6 @@ def test_a_peer_is_started_swept_reported_and_stopped(
         (["--peer", "ray"], "expected NAME=PYTHON"),
         (["--peer", "nginx=/bin/sh"], "expected NAME=PYTHON"),
         (["--peer", "ray=/nonexistent/python"], "tools/peer_env.sh ray DIR"),
-        (["--peer", f"ray={sys.executable}", "--images-per-request", "2"], "one image"),
     ],
 )
 def test_peer_usage_errors(
