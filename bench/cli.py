@@ -120,6 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
         "made by tools/peer_env.sh NAME DIR (repeatable)",
     )  # fmt: skip
     p.add_argument(
+        "--peer-arg", action="append", default=[], metavar="ARGS",
+        help="options for every peer, e.g. --peer-arg='--workers 2 --batch-delay-ms 2': "
+        "model workers (each with cores / N onnxruntime threads; default 1) and the batch "
+        "wait where the framework has one (default 0, greedy)",
+    )  # fmt: skip
+    p.add_argument(
         "--baseline-concurrency", type=_positive_ints,
         help="the baselines' and peers' steps (default: --concurrency); the PyTorch one "
         "serves one request at a time, so more clients only queue longer",
@@ -291,8 +297,9 @@ def _baseline_info(args: argparse.Namespace) -> str | None:
             "session with onnxruntime's default options, the service's preprocessing, no "
             "batching, one image per request"
         )
+    peer_options = " ".join(args.peer_arg) or "defaults: --workers 1 --batch-delay-ms 0"
     for name, python in _peer_args(args):
-        parts.append(f"{peers.peer(name).description} ({python})")
+        parts.append(f"{peers.peer(name).description} ({python}; {peer_options})")
     if args.baseline:
         threads = os.environ.get("OMP_NUM_THREADS")
         parts.append(
@@ -506,6 +513,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"resnet-bench: {e}", file=sys.stderr)
         return EXIT_USAGE
     server_args = [a for chunk in args.server_arg for a in shlex.split(chunk)]
+    peer_args = [a for chunk in args.peer_arg for a in shlex.split(chunk)]
     headers = []
     for h in args.header:
         name, sep, value = h.partition(":")
@@ -607,7 +615,7 @@ def run(args: argparse.Namespace) -> int:
                 assert model_dir is not None
 
                 def start_named(name: str = name, python: str = python) -> ServerProcess:
-                    return start_peer(name, python, model_dir, out / name)
+                    return start_peer(name, python, model_dir, out / name, peer_args)
 
                 baselines.append((name, start_named))
                 contract = peers.peer(name)

@@ -159,11 +159,16 @@ def start_naive(
 
 
 def start_peer(
-    name: str, python: str, model_dir: Path, workdir: Path, ready_timeout_s: float = 600.0
+    name: str,
+    python: str,
+    model_dir: Path,
+    workdir: Path,
+    peer_args: list[str] | None = None,
+    ready_timeout_s: float = 600.0,
 ) -> ServerProcess:
     """A serving framework of bench/peers/ (``peers.NAMES``), started by ``python`` (its own
     environment's interpreter) with its scratch files and log in ``workdir``, serving the
-    model under the name of its folder."""
+    model under the name of its folder; ``peer_args``: ``peers.arguments``' options."""
     from resnet_serve.bench import peers
 
     peer = peers.peer(name)
@@ -172,7 +177,7 @@ def start_peer(
     argv = [
         python, "-m", f"resnet_serve.bench.peers.{name}",
         "--model-dir", str(model_dir.resolve()), "--port", str(port),
-        "--workdir", str(workdir.resolve()),
+        "--workdir", str(workdir.resolve()), *(peer_args or []),
     ]  # fmt: skip
     # As if its environment were activated: frameworks start helper processes by the
     # `python` they find on PATH (Triton's Python-backend stub, TorchServe's workers), and

@@ -10,7 +10,8 @@ runs) plus this repository without its dependencies. ``resnet-bench`` then start
 
     PYTHON -m resnet_serve.bench.peers.NAME --model-dir DIR --port PORT --workdir DIR
 
-and waits for ``GET HEALTH_PATH`` to answer 200. Every peer listens on 127.0.0.1 only and
+(and ``--workers N --batch-delay-ms D`` as ``--peer-arg`` gives them) and waits for
+``GET HEALTH_PATH`` to answer 200. Every peer listens on 127.0.0.1 only and
 answers ``POST CLASSIFY_PATH`` (``{model}`` in it: the model's name in the repository)
 with one image, as its users send one: ``REQUEST = "multipart"`` (the default), one
 multipart ``file`` part answered by ``{"model": ..., "results": [{"predictions":
@@ -26,15 +27,24 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
-# Batching where the framework has the knob, as the service's defaults (--max-batch-size,
-# --max-batch-delay-ms), so that batching policy is not what differs.
+# The service's largest batch (--max-batch-size), for every framework.
 MAX_BATCH_SIZE = 32
-MAX_BATCH_DELAY_MS = 2.0
+# How long a framework's batcher waits for more requests (--batch-delay-ms). resnet-serve
+# waits (up to --max-batch-delay-ms) only while requests it has accepted are still being
+# read and decoded, and sends a lone request at once; a fixed wait has no such rule, so by
+# default the peers batch greedily: whatever has queued while the model was busy.
+BATCH_DELAY_MS = 0.0
+# The environment the shared Classifier reads, set by ``arguments`` so that a framework's
+# worker processes inherit it: onnxruntime intra-op threads per worker (0: onnxruntime's
+# own choice, one per core), so that N workers split the cores as `resnet-serve --workers
+# N` does instead of oversubscribing them.
+INTRA_OP_THREADS_ENV = "RESNET_PEER_INTRA_OP_THREADS"
 
 NAMES = ("torchserve", "ray", "bentoml", "triton")
 
@@ -74,7 +84,7 @@ def become_subreaper() -> bool:
     return ctypes.CDLL(None, use_errno=True).prctl(pr_set_child_subreaper, 1, 0, 0, 0) == 0
 
 
-def arguments(prog: str) -> argparse.Namespace:
+def arguments(prog: str, argv: list[str] | None = None) -> argparse.Namespace:
     """The command line every peer module takes."""
     parser = argparse.ArgumentParser(prog=prog)
     parser.add_argument("--model-dir", type=Path, required=True, help="<repository>/<model>")
@@ -83,4 +93,19 @@ def arguments(prog: str) -> argparse.Namespace:
         "--workdir", type=Path, required=True,
         help="scratch space the framework may write (archives, configs, logs)",
     )  # fmt: skip
-    return parser.parse_args()
+    parser.add_argument(
+        "--workers", type=int, default=1,
+        help="model workers / replicas / instances, each with its own onnxruntime session "
+        "and cores // N intra-op threads (default 1, onnxruntime's own thread count)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--batch-delay-ms", type=float, default=BATCH_DELAY_MS,
+        help="the framework's batch wait where it has one (default 0: greedy)",
+    )  # fmt: skip
+    args = parser.parse_args(argv)
+    if args.workers < 1 or args.batch_delay_ms < 0:
+        parser.error("--workers must be positive and --batch-delay-ms not negative")
+    if args.workers > 1:
+        cores = len(os.sched_getaffinity(0))
+        os.environ[INTRA_OP_THREADS_ENV] = str(max(1, cores // args.workers))
+    return args

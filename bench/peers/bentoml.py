@@ -42,6 +42,7 @@ MAX_LATENCY_MS = 10_000
 SERVICE_MODULE = "resnet_bento_peer"
 SERVICE_CLASS = "ResnetPeer"
 MODEL_DIR_ENV = "RESNET_PEER_MODEL_DIR"
+WORKERS_ENV = "RESNET_PEER_WORKERS"
 
 # bench/peers/bentoml.txt's pin: the label is read where BentoML is not installed.
 BENTOML_VERSION = "1.4.40"
@@ -50,16 +51,16 @@ LABEL = f"BentoML {BENTOML_VERSION}"
 HEALTH_PATH = "/readyz"
 CLASSIFY_PATH = "/classify"
 DESCRIPTION = (
-    "`bentoml serve` (its circus arbiter and 1 worker process) of one service with one "
+    "`bentoml serve` (its circus arbiter and --workers worker processes) of one service with one "
     f"batchable API: adaptive batching, max_batch_size={MAX_BATCH_SIZE}; BentoML learns its "
     "batch window from recent batch times (it has no fixed-delay knob), and "
     f"max_latency_ms={MAX_LATENCY_MS}, the end-to-end bound past which it sheds queued "
     "requests with 503, is set far above any batch's latency and under its 60 s request "
     "timeout, so that it does not shed load here. The multipart `file` arrives as a "
     "`list[Path]` of one upload (BentoML's file input, saved to a request temp file), the "
-    "shared Classifier runs once per batch (one onnxruntime session, default options and "
-    "intra-op threads), and each request's one-answer slice of the batch is written as "
-    "that answer; access log off."
+    "shared Classifier runs once per batch (one onnxruntime session per worker), and each "
+    "request's one-answer slice of the batch is written as that answer (--batch-delay-ms "
+    "does not apply); access log off."
 )
 
 SERVICE_SOURCE = f'''\
@@ -87,7 +88,10 @@ Answers = Annotated[list[dict[str, Any]], PlainSerializer(_one_answer)]
 
 
 # The access log off, as in every server of the benchmark (a line per request is work).
-@bentoml.service(name="resnet_peer", workers=1, logging={{"access": {{"enabled": False}}}})
+@bentoml.service(
+    name="resnet_peer", workers=int(os.environ["{WORKERS_ENV}"]),
+    logging={{"access": {{"enabled": False}}}},
+)
 class {SERVICE_CLASS}:
     def __init__(self) -> None:
         # Loaded before the worker accepts connections, so /readyz answers only after it.
@@ -121,6 +125,7 @@ def main() -> None:
         # Usage tracking would try to reach the internet; only 127.0.0.1 is the peer's.
         "BENTOML_DO_NOT_TRACK": "True",
         MODEL_DIR_ENV: str(args.model_dir.resolve()),
+        WORKERS_ENV: str(args.workers),
     }
     command = [
         sys.executable, "-m", "bentoml", "serve", f"{SERVICE_MODULE}:{SERVICE_CLASS}",

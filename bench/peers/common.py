@@ -1,11 +1,12 @@
 """What every peer runs per image and per batch, so that only the serving differs: the
 service's own decoding (``contract.preprocess`` with default ``DecodeOptions``, JPEG draft
 included, as bench/baseline_ort.py), one onnxruntime session with onnxruntime's default
-options (its own intra-op thread count, spinning on), and top-5 as the service answers.
-Imports numpy, Pillow and onnxruntime only."""
+options (its own intra-op thread count unless N workers split the cores; spinning on), and
+top-5 as the service answers. Imports numpy, Pillow and onnxruntime only."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from resnet_serve.bench.peers import INTRA_OP_THREADS_ENV
 from resnet_serve.contract.preprocess import DecodeOptions, preprocess
 from resnet_serve.contract.schema import load_model_spec
 
@@ -20,8 +22,11 @@ from resnet_serve.contract.schema import load_model_spec
 class Classifier:
     def __init__(self, model_dir: Path) -> None:
         self.spec = load_model_spec(Path(model_dir))
+        options = ort.SessionOptions()
+        # Set by peers.arguments for N > 1 workers; otherwise onnxruntime's own choice.
+        options.intra_op_num_threads = int(os.environ.get(INTRA_OP_THREADS_ENV, "0"))
         self.session = ort.InferenceSession(
-            str(self.spec.onnx_path), providers=["CPUExecutionProvider"]
+            str(self.spec.onnx_path), options, providers=["CPUExecutionProvider"]
         )
         self.options = DecodeOptions()
         self.top = min(5, len(self.spec.labels))

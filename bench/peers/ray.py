@@ -11,6 +11,7 @@ left behind.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import logging
 import os
@@ -26,7 +27,7 @@ from types import FrameType, ModuleType
 from typing import Any
 
 from resnet_serve.bench.peers import (
-    MAX_BATCH_DELAY_MS,
+    INTRA_OP_THREADS_ENV,
     MAX_BATCH_SIZE,
     arguments,
     become_subreaper,
@@ -42,12 +43,12 @@ CLASSIFY_PATH = "/classify"
 # so room for one full batch running and the next one filling.
 MAX_ONGOING_REQUESTS = 2 * MAX_BATCH_SIZE
 DESCRIPTION = (
-    f"{LABEL}: one deployment with one replica (num_cpus=1) behind Serve's HTTP proxy on "
-    f"a one-node local Ray; a Starlette-request ingress and @serve.batch(max_batch_size="
-    f"{MAX_BATCH_SIZE}, batch_wait_timeout_s={MAX_BATCH_DELAY_MS / 1000:g}) whose handler "
-    "decodes and runs the batch on the replica's event loop (Ray Serve's documented "
-    f"pattern), max_ongoing_requests={MAX_ONGOING_REQUESTS}; one onnxruntime session "
-    "with default options; access logs off."
+    f"{LABEL}: one deployment with --workers replicas (num_cpus=1 each) behind Serve's "
+    "HTTP proxy on a one-node local Ray; a Starlette-request ingress and "
+    f"@serve.batch(max_batch_size={MAX_BATCH_SIZE}, batch_wait_timeout_s=--batch-delay-ms) "
+    "whose handler decodes and runs the batch on the loop that runs the replica's user code "
+    f"(Ray Serve's documented pattern), max_ongoing_requests={MAX_ONGOING_REQUESTS}; one "
+    "onnxruntime session per replica; access logs off."
 )
 
 # Controller, proxy and replica alike: a log line per request is work the other servers
@@ -170,7 +171,7 @@ def _loopback_replica_grpc() -> None:
     replica.add_port_to_grpc_server = loopback
 
 
-def _deployment(model_dir: Path) -> Any:
+def _deployment(model_dir: Path, replicas: int, batch_wait_s: float) -> Any:
     """The Serve application: imports Ray inside, so the module imports without it."""
     from ray import serve
     from starlette.datastructures import UploadFile
@@ -180,18 +181,21 @@ def _deployment(model_dir: Path) -> Any:
     from resnet_serve.bench.peers.common import Classifier
 
     @serve.deployment(
-        num_replicas=1,
-        # One of the node's 2 CPUs, so the replica schedules beside the proxy and
-        # controller (num_cpus=0 each); onnxruntime still picks its own thread count.
+        num_replicas=replicas,
+        # One of the node's CPUs each, so that replicas schedule beside the proxy and
+        # controller (num_cpus=0 each); their onnxruntime threads: INTRA_OP_THREADS_ENV.
         ray_actor_options={"num_cpus": 1},
         max_ongoing_requests=MAX_ONGOING_REQUESTS,
     )
     class ResNet:
-        def __init__(self, model_dir: str) -> None:
+        def __init__(self, model_dir: str, intra_op_threads: str | None) -> None:
             _loopback_replica_grpc()
+            # Passed along: a replica's process is Ray's, started by the raylet.
+            if intra_op_threads is not None:
+                os.environ[INTRA_OP_THREADS_ENV] = intra_op_threads
             self.classifier = Classifier(Path(model_dir))
 
-        @serve.batch(max_batch_size=MAX_BATCH_SIZE, batch_wait_timeout_s=MAX_BATCH_DELAY_MS / 1000)
+        @serve.batch(max_batch_size=MAX_BATCH_SIZE, batch_wait_timeout_s=batch_wait_s)
         async def classify(self, images: list[bytes]) -> list[dict[str, Any]]:
             # On the event loop, as Ray Serve's batching guide calls its model. Requests
             # that arrive meanwhile wait in Ray's core worker and form the next batch
@@ -215,7 +219,7 @@ def _deployment(model_dir: Path) -> Any:
                 return JSONResponse(await self.classify(data))
             return JSONResponse({"detail": "Not Found"}, 404)
 
-    return ResNet.bind(str(model_dir))
+    return ResNet.bind(str(model_dir), os.environ.get(INTRA_OP_THREADS_ENV))
 
 
 def main() -> None:
@@ -257,7 +261,7 @@ def main() -> None:
     started = time.monotonic()
     temp_dir, link = _ray_temp_dir(workdir)
     try:
-        _serve(ray, serve, args.model_dir.resolve(), args.port, temp_dir, on_signal)
+        _serve(ray, serve, args, temp_dir, on_signal)
         log.info(
             "Ray Serve %s on 127.0.0.1:%d after %.1f s (Ray temp dir %s)",
             ray.__version__, args.port, time.monotonic() - started, temp_dir,
@@ -275,8 +279,7 @@ def main() -> None:
 def _serve(
     ray: ModuleType,
     serve: ModuleType,
-    model_dir: Path,
-    port: int,
+    args: argparse.Namespace,
     temp_dir: str,
     on_signal: Callable[[int, FrameType | None], None],
 ) -> None:
@@ -297,11 +300,12 @@ def _serve(
     signal.signal(signal.SIGINT, on_signal)
     serve.start(
         proxy_location="HeadOnly",
-        http_options={"host": "127.0.0.1", "port": port},
+        http_options={"host": "127.0.0.1", "port": args.port},
         logging_config=SERVE_LOGGING,
     )
     # Returns once the replica is up (its __init__ done).
-    serve.run(_deployment(model_dir), name="resnet", route_prefix="/", logging_config=SERVE_LOGGING)
+    app = _deployment(args.model_dir.resolve(), args.workers, args.batch_delay_ms / 1000)
+    serve.run(app, name="resnet", route_prefix="/", logging_config=SERVE_LOGGING)
 
 
 def _shutdown(serve: ModuleType, ray: ModuleType, link: Path | None) -> None:

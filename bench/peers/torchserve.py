@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from types import FrameType
 
-from resnet_serve.bench.peers import MAX_BATCH_DELAY_MS, MAX_BATCH_SIZE, arguments
+from resnet_serve.bench.peers import MAX_BATCH_SIZE, arguments
 from resnet_serve.bench.servers import free_port
 
 LABEL = "TorchServe 0.12"
@@ -33,17 +33,15 @@ CLASSIFY_PATH = f"/predictions/{MODEL_NAME}"
 # answers, and which waits in the job queue until the worker has loaded the model. (Query
 # parameters would not do: /predictions/ drops them.)
 HEALTH_PATH = f"/predictions/{MODEL_NAME}/{MODEL_VERSION}/ready"
-# TorchServe's maxBatchDelay is whole milliseconds.
-BATCH_DELAY_MS = max(1, round(MAX_BATCH_DELAY_MS))
 # TorchServe answers 503 once this many requests wait for a worker; its default of 100 would
 # turn a high-concurrency step into errors rather than queueing, which the other servers do.
 JOB_QUEUE_SIZE = 1000
 DESCRIPTION = (
-    "TorchServe 0.12.0 (Java frontend, one Python backend worker) with a custom handler "
-    "that runs the shared Classifier (Pillow decode, one onnxruntime run per batch with "
-    f"default session options, top-5); batchSize {MAX_BATCH_SIZE}, maxBatchDelay "
-    f"{BATCH_DELAY_MS} ms, a job queue of {JOB_QUEUE_SIZE}; logging at warning level "
-    "without access log, and TorchServe's system-metrics sampler off."
+    "TorchServe 0.12.0 (Java frontend, Python backend workers, --workers of them) with a "
+    "custom handler that runs the shared Classifier (Pillow decode, one onnxruntime run per "
+    f"batch, top-5); batchSize {MAX_BATCH_SIZE}, maxBatchDelay --batch-delay-ms (whole ms), "
+    f"a job queue of {JOB_QUEUE_SIZE}; the frontend's log at warning level without access "
+    "log (the worker's, one line a batch, at info), its system-metrics sampler off."
 )
 
 # The handler TorchServe's worker imports from the model directory. The model directory it
@@ -116,7 +114,7 @@ _STOP_GRACE_S = 30.0
 _KILL_GRACE_S = 20.0
 
 
-def write_model(model_dir: Path, workdir: Path) -> Path:
+def write_model(model_dir: Path, workdir: Path, workers: int, batch_delay_ms: float) -> Path:
     """The model store, holding the ``no-archive`` model directory ``MODEL_NAME``."""
     build = workdir / "build"
     store = workdir / "model_store"
@@ -126,10 +124,11 @@ def write_model(model_dir: Path, workdir: Path) -> Path:
     handler.write_text(HANDLER, encoding="utf-8")
     config = build / "model-config.yaml"
     config.write_text(
-        "minWorkers: 1\n"
-        "maxWorkers: 1\n"
+        f"minWorkers: {workers}\n"
+        f"maxWorkers: {workers}\n"
         f"batchSize: {MAX_BATCH_SIZE}\n"
-        f"maxBatchDelay: {BATCH_DELAY_MS}\n"
+        # Whole milliseconds; 0: the batch takes what has queued, at once.
+        f"maxBatchDelay: {round(batch_delay_ms)}\n"
         "responseTimeout: 120\n"
         "handler:\n"
         f"  model_dir: {json.dumps(str(model_dir))}\n",
@@ -147,7 +146,7 @@ def write_model(model_dir: Path, workdir: Path) -> Path:
     return store
 
 
-def write_config(workdir: Path, port: int, store: Path) -> Path:
+def write_config(workdir: Path, port: int, store: Path, workers: int) -> Path:
     """config.properties: every listener on 127.0.0.1, the inference API on ``port``."""
     lines = [
         f"inference_address=http://127.0.0.1:{port}",
@@ -160,7 +159,7 @@ def write_config(workdir: Path, port: int, store: Path) -> Path:
         f"grpc_management_port={free_port()}",
         f"model_store={store}",
         f"load_models={MODEL_NAME}={MODEL_NAME}",
-        "default_workers_per_model=1",
+        f"default_workers_per_model={workers}",
         f"job_queue_size={JOB_QUEUE_SIZE}",
         # A psutil sampler the frontend starts every minute: monitoring, not serving, and its
         # CPU would be counted in the process tree.
@@ -213,8 +212,8 @@ def main() -> None:
     model_dir = args.model_dir.resolve()
     workdir = args.workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
-    store = write_model(model_dir, workdir)
-    config = write_config(workdir, args.port, store)
+    store = write_model(model_dir, workdir, args.workers, args.batch_delay_ms)
+    config = write_config(workdir, args.port, store, args.workers)
 
     env = dict(os.environ)
     logs = workdir / "logs"

@@ -31,7 +31,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from resnet_serve.bench.peers import MAX_BATCH_DELAY_MS, MAX_BATCH_SIZE, arguments
+from resnet_serve.bench.peers import MAX_BATCH_SIZE, arguments
 from resnet_serve.bench.servers import free_port
 
 # Pinned in bench/peers/triton.txt; PyTriton 0.7.0 bundles tritonserver 2.51.0 (its
@@ -42,10 +42,10 @@ CLASSIFY_PATH = "/v2/models/{model}/infer"
 REQUEST = "v2"
 DESCRIPTION = (
     "NVIDIA Triton Inference Server 2.51 (CPU) started by PyTriton 0.7.0: the Python "
-    "backend hands each batch of Triton's dynamic batcher (max 32, 2 ms queue delay, one "
-    "model instance) to a callable running the shared onnxruntime classifier; clients send "
-    "KServe V2 over HTTP, the encoded image as a binary BYTES tensor, the answer's JSON "
-    "back as a BYTES output."
+    f"backend hands each batch of Triton's dynamic batcher (max {MAX_BATCH_SIZE}, queue "
+    "delay --batch-delay-ms, --workers model instances) to a callable running the shared "
+    "onnxruntime classifier; clients send KServe V2 over HTTP, the encoded image as a "
+    "binary BYTES tensor, the answer's JSON back as a (JSON) BYTES output."
 )
 
 INPUT = V2_INPUT = "image"
@@ -156,12 +156,15 @@ def main() -> None:
     try:
         triton.bind(
             model_name=model,
-            infer_func=_infer_function(args.model_dir),  # one callable: one instance
+            # One callable, with its own session, per model instance.
+            infer_func=[_infer_function(args.model_dir) for _ in range(args.workers)],
             inputs=[Tensor(name=INPUT, dtype=bytes, shape=(1,))],
             outputs=[Tensor(name=OUTPUT, dtype=bytes, shape=(1,))],
             config=ModelConfig(
                 max_batch_size=MAX_BATCH_SIZE,
-                batcher=DynamicBatcher(max_queue_delay_microseconds=int(MAX_BATCH_DELAY_MS * 1000)),
+                batcher=DynamicBatcher(
+                    max_queue_delay_microseconds=round(args.batch_delay_ms * 1000)
+                ),
             ),
         )
         triton.run()  # returns once tritonserver and the model are ready

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-from pathlib import Path
 
 import uvicorn
 from starlette.applications import Starlette
@@ -18,18 +17,23 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse
 from starlette.routing import Route
 
-from resnet_serve.bench.peers import peer
+from resnet_serve.bench.peers import INTRA_OP_THREADS_ENV, arguments, peer
 from resnet_serve.bench.peers.common import Classifier
 
 
 def main(argv: list[str]) -> None:
     assert argv[0] == "-m", argv
     name = argv[1].rsplit(".", 1)[1]
-    opts = dict(zip(argv[2::2], argv[3::2], strict=True))
-    workdir = Path(opts["--workdir"])
-    (workdir / "argv.json").write_text(json.dumps({"argv": argv, "PATH": os.environ["PATH"]}))
+    # The real peers' parser: what resnet-bench sends must be what they take.
+    args = arguments(argv[1], argv[2:])
+    started = {
+        "argv": argv, "PATH": os.environ["PATH"], "workers": args.workers,
+        "batch_delay_ms": args.batch_delay_ms,
+        "intra_op_threads": os.environ.get(INTRA_OP_THREADS_ENV),
+    }  # fmt: skip
+    (args.workdir / "argv.json").write_text(json.dumps(started))
     contract = peer(name)
-    model_dir = Path(opts["--model-dir"])
+    model_dir = args.model_dir
     classifier = Classifier(model_dir)
 
     async def health(request: Request) -> PlainTextResponse:
@@ -57,7 +61,7 @@ def main(argv: list[str]) -> None:
         Route(contract.classify_path.format(model=model),
               infer if contract.request == "v2" else classify, methods=["POST"]),
     ])  # fmt: skip
-    uvicorn.run(app, host="127.0.0.1", port=int(opts["--port"]), log_level="warning")
+    uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning")
 
 
 if __name__ == "__main__":

@@ -84,9 +84,12 @@ def fake_python(tmp_path: Path) -> Path:
     return script
 
 
-@pytest.mark.parametrize("name", ["ray", "triton"])  # a multipart peer, a V2 one
+@pytest.mark.parametrize(
+    ("name", "peer_args"),
+    [("ray", []), ("triton", ["--peer-arg=--workers 2", "--peer-arg=--batch-delay-ms 1.5"])],
+)  # a multipart peer with the defaults, a V2 one with options
 def test_a_peer_is_started_swept_reported_and_stopped(
-    name: str, cifar_repository: Path, fake_python: Path, tmp_path: Path
+    name: str, peer_args: list[str], cifar_repository: Path, fake_python: Path, tmp_path: Path
 ) -> None:
     pytest.importorskip("matplotlib")
     out = tmp_path / "out"
@@ -95,6 +98,7 @@ def test_a_peer_is_started_swept_reported_and_stopped(
         "--concurrency", "1,2", "--requests", "6", "--warmup", "0.2", "--no-offline",
         "--corpus-size", "8", "--corpus-dir", str(tmp_path / "corpus"),
         "--peer", f"{name}={fake_python}", "--rounds", "2", "--out", str(out), "--no-progress",
+        *peer_args,
     ])  # fmt: skip
     assert rc == 0
     started = json.loads((out / name / "argv.json").read_text())
@@ -103,6 +107,13 @@ def test_a_peer_is_started_swept_reported_and_stopped(
     assert argv[argv.index("--model-dir") + 1] == str(cifar_repository / "resnet20_cifar10")
     # Its own environment first on PATH, as if activated.
     assert started["PATH"].split(os.pathsep)[0] == str(fake_python.parent)
+    if peer_args:  # two workers split the cores' onnxruntime threads
+        assert (started["workers"], started["batch_delay_ms"]) == (2, 1.5)
+        cores = len(os.sched_getaffinity(0))
+        assert started["intra_op_threads"] == str(max(1, cores // 2))
+    else:  # one worker, greedy batching, onnxruntime's own thread count
+        assert (started["workers"], started["batch_delay_ms"]) == (1, 0.0)
+        assert started["intra_op_threads"] is None
     doc = json.loads((out / "results.json").read_text())
     mine = [s for s in doc["steps"] if s["system"] == name]
     assert sorted((s["concurrency"], s["round"]) for s in mine) == [(1, 1), (1, 2), (2, 1), (2, 2)]
@@ -113,7 +124,9 @@ def test_a_peer_is_started_swept_reported_and_stopped(
     text = (out / "results.md").read_text()
     label = peers.peer(name).label
     assert f"| {label} (round 1) | 1 |" in text
-    assert peers.peer(name).description in text.split("## HTTP load")[0]
+    header = text.split("## HTTP load")[0]
+    assert peers.peer(name).description in header
+    assert ("--workers 2 --batch-delay-ms 1.5" if peer_args else "defaults: --workers 1") in header
     # What each server took while idle, all up at once, before the first round.
     assert set(doc["meta"]["idle_cpu"]) == {"resnet-serve", label}
     assert all(0 <= v < 2.5 for v in doc["meta"]["idle_cpu"].values())
