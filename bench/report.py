@@ -28,7 +28,7 @@ MARKERS = {"service": "o", "ort": "^", "naive": "s", **dict(zip(peers.NAMES, "Dv
 
 
 def label(system: str) -> str:
-    """The report's name of a system: the peers' name their framework and its version."""
+    """The report's name of a system; a peer's names its framework and version."""
     if system in peers.NAMES:
         return peers.peer(system).label
     return SYSTEM_LABELS.get(system, system)
