@@ -24,7 +24,7 @@ SYSTEM_LABELS = {
 }
 # The baselines and then the peers, in the order their rows and ratios appear.
 BASELINES = ("ort", "naive", *peers.NAMES)
-MARKERS = {"service": "o", "ort": "^", "naive": "s", **dict(zip(peers.NAMES, "DvP*", strict=True))}
+MARKERS = {"service": "o", "ort": "^", "naive": "s", **dict(zip(peers.NAMES, "DvP*X", strict=True))}
 
 
 def label(system: str) -> str:

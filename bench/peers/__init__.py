@@ -46,7 +46,7 @@ BATCH_DELAY_MS = 0.0
 # N` does instead of oversubscribing them.
 INTRA_OP_THREADS_ENV = "RESNET_PEER_INTRA_OP_THREADS"
 
-NAMES = ("torchserve", "ray", "bentoml", "triton")
+NAMES = ("torchserve", "ray", "bentoml", "triton", "floor")
 
 
 @dataclass(frozen=True)
