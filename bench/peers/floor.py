@@ -207,8 +207,8 @@ def main() -> None:
     for old in workdir.glob("ready-*"):
         old.unlink()
     command = [
-        sys.executable, "-m", "resnet_serve.bench.peers.floor", "--serve-one", str(args.model_dir.resolve()),
-        str(args.port), str(workdir), str(args.workers),
+        sys.executable, "-m", "resnet_serve.bench.peers.floor", "--serve-one",
+        str(args.model_dir.resolve()), str(args.port), str(workdir), str(args.workers),
     ]  # fmt: skip
     servers = [subprocess.Popen(command) for _ in range(args.workers)]
 
