@@ -205,6 +205,9 @@ def main(argv: list[str] | None = None) -> int:
         port=settings.port,
         log_level=settings.log_level,
         access_log=False,  # ours (service.access) carries request IDs and models
+        # No "server: uvicorn" on every answer: it names what runs here to any client, and
+        # each header of an answer is Python work in uvicorn's send.
+        server_header=False,
         log_config=None,
         # 0: cancel at once; fractions as given (uvicorn passes it to asyncio.wait_for).
         timeout_graceful_shutdown=settings.drain_timeout_s,

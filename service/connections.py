@@ -104,6 +104,16 @@ class _RefusalLog:
             self.counts = {}
 
 
+# The ASGI scope's extension holding a future that completes when the client of that
+# request disconnects (``disconnected``): ``Engine.infer`` watches it with a callback.
+DISCONNECTED = "resnet_serve.disconnected"
+
+
+def disconnected(scope: dict[str, Any]) -> asyncio.Future[None] | None:
+    """The request's disconnect future, where the connection is one of ours."""
+    return scope.get("extensions", {}).get(DISCONNECTED)
+
+
 def guarded_protocol(limits: ConnectionLimits, metrics: Metrics) -> type[asyncio.Protocol]:
     """uvicorn's httptools protocol with ``limits``: pass as ``uvicorn.Config(http=...)``."""
     refusals = _RefusalLog()
@@ -139,6 +149,15 @@ def guarded_protocol(limits: ConnectionLimits, metrics: Metrics) -> type[asyncio
             metrics.connections.dec()
             self._disarm()
             super().connection_lost(exc)
+            self._gone()
+
+        def _gone(self) -> None:
+            """The current request's client is gone (``DISCONNECTED``)."""
+            cycle = self.cycle
+            if cycle is not None and not cycle.response_complete:
+                future = disconnected(cycle.scope)
+                if future is not None and not future.done():
+                    future.set_result(None)
 
         def data_received(self, data: bytes) -> None:
             if self._refused:  # lingering: read and discard, a bounded amount
@@ -200,6 +219,9 @@ def guarded_protocol(limits: ConnectionLimits, metrics: Metrics) -> type[asyncio
             self._request_bytes = 0
             self._disarm()
             super().on_headers_complete()
+            if self.cycle is not None:
+                extensions = self.cycle.scope.setdefault("extensions", {})
+                extensions[DISCONNECTED] = self.loop.create_future()
             self._arm(limits.body_idle_timeout_s, self._body_idle)
 
         def on_message_complete(self) -> None:
@@ -265,6 +287,7 @@ def guarded_protocol(limits: ConnectionLimits, metrics: Metrics) -> type[asyncio
                 # goes nowhere, and what it waits for from the body ends.
                 cycle.disconnected = True
                 cycle.message_event.set()
+                self._gone()
             if not answered:
                 body = orjson.dumps({"error": {"code": code, "message": message}})
                 head = [

@@ -121,6 +121,8 @@ async def decode_all(
     for i in range(len(blobs)):
         timers[i] = loop.call_later(limit_s, check, i)
     try:
+        if len(results) == 1:
+            return [await results[0]]
         return list(await asyncio.gather(*results))
     except BaseException:
         for i, job in enumerate(jobs):

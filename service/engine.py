@@ -11,7 +11,6 @@ nothing of HTTP or gRPC: codecs parse into a ``Job`` and encode the ``Outputs``.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import time
 from collections.abc import Awaitable, Callable
@@ -80,14 +79,6 @@ def graph_outputs(spec: ModelSpec, job: Job) -> tuple[str, ...]:
                 f"to stages ({stages}); ask for it with pool=none"
             )
     return tuple(dict.fromkeys(LOGITS if n == PROBABILITIES else n for n in job.outputs))
-
-
-async def _stop(work: asyncio.Future[Any]) -> None:
-    """Cancel ``work`` and let it unwind before the request's ticket closes: decoding
-    that cannot be interrupted must be counted as held (``Ticket.hold``) first."""
-    work.cancel()
-    with contextlib.suppress(BaseException):
-        await asyncio.wait({work})
 
 
 class Engine:
@@ -163,23 +154,43 @@ class Engine:
         deadline: float,
         gone: Callable[[], Awaitable[object]] | None,
     ) -> dict[str, np.ndarray]:
+        # A timer and a callback stop the work, instead of a task watching the client and
+        # asyncio.wait over both: the same outcome with no task or waiter per request.
+        loop = asyncio.get_running_loop()
         timeout = max(0.0, deadline - time.perf_counter())
-        watcher = asyncio.ensure_future(gone()) if gone is not None else None
+        why: list[str] = []
+
+        def stop(reason: str) -> None:
+            if not work.done() and not why:
+                why.append(reason)
+                work.cancel()
+
+        def left(_: object) -> None:
+            stop("gone")
+
+        timer = loop.call_later(timeout, stop, "timeout")
+        watch = gone() if gone is not None else None
+        watcher = None
+        if watch is not None:
+            # A future (the connection's, gRPC's) is watched as it is; anything else (an
+            # ASGI server without that future) needs a task of its own.
+            watcher = watch if isinstance(watch, asyncio.Future) else asyncio.ensure_future(watch)
+            watcher.add_done_callback(left)
         try:
-            waiting = {work} if watcher is None else {work, watcher}
-            done, _ = await asyncio.wait(
-                waiting, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
-            )
-        except BaseException:
-            await _stop(work)
-            raise
+            # Cancelled from outside, this waits for the work to unwind (Task semantics):
+            # decoding that cannot be interrupted is counted as held before the ticket closes.
+            return await work
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if not why or (task is not None and task.cancelling()):
+                raise
         finally:
+            timer.cancel()
             if watcher is not None:
-                watcher.cancel()
-        if work in done:
-            return work.result()
-        await _stop(work)
-        if watcher is not None and watcher in done:
+                watcher.remove_done_callback(left)
+                if watcher is not watch:
+                    watcher.cancel()
+        if why[0] == "gone":
             self.metrics.rejected.labels(model.name, "client_gone").inc(images)
             # Nobody is listening; the status is for the logs and metrics only.
             raise RequestTimeoutError("client disconnected")
@@ -210,7 +221,8 @@ class Engine:
         futures = ticket.submit(arrays, names)
         unwatch = watch(futures[0], lone, limit_s) if lone is not None else None
         try:
-            results = await asyncio.gather(*futures)
+            # One image (the common request): its future itself, not a gathering of one.
+            results = [await futures[0]] if len(futures) == 1 else await asyncio.gather(*futures)
         except BaseException:
             for f in futures:
                 f.cancel()  # the batcher drops what is still queued
@@ -218,6 +230,8 @@ class Engine:
         finally:
             if unwatch is not None:
                 unwatch()
+        if len(results) == 1:
+            return {name: results[0][name][np.newaxis] for name in names}
         return {name: np.stack([r[name] for r in results]) for name in names}
 
     @staticmethod

@@ -10,6 +10,7 @@ from collections.abc import Iterable
 
 from fastapi import Request
 
+from resnet_serve.service.connections import disconnected
 from resnet_serve.service.engine import Engine
 from resnet_serve.service.errors import InvalidParameterError
 
@@ -42,8 +43,12 @@ def deadline(request: Request, engine: Engine) -> float:
 
 
 def disconnect_watch(request: Request):  # type: ignore[no-untyped-def]
-    """A watch for ``Engine.infer``: with the body consumed, the next ASGI message can
-    only be the disconnect."""
+    """A watch for ``Engine.infer``: the connection's disconnect future where the server is
+    ours (service/connections.py); otherwise, with the body consumed, the next ASGI message
+    can only be the disconnect."""
+    future = disconnected(request.scope)
+    if future is not None:
+        return lambda: future
 
     async def until_disconnect() -> None:
         while True:

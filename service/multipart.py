@@ -25,6 +25,7 @@ MAX_FIELDS = 64  # form fields that are not files: a handful of parameters
 class _Part:
     headers: dict[bytes, bytes] = field(default_factory=dict)
     data: bytearray = field(default_factory=bytearray)
+    disposition: dict[bytes, bytes] = field(default_factory=dict)  # its parameters
 
 
 class _TooMany(Exception):
@@ -55,8 +56,9 @@ def parse_multipart(
 
     def headers_finished() -> None:
         nonlocal files
-        _, disposition = parse_options_header(parts[-1].headers.get(b"content-disposition", b""))
-        if b"filename" in disposition:
+        part = parts[-1]
+        _, part.disposition = parse_options_header(part.headers.get(b"content-disposition", b""))
+        if b"filename" in part.disposition:
             files += 1
             if files > max_files:
                 raise _TooMany
@@ -88,9 +90,8 @@ def parse_multipart(
     images: list[bytes] = []
     params: dict[str, Any] = {}
     for part in parts:
-        _, disposition = parse_options_header(part.headers.get(b"content-disposition", b""))
-        name = disposition.get(b"name", b"").decode("latin-1")
-        if b"filename" in disposition:
+        name = part.disposition.get(b"name", b"").decode("latin-1")
+        if b"filename" in part.disposition:
             if name in FILE_FIELDS:
                 images.append(bytes(part.data))
         else:

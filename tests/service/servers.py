@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -24,6 +25,7 @@ from PIL import Image
 from starlette.types import ASGIApp
 
 from resnet_serve.service.app import create_app
+from resnet_serve.service.connections import ConnectionLimits, guarded_protocol
 from resnet_serve.service.metrics import Metrics
 from resnet_serve.service.runtime import Runtime
 from resnet_serve.service.settings import Settings
@@ -94,15 +96,27 @@ class ThreadServer:
         settings: Settings,
         runtime: Runtime | None = None,
         wrap: Callable[[ASGIApp], ASGIApp] | None = None,
+        guarded: bool = False,
     ) -> None:
         self.settings = settings
         self.runtime = runtime or Runtime.load(settings, Metrics())
         self.app = create_app(settings, self.runtime)
         self.port = free_port()
         served = wrap(self.app) if wrap is not None else self.app
+        # ``guarded``: the connections as resnet-serve's own command serves them (its
+        # limits, and each request's disconnect future); otherwise uvicorn's own protocol.
+        http: Any = "auto"
+        if guarded:
+            limits = ConnectionLimits(
+                max_header_bytes=settings.max_header_bytes, max_headers=settings.max_headers,
+                header_timeout_s=settings.header_timeout_s,
+                body_idle_timeout_s=settings.body_idle_timeout_s, max_connections=1000,
+            )  # fmt: skip
+            http = guarded_protocol(limits, self.runtime.metrics)
         config = uvicorn.Config(
-            served, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on"
-        )
+            served, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on",
+            http=http,
+        )  # fmt: skip
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.url = f"http://127.0.0.1:{self.port}"
@@ -269,14 +283,14 @@ def hold(runtime: Runtime, what: str = "run", timeout: float = HOLD_TIMEOUT_S) -
 
 @contextmanager
 def busy_server(
-    repository: Path, image: bytes, **options
+    repository: Path, image: bytes, guarded: bool = False, **options
 ) -> Iterator[tuple[ThreadServer, list[httpx.Response]]]:  # type: ignore[no-untyped-def]
     """A server whose only session is held by one request for ``image``, sent first; it
     is released (and that request answered, into the yielded list) when the block ends,
     or earlier by ``srv.gate.set()``. The block starts once the holder's image is in the
     session, so whatever the test sends then queues behind it."""
     settings = Settings(repository=repository, **options)
-    srv = ThreadServer(settings)
+    srv = ThreadServer(settings, guarded=guarded)
     srv.start()
     gate = srv.gate = hold(srv.runtime)
     answers: list[httpx.Response] = []

@@ -122,8 +122,11 @@ def test_504_and_timed_out_work_is_dropped(tiny_repository, tiny_pngs) -> None:
     assert metric_value(text, "resnet_serve_requests_total", status="504") == 2
 
 
-def test_work_of_a_disconnected_client_is_dropped(tiny_repository, tiny_pngs) -> None:
-    with busy_server(tiny_repository, tiny_pngs[0]) as (srv, _):
+@pytest.mark.parametrize("guarded", [True, False], ids=["our-connections", "plain-uvicorn"])
+def test_work_of_a_disconnected_client_is_dropped(tiny_repository, tiny_pngs, guarded) -> None:
+    # Ours: the connection's disconnect future; plain uvicorn: the watch reads the ASGI
+    # disconnect message (service/httpcall.py).
+    with busy_server(tiny_repository, tiny_pngs[0], guarded=guarded) as (srv, _):
         body = tiny_pngs[1]
         with socket.create_connection(("127.0.0.1", srv.port)) as sock:
             sock.sendall(
