@@ -1,5 +1,6 @@
-"""Decoding one request's images in the decode pool; or, for a lone request's one image,
-on the session's thread right before its run (``Clocked``, ``watch``: the same time limit).
+"""Decoding one request's images in the decode pool; or on the session's thread right
+before its run (``Clocked``, ``watch``: the same time limit): a lone request's one image,
+and every image where the sessions decode (``SessionPool.decodes``).
 
 Each image's time limit (``--decode-timeout-ms``) counts from the moment its own decode
 starts, never the time it waited for a decode thread: a busy pool is overload, answered by
@@ -45,9 +46,12 @@ class Clocked:
             self.ended = True
 
 
-def watch(future: asyncio.Future[Any], decode: Clocked, limit_s: float) -> Callable[[], None]:
-    """Fail ``future`` with a 400 once ``decode`` has run ``limit_s`` (from its own start, as
-    in ``decode_all``); the session's thread finishes it unheeded. Returns the cancel."""
+def watch(
+    future: asyncio.Future[Any], decode: Clocked, limit_s: float, index: int = 0
+) -> Callable[[], None]:
+    """Fail ``future`` with a 400 for image ``index`` once ``decode`` has run ``limit_s``
+    (from its own start, as in ``decode_all``); the session's thread finishes it unheeded.
+    Returns the cancel."""
     loop = asyncio.get_running_loop()
     timer: list[asyncio.TimerHandle] = []
 
@@ -59,7 +63,9 @@ def watch(future: asyncio.Future[Any], decode: Clocked, limit_s: float) -> Calla
         if left > 0:
             timer[:] = [loop.call_later(left, check)]
         else:
-            future.set_exception(InvalidImageError(0, f"decoding took longer than {limit_s:g}s"))
+            future.set_exception(
+                InvalidImageError(index, f"decoding took longer than {limit_s:g}s")
+            )
 
     timer.append(loop.call_later(limit_s, check))
     return lambda: timer[0].cancel()

@@ -201,15 +201,20 @@ class Engine:
     ) -> dict[str, np.ndarray]:
         arrays: list[np.ndarray | Deferred]
         limit_s = self.settings.decode_timeout_ms / 1000.0
-        lone = None
+        deferred: list[Clocked] = []
+        batcher = self._batcher(model)
         if isinstance(job.images, np.ndarray):
             arrays = list(self._check_preprocessed(model.spec, job.images))
-        elif len(job.images) == 1 and self._batcher(model).alone():
-            # Alone, its image is decoded by the session's thread right before the run: one
-            # hand-off between threads instead of three (to a decode thread, back, to the
-            # session's), where nothing else would use a decode thread meanwhile.
-            one = functools.partial(self.preprocess_one, job.images[0], 0, model=model)
-            arrays = [lone := Clocked(one)]
+        elif batcher.pool.decodes or (len(job.images) == 1 and batcher.alone()):
+            # Decoded by the session's thread right before the run: one hand-off between
+            # threads instead of three (to a decode thread, back, to the session's). Alone,
+            # nothing else would use a decode thread meanwhile; with sessions that decode
+            # (``SessionPool.decodes``), always.
+            deferred = [
+                Clocked(functools.partial(self.preprocess_one, blob, i, model=model))
+                for i, blob in enumerate(job.images)
+            ]
+            arrays = list(deferred)
         else:
             arrays = await decode_all(
                 self.runtime.decode_pool,
@@ -219,7 +224,9 @@ class Engine:
                 ticket,
             )
         futures = ticket.submit(arrays, names)
-        unwatch = watch(futures[0], lone, limit_s) if lone is not None else None
+        unwatch = [
+            watch(f, d, limit_s, i) for i, (f, d) in enumerate(zip(futures, deferred, strict=False))
+        ]
         try:
             # One image (the common request): its future itself, not a gathering of one.
             results = [await futures[0]] if len(futures) == 1 else await asyncio.gather(*futures)
@@ -228,8 +235,8 @@ class Engine:
                 f.cancel()  # the batcher drops what is still queued
             raise
         finally:
-            if unwatch is not None:
-                unwatch()
+            for stop_watching in unwatch:
+                stop_watching()
         if len(results) == 1:
             return {name: results[0][name][np.newaxis] for name in names}
         return {name: np.stack([r[name] for r in results]) for name in names}

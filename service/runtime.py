@@ -103,6 +103,8 @@ class ServedModel:
         return {
             "ready": self.serving, "self_check_result": check, "tuning": tuned,
             "inference": "shared process" if shared else "in process",
+            # Where images are decoded under load (``SessionPool.decodes``).
+            "decoding": "session threads" if self.pool.decodes else "decode pool",
         }  # fmt: skip
 
 

@@ -173,9 +173,12 @@ def session_options(threads: int, spin: bool, cores: list[int] | None) -> ort.Se
 class SessionPool:
     """The workers of one model; ``acquire`` hands out an idle one."""
 
-    def __init__(self, workers: list[Runner], buckets: list[int]) -> None:
+    def __init__(self, workers: list[Runner], buckets: list[int], decodes: bool = False) -> None:
         self.workers = workers
         self.buckets = buckets
+        # Each session's thread decodes its batch's images itself, right before the run
+        # (``batchrecord.Deferred``), under load as for a lone request; see ``load``.
+        self.decodes = decodes
         self._idle: asyncio.Queue[Runner] | None = None
         self._retired: set[Runner] = set()
 
@@ -232,6 +235,17 @@ class SessionPool:
                 cpu = cores[0] if cores else None
                 path = str(spec.onnx_path)
                 workers.append(Worker(path, opts, device, name, providers, io_binding, cpu, calm))
+        # Decoding on the sessions' own threads when each runs its model alone (one
+        # intra-op thread on the CPU) and they are at least as many as the decode pool's
+        # threads would be: the cores are theirs either way, and every image saves two
+        # hand-offs between threads (to a decode thread and back to the event loop), 4-6%
+        # of throughput with ResNet-20 under --workers 2 (docs/benchmarks.md). With an
+        # intra-op pool, its other threads would wait while one decodes.
+        decodes = (
+            threads == 1
+            and all(d.kind == "cpu" for d in devices)
+            and settings.sessions_per_device >= settings.decode_threads
+        )
         first = workers[0]
         log.info(
             "%s: %d session(s) on %s, %d intra-op thread(s) each%s, providers %s",
@@ -239,7 +253,9 @@ class SessionPool:
             ", and a non-spinning copy for busy spells" if getattr(first, "calm", None) else "",
             first.session.get_providers(),
         )  # fmt: skip
-        return cls(workers, settings.buckets_for(devices[0].kind))
+        if decodes:
+            log.info("%s: images decoded on the sessions' threads, before each run", spec.name)
+        return cls(workers, settings.buckets_for(devices[0].kind), decodes)
 
     def warmup(
         self,

@@ -320,3 +320,57 @@ def test_a_lone_request_is_decoded_by_the_session_thread_within_its_limits(
             nxt.join(60)
             assert answers[0].status_code == 200
             engine.preprocess_one = recording  # type: ignore[method-assign]
+
+
+def test_sessions_that_run_alone_decode_every_request_themselves(
+    tiny_repository: Path, tiny_pngs: list[bytes]
+) -> None:
+    """One intra-op thread per session and at least as many sessions as decode threads
+    (--workers 2 on two cores, or the tuner's sessions x 1 thread): every image is decoded
+    by the session's thread before its run, not only a lone request's, within the same
+    limits (the failing image named); otherwise the decode pool decodes under load."""
+    options = {"intra_op_threads": 1, "sessions_per_device": 1, "decode_workers": 1}
+    with thread_server(tiny_repository, decode_timeout_ms=400, **options) as srv:
+        engine = srv.runtime.engine
+        batcher = srv.runtime.models[tiny.NAME].batcher
+        assert batcher is not None and batcher.pool.decodes
+        info = httpx.get(f"{srv.url}/v1/models/{tiny.NAME}").json()
+        assert info["decoding"] == "session threads"
+        real = engine.preprocess_one
+        threads: list[str] = []
+
+        def recording(*args: Any, **kw: Any) -> Any:
+            threads.append(threading.current_thread().name)
+            return real(*args, **kw)
+
+        engine.preprocess_one = recording  # type: ignore[method-assign]
+        batcher.alone = lambda: False  # type: ignore[method-assign]
+        files = [("file", (f"{i}.png", b, "image/png")) for i, b in enumerate(tiny_pngs[:3])]
+        r = httpx.post(srv.url + "/v1/classify", files=files, timeout=30)
+        assert r.status_code == 200 and len(r.json()["results"]) == 3
+        assert len(threads) == 3 and all(t.startswith(f"ort-{tiny.NAME}-cpu-0") for t in threads)
+        # A broken image, third of three: a 400 naming it, nothing blamed on the others.
+        files[2] = ("file", ("2.png", b"not an image", "image/png"))
+        r = httpx.post(srv.url + "/v1/classify", files=files, timeout=30)
+        assert r.status_code == 400 and "image 2" in r.text, r.text
+        # A decode past its limit, second of two: named, answered before it ends.
+        release, _ = _slow_decoding(engine, tiny_pngs[3])
+        try:
+            slow = [files[0], ("file", ("1.png", tiny_pngs[3], "image/png"))]
+            t = time.perf_counter()
+            r = httpx.post(srv.url + "/v1/classify", files=slow, timeout=60)
+            assert r.status_code == 400 and "image 1: decoding took longer than 0.4s" in r.text
+            assert time.perf_counter() - t < HOLD_TIMEOUT_S / 2
+        finally:
+            release.set()
+        wait_until(lambda: batcher.pending == 0, timeout=30)
+    # The default split (one session of all cores' intra-op threads): the pool decodes.
+    with thread_server(tiny_repository, intra_op_threads=2, decode_workers=2) as srv:
+        batcher = srv.runtime.models[tiny.NAME].batcher
+        assert batcher is not None and not batcher.pool.decodes
+        info = httpx.get(f"{srv.url}/v1/models/{tiny.NAME}").json()
+        assert info["decoding"] == "decode pool"
+    # One single-threaded session but two decode threads: the pool keeps decoding.
+    with thread_server(tiny_repository, intra_op_threads=1, decode_workers=2) as srv:
+        batcher = srv.runtime.models[tiny.NAME].batcher
+        assert batcher is not None and not batcher.pool.decodes
