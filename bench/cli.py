@@ -566,9 +566,14 @@ def run(args: argparse.Namespace) -> int:
     tuning_md = ""
     if args.tune:
         assert model_dir is not None and settings is not None
+        # The search's own bounds (the largest batch) are the options as given, never a
+        # choice cached by an earlier search: that would only ever search below it again.
+        untuned = offline.service_settings(
+            args.repository, model, [*server_args, "--tuning", "off"]
+        )
         with Display(not args.no_progress) as display:
             tuned = tune.run(
-                model_dir, images, settings, out, args.tune_budget, args.tune_rounds, display.log
+                model_dir, images, untuned, out, args.tune_budget, args.tune_rounds, display.log
             )
         tuning_md = tune.markdown(tuned)
         if args.url is None and not args.start_server:

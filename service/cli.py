@@ -160,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, _exit_now)
     is_worker = workers.worker_index() is not None
+    if not is_worker:
+        settings = workers.tuned_layout(settings)
     try:
         if settings.workers > 1 and not is_worker:
             reserved = bind(settings.host, settings.port, reuse_port=True)

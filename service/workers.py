@@ -125,6 +125,60 @@ def split_threads(settings: Settings) -> dict[str, str]:
     return env
 
 
+# Above this many images a second offline (the tuning's own measure), an image's CPU in the
+# model is under 1 ms on the whole machine, and what HTTP, parsing and the event loop take
+# around one image (about 0.25 ms of one core, docs/benchmarks.md "where a request's CPU
+# goes") is a quarter of it or more: one event loop per session pays. Below, the loop is not
+# the limit, and one queue for all sessions serves unevenly spread connections better
+# (SO_REUSEPORT hands each worker its own; ResNet-50, 16 clients: the same img/s, one
+# round's p99 549 ms against 331).
+LOOP_BOUND_IMG_S = 1000.0
+
+
+def tuned_layout(settings: Settings) -> Settings:
+    """``settings`` with the process layout that ``--tuning`` chose: a choice of one session
+    per core with one intra-op thread each (what the search finds best for small models) is
+    served as that many worker processes of one session each, not as that many sessions
+    in one process, where every session's decoding and the one event loop contend for one
+    GIL (ResNet-20, one image per request, 32 clients: one process with the tuned two
+    sessions 0.49 of two workers; the default single session 0.74: docs/benchmarks.md),
+    for models fast enough that the event loop is the limit (``LOOP_BOUND_IMG_S``).
+    Unchanged when any of the layout is given (--workers, --sessions-per-device,
+    --intra-op-threads, --shared-inference), off the CPU, or when the served models'
+    choices do not all ask for the same such layout."""
+    from resnet_serve.service import tuning
+    from resnet_serve.service.repository import RepositoryError, discover
+    from resnet_serve.service.sessions import parse_devices
+
+    layout = {"workers", "sessions_per_device", "intra_op_threads", "shared_inference"}
+    if settings.tuning == "off" or layout & settings.model_fields_set:
+        return settings
+    try:
+        if parse_devices(settings.device)[0].kind != "cpu":
+            return settings
+        choices = [
+            tuning.find(spec, settings)[0]
+            for spec in discover(settings.repository, settings.models or None)
+        ]
+    except (RepositoryError, ValueError):
+        return settings  # said once the models load, with its own message
+    if not choices or any(
+        c is None or c.settings.get("intra_op_threads") != 1 or c.img_s < LOOP_BOUND_IMG_S
+        for c in choices
+    ):
+        return settings
+    counts = {c.settings.get("sessions_per_device", 1) for c in choices if c is not None}
+    n = counts.pop() if len(counts) == 1 else 1
+    if n < 2:
+        return settings
+    log.info(
+        "tuned layout: %d worker processes of one session each (the tuning's %d sessions x "
+        "1 intra-op thread), one event loop per session", n, n,
+    )  # fmt: skip
+    # The workers take their one intra-op thread from the same choice (tuning.apply).
+    return settings.model_copy(update={"workers": n, "intra_op_threads": 1})
+
+
 def _die_with_parent() -> None:
     """In a worker, before it runs: SIGTERM when the supervisor dies, even by SIGKILL, so
     that no orphan keeps serving on the port (Linux's PR_SET_PDEATHSIG)."""

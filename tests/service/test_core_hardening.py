@@ -325,10 +325,10 @@ def test_a_lone_request_is_decoded_by_the_session_thread_within_its_limits(
 def test_sessions_that_run_alone_decode_every_request_themselves(
     tiny_repository: Path, tiny_pngs: list[bytes]
 ) -> None:
-    """One intra-op thread per session and at least as many sessions as decode threads
-    (--workers 2 on two cores, or the tuner's sessions x 1 thread): every image is decoded
-    by the session's thread before its run, not only a lone request's, within the same
-    limits (the failing image named); otherwise the decode pool decodes under load."""
+    """One session of one intra-op thread and one decode thread in the process (--workers
+    N on N cores): every image is decoded by the session's thread before its run, not only
+    a lone request's, within the same limits (the failing image named); otherwise the
+    decode pool decodes under load."""
     options = {"intra_op_threads": 1, "sessions_per_device": 1, "decode_workers": 1}
     with thread_server(tiny_repository, decode_timeout_ms=400, **options) as srv:
         engine = srv.runtime.engine
@@ -370,7 +370,9 @@ def test_sessions_that_run_alone_decode_every_request_themselves(
         assert batcher is not None and not batcher.pool.decodes
         info = httpx.get(f"{srv.url}/v1/models/{tiny.NAME}").json()
         assert info["decoding"] == "decode pool"
-    # One single-threaded session but two decode threads: the pool keeps decoding.
-    with thread_server(tiny_repository, intra_op_threads=1, decode_workers=2) as srv:
-        batcher = srv.runtime.models[tiny.NAME].batcher
-        assert batcher is not None and not batcher.pool.decodes
+    # One single-threaded session but two decode threads, or two such sessions (their
+    # decoding would contend for the GIL): the pool keeps decoding.
+    for more in ({"decode_workers": 2}, {"decode_workers": 1, "sessions_per_device": 2}):
+        with thread_server(tiny_repository, intra_op_threads=1, **more) as srv:
+            batcher = srv.runtime.models[tiny.NAME].batcher
+            assert batcher is not None and not batcher.pool.decodes

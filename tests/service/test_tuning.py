@@ -17,15 +17,15 @@ from resnet_serve.service import tuner, tuning
 from resnet_serve.service.repository import RepositoryError, load_model_spec
 from resnet_serve.service.settings import Settings
 from tests.service import tiny
-from tests.service.servers import ProcessServer, metric_value, wait_until
+from tests.service.servers import ProcessServer, children, metric_value, wait_until
 
 MODEL = tiny.NAME
 
 
-def _choice(spec_dir: Path, **settings: int) -> tuning.Choice:
+def _choice(spec_dir: Path, img_s: float = 1.0, **settings: int) -> tuning.Choice:
     spec = load_model_spec(spec_dir)
     return tuning.Choice(
-        model=spec.name, key=tuning.machine_key(spec), settings=settings, img_s=1.0,
+        model=spec.name, key=tuning.machine_key(spec), settings=settings, img_s=img_s,
         batch_p50_ms=1.0, latency_bound_ms=500.0, measured_at="2026-01-01T00:00:00+00:00",
         seconds=1.0,
     )  # fmt: skip
@@ -135,3 +135,50 @@ def test_auto_measures_in_the_background_then_uses_the_cache(
     other = dataclasses.replace(choice, key={**choice.key, "model_sha256": "0" * 64})
     assert tuning.cache_path(other.key) != entry
     assert json.loads(entry.read_text())["format_version"] == tuning.FORMAT_VERSION
+
+
+def test_a_choice_of_single_threaded_sessions_is_served_as_workers(
+    tiny_repository: Path, tmp_path: Path
+) -> None:
+    """Two sessions of one intra-op thread each, for a model fast enough that the event
+    loop is the limit: two worker processes of one session each (each its own event loop),
+    unless the layout is given; the choice is reported as is."""
+    from resnet_serve.service.workers import LOOP_BOUND_IMG_S, tuned_layout
+
+    path = tmp_path / "tuning.json"
+    chosen = {"max_batch_size": 4, "intra_op_threads": 1, "sessions_per_device": 2,
+              "decode_workers": 1}  # fmt: skip
+    fast = LOOP_BOUND_IMG_S * 3
+    tuning.save([_choice(tiny_repository / MODEL, fast, **chosen)], path)
+    base = {"repository": tiny_repository, "tuning": str(path)}
+    laid = tuned_layout(Settings(**base))
+    assert (laid.workers, laid.intra_op_threads) == (2, 1)
+    for given in ({"workers": 1}, {"sessions_per_device": 2}, {"intra_op_threads": 2},
+                  {"tuning": "off"}):  # fmt: skip
+        assert tuned_layout(Settings(**{**base, **given})).workers == 1, given
+    # A choice of one session with all the cores' threads keeps one process; so does a
+    # slow model's choice of single-threaded sessions (its event loop is not the limit).
+    one = tmp_path / "one.json"
+    tuning.save([_choice(tiny_repository / MODEL, fast, intra_op_threads=2)], one)
+    assert tuned_layout(Settings(repository=tiny_repository, tuning=str(one))).workers == 1
+    slow = tmp_path / "slow.json"
+    tuning.save([_choice(tiny_repository / MODEL, LOOP_BOUND_IMG_S / 2, **chosen)], slow)
+    assert tuned_layout(Settings(repository=tiny_repository, tuning=str(slow))).workers == 1
+
+    srv = ProcessServer(tiny_repository, tuning=str(path), log_level="info").start()
+    try:
+        assert srv.proc is not None and len(children(srv.proc.pid)) == 2
+        assert "tuned layout: 2 worker processes" in srv.output()
+        info = httpx.get(srv.url + f"/v1/models/{MODEL}").json()
+        assert info["tuning"]["settings"] == chosen
+        # Each worker: one session of one thread; on two cores also one decode thread, so
+        # the session decodes (SessionPool.decodes).
+        from resnet_serve.service.settings import cpu_count
+
+        one_core_each = max(1, cpu_count() // 2) == 1
+        assert info["decoding"] == ("session threads" if one_core_each else "decode pool")
+        text = httpx.get(srv.url + "/metrics").text
+        assert metric_value(text, "resnet_serve_sessions", model=MODEL) == 2  # one each
+        assert metric_value(text, "resnet_serve_max_batch_size", model=MODEL) == 4
+    finally:
+        assert srv.stop() == 0
