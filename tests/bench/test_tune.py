@@ -30,6 +30,19 @@ def test_tune_alone_writes_the_file_and_the_cache(
     assert cached == tuning.cache_path(choice.key)
     text = (out / "results.md").read_text()
     assert "## Tuning" in text and "| pipeline |" in text and "| engine |" in text
+    # Searched again with --tuning auto and that choice cached: the search's bounds are the
+    # options as given (every batch size up to the default 32), not the cached choice's.
+    monkeypatch.setenv("RESNET_SERVE_TUNING", "auto")
+    rc = main([
+        "--tune", "--tune-budget", "3", "--tune-rounds", "1",
+        "--repository", str(cifar_repository), "--model", "resnet20_cifar10",
+        "--corpus-size", "8", "--corpus-dir", str(tmp_path / "corpus"),
+        "--out", str(tmp_path / "again"), "--no-progress",
+    ])  # fmt: skip
+    assert rc == 0
+    (again,) = tuning.load_file(tmp_path / "again" / "tuning.json")
+    engine = {m["max_batch_size"] for m in again.measured if m["stage"] == "engine"}
+    assert engine == {1, 2, 4, 8, 16, 32}
 
 
 def test_tune_needs_a_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
