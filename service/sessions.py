@@ -235,20 +235,13 @@ class SessionPool:
                 cpu = cores[0] if cores else None
                 path = str(spec.onnx_path)
                 workers.append(Worker(path, opts, device, name, providers, io_binding, cpu, calm))
-        # Decoding on the session's own thread when the process has one session that runs
-        # its model alone (one intra-op thread, on the CPU) and one decode thread: one
-        # core's work either way (--workers N on N cores), and every image saves two
-        # hand-offs between threads (to a decode thread and back to the event loop), 5-6%
-        # of throughput with ResNet-20 under --workers 2 (docs/benchmarks.md). Not with an
-        # intra-op pool (its other threads would wait while one decodes), nor with several
-        # sessions in one process: their decoding's Python contends for the one GIL (9%
-        # slower measured with two sessions of one thread each).
-        decodes = (
-            threads == 1
-            and all(d.kind == "cpu" for d in devices)
-            and settings.sessions_per_device == 1
-            and settings.decode_threads == 1
-        )
+        # The session's thread decodes when the process has one session of one intra-op
+        # thread (CPU) and one decode thread (--workers N on N cores): one core's work either
+        # way, two hand-offs between threads saved per image (ResNet-20 +5-6%). Not with an
+        # intra-op pool (its threads would wait), nor two sessions (their decoding contends
+        # for the GIL: 9% slower); docs/benchmarks.md, seventh session.
+        decodes = threads == 1 and all(d.kind == "cpu" for d in devices)
+        decodes = decodes and settings.sessions_per_device == 1 == settings.decode_threads
         first = workers[0]
         log.info(
             "%s: %d session(s) on %s, %d intra-op thread(s) each%s, providers %s",
