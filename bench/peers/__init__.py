@@ -28,10 +28,13 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import signal
 import sys
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
+from types import FrameType, ModuleType
 
 # The service's largest batch (--max-batch-size), for every framework.
 MAX_BATCH_SIZE = 32
@@ -82,6 +85,22 @@ def become_subreaper() -> bool:
 
     pr_set_child_subreaper = 36
     return ctypes.CDLL(None, use_errno=True).prctl(pr_set_child_subreaper, 1, 0, 0, 0) == 0
+
+
+def until_stopped(running: Callable[[], bool]) -> bool:
+    """Wait while ``running()`` holds and no SIGTERM or SIGINT came (the signals set a flag,
+    so that the caller stops what it started, its own way); whether a signal came."""
+    stopping = False
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    while running() and not stopping:
+        time.sleep(0.2)
+    return stopping
 
 
 def arguments(prog: str, argv: list[str] | None = None) -> argparse.Namespace:

@@ -22,12 +22,10 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from importlib.metadata import version
 from pathlib import Path
-from types import FrameType
 
-from resnet_serve.bench.peers import MAX_BATCH_SIZE, arguments, become_subreaper
+from resnet_serve.bench.peers import MAX_BATCH_SIZE, arguments, become_subreaper, until_stopped
 
 # resnet-bench's bound on a peer's shutdown is 60 s: the arbiter gets this long to stop its
 # worker before whatever is left of the tree is killed.
@@ -137,17 +135,7 @@ def main() -> None:
     # of its own anyway, so process groups are no way to reach the tree.
     server = subprocess.Popen(command, cwd=workdir, env=env, start_new_session=True)
 
-    stopping = False
-
-    def stop(signum: int, frame: FrameType | None) -> None:
-        nonlocal stopping
-        stopping = True
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    while server.poll() is None and not stopping:
-        time.sleep(0.2)
-
+    stopping = until_stopped(lambda: server.poll() is None)
     if server.poll() is None:
         server.send_signal(signal.SIGTERM)  # circus stops the worker, then itself
         with contextlib.suppress(subprocess.TimeoutExpired):

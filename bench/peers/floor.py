@@ -29,15 +29,13 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from importlib.metadata import version
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
-from resnet_serve.bench.peers import MAX_BATCH_SIZE, arguments
+from resnet_serve.bench.peers import MAX_BATCH_SIZE, arguments, until_stopped
 
 # bench/peers/floor.txt's pin: the label is read where uvicorn is not installed.
 UVICORN_VERSION = "0.55.0"
@@ -212,16 +210,7 @@ def main() -> None:
     ]  # fmt: skip
     servers = [subprocess.Popen(command) for _ in range(args.workers)]
 
-    stopping = False
-
-    def stop(signum: int, frame: FrameType | None) -> None:
-        nonlocal stopping
-        stopping = True
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    while not stopping and all(s.poll() is None for s in servers):
-        time.sleep(0.2)
+    stopping = until_stopped(lambda: all(s.poll() is None for s in servers))
     for s in servers:
         if s.poll() is None:
             s.send_signal(signal.SIGTERM)

@@ -240,6 +240,20 @@ def test_bytes_are_budgeted_before_they_are_read(
         assert httpx.get(srv.url + "/readyz", timeout=30).status_code == 200
 
 
+def _recording_threads(engine: Any) -> tuple[list[str], Any]:
+    """The engine's decoding, recording the name of each thread it runs on (installed, and
+    returned to be installed again after ``_slow_decoding``)."""
+    real = engine.preprocess_one
+    threads: list[str] = []
+
+    def recording(*args: Any, **kw: Any) -> Any:
+        threads.append(threading.current_thread().name)
+        return real(*args, **kw)
+
+    engine.preprocess_one = recording
+    return threads, recording
+
+
 def test_a_timed_out_request_keeps_its_running_decode_counted(
     tiny_repository: Path, tiny_pngs: list[bytes]
 ) -> None:
@@ -274,14 +288,7 @@ def test_a_lone_request_is_decoded_by_the_session_thread_within_its_limits(
     slow = tiny_pngs[0]
     with thread_server(tiny_repository, decode_workers=1, decode_timeout_ms=400) as srv:
         engine = srv.runtime.engine
-        real = engine.preprocess_one
-        threads: list[str] = []
-
-        def recording(*args: Any, **kw: Any) -> Any:
-            threads.append(threading.current_thread().name)
-            return real(*args, **kw)
-
-        engine.preprocess_one = recording  # type: ignore[method-assign]
+        threads, recording = _recording_threads(engine)
         r = httpx.post(srv.url + "/v1/classify", content=tiny_pngs[1], headers=PNG, timeout=30)
         assert r.status_code == 200
         timing = dict(p.split(";dur=") for p in r.headers["server-timing"].split(", "))
@@ -336,14 +343,7 @@ def test_sessions_that_run_alone_decode_every_request_themselves(
         assert batcher is not None and batcher.pool.decodes
         info = httpx.get(f"{srv.url}/v1/models/{tiny.NAME}").json()
         assert info["decoding"] == "session threads"
-        real = engine.preprocess_one
-        threads: list[str] = []
-
-        def recording(*args: Any, **kw: Any) -> Any:
-            threads.append(threading.current_thread().name)
-            return real(*args, **kw)
-
-        engine.preprocess_one = recording  # type: ignore[method-assign]
+        threads, _ = _recording_threads(engine)
         batcher.alone = lambda: False  # type: ignore[method-assign]
         files = [("file", (f"{i}.png", b, "image/png")) for i, b in enumerate(tiny_pngs[:3])]
         r = httpx.post(srv.url + "/v1/classify", files=files, timeout=30)
