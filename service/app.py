@@ -24,7 +24,6 @@ from resnet_serve.service.responses import FastJSONResponse, add_error_handlers
 from resnet_serve.service.routes import include, router
 from resnet_serve.service.runtime import Runtime
 from resnet_serve.service.settings import Settings
-from resnet_serve.service.timing import TimingMiddleware
 from resnet_serve.service.triton_http import router as triton_router
 from resnet_serve.service.v1 import inference_router as v1_inference
 from resnet_serve.service.v1 import router as v1_router
@@ -162,7 +161,6 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
             allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
             expose_headers=["X-Request-ID", "Retry-After", "Server-Timing"],
         )
-    app.add_middleware(TimingMiddleware)
     app.add_middleware(
         RequestMiddleware, metrics=metrics, access_log=settings.access_log, traffic=traffic
     )

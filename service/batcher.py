@@ -273,7 +273,7 @@ class Batcher:
             names = tuple(dict.fromkeys(name for item in items for name in item.outputs))
             loop = asyncio.get_running_loop()
             try:
-                failed, assembled, arrays = await loop.run_in_executor(
+                failed, assembled, outputs = await loop.run_in_executor(
                     worker.executor, batchrecord.run_batch, worker, items, batch, names, busy
                 )
             except Exception as exc:
@@ -286,7 +286,7 @@ class Batcher:
                 await self.pool.recover(worker)
                 return
             ran = time.perf_counter()
-            ok = batchrecord.hand_out(items, failed, dict(zip(names, arrays, strict=True)))
+            ok = batchrecord.hand_out(items, failed, outputs)
             if ok:  # not every image failed to decode
                 self._record.ran(ok, bucket, start, assembled, ran, time.perf_counter())
         finally:

@@ -11,7 +11,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from resnet_serve.contract.schema import LOGITS, PROBABILITIES
 from resnet_serve.service.metrics import Metrics
+from resnet_serve.service.postprocess import softmax
 from resnet_serve.service.sessions import Runner
 from resnet_serve.service.timing import Timing
 
@@ -45,14 +47,20 @@ def assemble(items: Sequence[QueuedImage], batch: np.ndarray) -> dict[int, Excep
 
 def run_batch(
     worker: Runner, items: list[QueuedImage], batch: np.ndarray, names: tuple[str, ...], busy: bool
-) -> tuple[dict[int, Exception], float, list[np.ndarray]]:
+) -> tuple[dict[int, Exception], float, dict[str, np.ndarray]]:
     """On the session's thread: assemble (``assemble``), then run what is left. The images
-    that failed, when the batch was assembled, and the outputs."""
+    that failed, when the batch was assembled, and the outputs by name: the graph's, and
+    ``probabilities`` where asked for (with the logits), the softmax of the whole batch at
+    once here rather than one request at a time on the event loop."""
     failed = assemble(items, batch)
     assembled = time.perf_counter()
     if len(failed) == len(items):  # nothing left to run
-        return failed, assembled, [np.empty((len(items), 0))] * len(names)
-    return failed, assembled, worker.run(batch, names, busy)
+        return failed, assembled, dict.fromkeys(names, np.empty((len(items), 0)))
+    fetch = tuple(name for name in names if name != PROBABILITIES)
+    outputs = dict(zip(fetch, worker.run(batch, fetch, busy), strict=True))
+    if PROBABILITIES in names:
+        outputs[PROBABILITIES] = softmax(outputs[LOGITS])
+    return failed, assembled, outputs
 
 
 def hand_out(

@@ -210,6 +210,9 @@ def main(argv: list[str] | None = None) -> int:
         # No "server: uvicorn" on every answer: it names what runs here to any client, and
         # each header of an answer is Python work in uvicorn's send.
         server_header=False,
+        # Nothing here reads the client's address or scheme, which is all X-Forwarded-*
+        # would change: one ASGI layer less around every request.
+        proxy_headers=False,
         log_config=None,
         # 0: cancel at once; fractions as given (uvicorn passes it to asyncio.wait_for).
         timeout_graceful_shutdown=settings.drain_timeout_s,

@@ -124,7 +124,6 @@ def guarded_protocol(limits: ConnectionLimits, metrics: Metrics) -> type[asyncio
             super().__init__(*args, **kwargs)
             self._reading_headers = True
             self._header_bytes = 0
-            self._header_fields = 0
             self._request_bytes = 0  # of the request whose headers are being read
             self._refusal: tuple[int, str, str, str] | None = None
             self._refused = False
@@ -199,21 +198,19 @@ def guarded_protocol(limits: ConnectionLimits, metrics: Metrics) -> type[asyncio
         def on_message_begin(self) -> None:
             super().on_message_begin()
             self._reading_headers = True
-            self._header_fields = 0
             if self._timer is None:  # a kept-alive connection's next request
                 self._arm(limits.header_timeout_s, self._header_deadline)
 
-        def on_header(self, name: bytes, value: bytes) -> None:
-            self._header_fields += 1
-            if self._header_fields > limits.max_headers:
+        # Header fields are counted once they are all in (uvicorn's on_header collects
+        # them), not one callback each: their bytes are bounded all along
+        # (max_header_bytes), and no request reaches the application before this.
+        def on_headers_complete(self) -> None:
+            if len(self.headers) > limits.max_headers:
                 self._refusal = (
                     431, "header_too_large",
                     f"more than {limits.max_headers} header fields", "too_many_headers",
                 )  # fmt: skip
                 raise _Refusal
-            super().on_header(name, value)
-
-        def on_headers_complete(self) -> None:
             self._reading_headers = False
             self._header_bytes = 0
             self._request_bytes = 0

@@ -27,6 +27,7 @@ Everything else (other methods and paths, lifespan, websockets) goes to FastAPI.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -38,6 +39,7 @@ from starlette.routing import Match
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 Handler = Callable[[Request], Coroutine[Any, Any, Response]]
+TRACED_RECHECK_S = 1.0
 
 
 def direct_handler(route: object) -> Handler | None:
@@ -61,20 +63,30 @@ class DirectPath:
             inner = cls(inner, *args, **kwargs)
         self.stack = inner
 
+        # The routes without path parameters, by path, where none before them in the table
+        # takes their path: a dict lookup instead of a regular expression per route.
+        self.static: dict[str, APIRoute] = {}
+        for route in self.routes:
+            if not route.param_convertors and self._first(route.path) is route:
+                self.static[route.path] = route
+
+    def _first(self, path: str) -> APIRoute | None:
+        scope = {"type": "http", "method": "POST", "path": path, "root_path": ""}
+        return next((r for r in self.routes if r.matches(scope)[0] is Match.FULL), None)
+
     def match(self, scope: Scope) -> Scope | None:
         """The route's scope additions (its path parameters, the route itself)."""
         if scope["method"] != "POST":
             return None
+        if not scope.get("root_path"):
+            route = self.static.get(scope["path"])
+            if route is not None:
+                return {"endpoint": route.endpoint, "path_params": {}, "route": route}
         for route in self.routes:
             match, child = route.matches(scope)
             if match is Match.FULL:
                 return {**child, "route": route}
         return None
-
-    async def __call__(self, scope: Scope, child: Scope, receive: Receive, send: Send) -> None:
-        scope["app"] = self.app
-        scope.update(child)
-        await self.stack(scope, receive, send)
 
     @staticmethod
     async def _handle(scope: Scope, receive: Receive, send: Send) -> None:
@@ -90,6 +102,8 @@ class ServiceApp(FastAPI):
     middleware are final by then, and ``add_middleware`` refuses any later addition."""
 
     _direct: DirectPath | None = None
+    _traced_now = False
+    _traced_until = float("-inf")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if self.middleware_stack is None:
@@ -101,7 +115,9 @@ class ServiceApp(FastAPI):
                 scope["root_path"] = self.root_path
             child = self._direct.match(scope)
             if child is not None:
-                await self._direct(scope, child, receive, send)
+                scope["app"] = self
+                scope.update(child)
+                await self._direct.stack(scope, receive, send)
                 return
         await super().__call__(scope, receive, send)
 
@@ -109,6 +125,12 @@ class ServiceApp(FastAPI):
         """FastAPI's own OpenTelemetry is on: it switches itself on once a tracer, meter or
         logger provider is set (``opentelemetry-instrument``, an SDK configured in the
         process), and then spans and measures every request it serves. The inference
-        routes then take FastAPI's path too, so that none is missing from the traces."""
-        telemetry = getattr(self, "_native_telemetry", None)
-        return telemetry is not None and bool(telemetry.enabled())
+        routes then take FastAPI's path too, so that none is missing from the traces.
+        Asked at most every ``TRACED_RECHECK_S``: the answer walks OpenTelemetry's global
+        providers (a dozen Python calls), and providers are set once, at startup."""
+        now = time.monotonic()
+        if now >= self._traced_until:
+            telemetry = getattr(self, "_native_telemetry", None)
+            self._traced_now = telemetry is not None and bool(telemetry.enabled())
+            self._traced_until = now + TRACED_RECHECK_S
+        return self._traced_now

@@ -139,8 +139,10 @@ class Engine:
         with batcher.admission() as ticket, Reading(ticket, self.budget, stall_s) as reading:
             job = await parse(model.spec, reading)
             names = graph_outputs(model.spec, job)
+            if PROBABILITIES in job.outputs:  # computed with the batch (batchrecord.run_batch)
+                names = (*names, PROBABILITIES)
             n = len(job.images)
-            self.metrics.images.labels(endpoint, model.name).inc(n)
+            self.metrics.images_of(endpoint, model.name).inc(n)
             ticket.admit(n)
             work = asyncio.ensure_future(self._run(model, ticket, job, names))
             arrays = await self._guard(work, model, n, deadline, gone)
@@ -255,5 +257,5 @@ class Engine:
         """One image, on a decode thread."""
         t = time.perf_counter()
         out = preprocess(data, index, model.spec.preprocess, self.runtime.decode_options)
-        self.metrics.preprocess_duration.labels(model.name).observe(time.perf_counter() - t)
+        self.metrics.preprocess_duration_of(model.name).observe(time.perf_counter() - t)
         return out

@@ -84,12 +84,12 @@ def _rpc(endpoint: str) -> Callable[..., Any]:
                 self.metrics.in_flight.dec()
                 known = base_name(model, self.runtime.models)
                 known = known if known in self.runtime.models else ""
-                self.metrics.requests.labels(endpoint, known, str(status)).inc()
+                self.metrics.requests_of(endpoint, known, str(status)).inc()
                 if endpoint == INFER:
                     duration = time.perf_counter() - start
-                    self.metrics.request_duration.labels(
-                        endpoint, known, status_class(status)
-                    ).observe(duration)
+                    self.metrics.request_duration_of(endpoint, known, status_class(status)).observe(
+                        duration
+                    )
                 logs.request_id.reset(token)
 
         return handler

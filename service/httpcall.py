@@ -13,6 +13,7 @@ from fastapi import Request
 from resnet_serve.service.connections import disconnected
 from resnet_serve.service.engine import Engine
 from resnet_serve.service.errors import InvalidParameterError
+from resnet_serve.service.inputs import header
 
 
 def engine_of(request: Request) -> Engine:
@@ -31,11 +32,11 @@ def query_values(request: Request, names: Iterable[str]) -> dict[str, str]:
 
 def deadline(request: Request, engine: Engine) -> float:
     client_ms: float | None = None
-    header = request.headers.get("x-request-timeout-ms")
-    if header is not None:
+    value = header(request, "x-request-timeout-ms")
+    if value is not None:
         # Digits and one decimal point: float() would also take "1_000", "1e3" or "nan".
-        number = re.fullmatch(r"[0-9]+(\.[0-9]+)?", header.strip(), re.ASCII)
-        client_ms = float(header) if number else -1.0
+        number = re.fullmatch(r"[0-9]+(\.[0-9]+)?", value.strip(), re.ASCII)
+        client_ms = float(value) if number else -1.0
         if not 0 < client_ms < float("inf"):
             raise InvalidParameterError("X-Request-Timeout-Ms must be a positive number")
     arrival = request.scope.get("state", {}).get("start", time.perf_counter())

@@ -8,12 +8,14 @@ import base64
 import binascii
 import functools
 import zlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 from fastapi import Request
+from starlette.requests import ClientDisconnect
+from starlette.types import Message, Receive
 
 from resnet_serve.service.errors import (
     BadRequestError,
@@ -34,6 +36,22 @@ JSON_PARAMETER_QUOTES = 256
 INLINE_PARSE_BYTES = 256 * 1024
 
 
+# The scope's key for its headers as a dict (``header``).
+_HEADERS = "resnet_serve.headers"
+
+
+def header(request: Request, name: str) -> str | None:
+    """A request header (the first of repeated ones, as Starlette's ``Headers.get``): the
+    headers become a dict once per request, then each is one lookup, not Starlette's scan
+    of the list in Python for every header asked for."""
+    scope = request.scope
+    headers = scope.get(_HEADERS)
+    if headers is None:
+        headers = scope[_HEADERS] = dict(reversed(scope["headers"]))
+    value = headers.get(name.lower().encode("latin-1"))
+    return None if value is None else value.decode("latin-1")
+
+
 @dataclass
 class Payload:
     images: list[bytes]
@@ -44,7 +62,7 @@ async def read_body(request: Request, limit: int, reading: Reading | None = None
     """The body, refused with 413 as soon as it passes ``limit`` (not after buffering),
     and with 503 once ``reading``'s byte budget is spent (the declared length at once).
     While no bytes arrive for ``reading.stall_s``, batches stop waiting for it."""
-    declared = request.headers.get("content-length")
+    declared = header(request, "content-length")
     known = declared is not None and declared.isdigit()
     if known and int(declared) > limit:  # type: ignore[arg-type]
         raise PayloadTooLargeError(f"request body of {declared} bytes exceeds {limit} bytes")
@@ -52,24 +70,28 @@ async def read_body(request: Request, limit: int, reading: Reading | None = None
         reading.take(int(declared))  # type: ignore[arg-type]
     chunks: list[bytes] = []
     size = 0
-    stream = request.stream().__aiter__()
-    while True:
-        try:
-            chunk = await _next_chunk(stream, reading)
-        except StopAsyncIteration:
-            break
+    # The ASGI messages themselves, not Starlette's ``request.stream()``: an async
+    # generator per request (registered with the loop, then finalised) for the same bytes.
+    receive = request.receive
+    more = True
+    while more:
+        message = await _next_message(receive, reading)
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnect()
+        chunk = message.get("body", b"")
+        more = message.get("more_body", False)
         size += len(chunk)
         if size > limit:
             raise PayloadTooLargeError(f"request body exceeds {limit} bytes")
         if reading is not None and not known:
             reading.take(len(chunk))
         chunks.append(chunk)
-    return b"".join(chunks)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
-async def _next_chunk(stream: AsyncIterator[bytes], reading: Reading | None) -> bytes:
+async def _next_message(receive: Receive, reading: Reading | None) -> Message:
     if reading is None:
-        return await stream.__anext__()
+        return await receive()
     # A timer, not a task and a wait per chunk: most chunks are there already, and this
     # runs for every chunk of every request on the event loop.
     stalled = False
@@ -81,7 +103,7 @@ async def _next_chunk(stream: AsyncIterator[bytes], reading: Reading | None) -> 
 
     timer = asyncio.get_running_loop().call_later(reading.stall_s, stall)
     try:
-        return await stream.__anext__()
+        return await receive()
     finally:
         timer.cancel()
         if stalled:
@@ -180,7 +202,8 @@ async def read_payload(
     """The images and parameters of a /v1 request. Bodies over ``INLINE_PARSE_BYTES`` are
     parsed by ``offload(parse)`` (``Engine.parse``: off the event loop, a bounded number
     at once)."""
-    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    ctype_full = header(request, "content-type") or ""
+    ctype = ctype_full.split(";")[0].strip().lower()
     if not (ctype in ("application/json", "multipart/form-data") or ctype.startswith(RAW_TYPES)):
         raise UnsupportedMediaTypeError(
             f"content type {ctype or '(none)'} is not supported: send multipart/form-data "
@@ -193,7 +216,6 @@ async def read_payload(
         parse = functools.partial(parse_json_images, body, max_images)
         payload = parse() if small else await offload(parse)
     elif ctype == "multipart/form-data":
-        ctype_full = request.headers.get("content-type", "")
         parse = functools.partial(multipart_payload, ctype_full, body, max_images)
         payload = parse() if small else await offload(parse)
     else:

@@ -50,6 +50,25 @@ CONNECTION_REFUSALS = (
 )  # fmt: skip
 
 
+class Labeled:
+    """``metric.labels(*values)``, remembered: prometheus-client builds and checks the label
+    tuple and takes a lock on every call, several Python calls per request on the event
+    loop for a child that never changes. Only for labels of a bounded set of values (the
+    endpoint table, served models, statuses), as every label here is."""
+
+    __slots__ = ("_children", "_metric")
+
+    def __init__(self, metric: Any) -> None:
+        self._metric = metric
+        self._children: dict[tuple[str, ...], Any] = {}
+
+    def __call__(self, *values: str) -> Any:
+        child = self._children.get(values)
+        if child is None:
+            child = self._children[values] = self._metric.labels(*values)
+        return child
+
+
 def status_class(status: int) -> str:
     """200 -> "2xx": the latency histogram's label, a handful of values."""
     return f"{status // 100}xx"
@@ -142,12 +161,17 @@ class Metrics:
         self.images = counter(
             "images_total", "Images received for inference", ("endpoint", "model")
         )
+        # The per-request series, by their labels' values (``Labeled``).
+        self.requests_of = Labeled(self.requests)
+        self.request_duration_of = Labeled(self.request_duration)
+        self.images_of = Labeled(self.images)
         self.queue_wait = histogram(
             "queue_wait_seconds", "Time an image waits in the queue before its batch runs"
         )
         self.preprocess_duration = histogram(
             "preprocess_duration_seconds", "Decode + resize + crop of one image"
         )
+        self.preprocess_duration_of = Labeled(self.preprocess_duration)
         self.inference_duration = histogram(
             "inference_duration_seconds", "onnxruntime run of one batch"
         )

@@ -1,6 +1,7 @@
-"""The request middleware: request IDs, per-request metrics and the access log for every
-answer, wherever it was given; the ``endpoint`` label table; and the last-resort answers
-given outside the application (a bug's 500, a request cut off at the drain timeout)."""
+"""The request middleware: request IDs, per-request metrics, the access log and the
+``Server-Timing`` header (service/timing.py) for every answer, wherever it was given; the
+``endpoint`` label table; and the last-resort answers given outside the application (a
+bug's 500, a request cut off at the drain timeout)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from resnet_serve.service import logs
+from resnet_serve.service import logs, timing
 from resnet_serve.service.errors import InternalError, NotReadyError, ServeError
 from resnet_serve.service.metrics import Metrics, status_class
 from resnet_serve.service.responses import error_response, protocol_of
@@ -142,6 +143,9 @@ class RequestMiddleware:
                 status = message["status"]
                 headers = list(message.get("headers", []))
                 headers.append((b"x-request-id", request_id.encode("latin-1")))
+                server_timing = request_timing.header()
+                if server_timing is not None:
+                    headers.append((b"server-timing", server_timing))
                 message = {**message, "headers": headers}
             await send(message)
 
@@ -149,6 +153,7 @@ class RequestMiddleware:
         state["request_id"] = request_id
         state["start"] = start
         token = logs.request_id.set(request_id)
+        request_timing, timing_token = timing.begin()
         api = scope["path"].startswith(("/v1/", "/v2/"))  # not probes and scrapes
         if api:
             self.traffic.accepted += 1
@@ -183,16 +188,17 @@ class RequestMiddleware:
             duration = time.perf_counter() - start
             endpoint, named = endpoint_of(scope["path"])
             model = self._model(scope, state, named)
-            self.metrics.requests.labels(endpoint, model, str(status)).inc()
+            self.metrics.requests_of(endpoint, model, str(status)).inc()
             if api and endpoint != UNKNOWN:
-                histogram = self.metrics.request_duration
-                histogram.labels(endpoint, model, status_class(status)).observe(duration)
+                histogram = self.metrics.request_duration_of
+                histogram(endpoint, model, status_class(status)).observe(duration)
             if self.access_log and (status >= 400 or endpoint not in QUIET):
                 logs.access.info(
                     "%s %s %d", scope["method"], scope["path"][:MAX_LOGGED_PATH], status,
                     extra={"status": status, "endpoint": endpoint, "model": model,
                            "duration_ms": round(duration * 1000, 3)},
                 )  # fmt: skip
+            timing.end(timing_token)
             logs.request_id.reset(token)
 
 

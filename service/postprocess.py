@@ -89,7 +89,8 @@ class Outputs:
         return self.arrays[name].astype(np.float32, copy=False)
 
     def probabilities(self) -> np.ndarray:
-        return softmax(self.arrays[LOGITS])
+        computed = self.arrays.get(PROBABILITIES)  # with the batch, where asked for
+        return computed if computed is not None else softmax(self.arrays[LOGITS])
 
     def features(
         self, name: str, pooling: Pooling | None = None, normalize: bool = False

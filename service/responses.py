@@ -77,10 +77,13 @@ def protocol_route(protocol: str, *, own_parameters: bool = False) -> type[APIRo
 
     class ProtocolRoute(APIRoute):
         def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
-            handler = self._direct() if own_parameters else super().get_route_handler()
+            handler = None if own_parameters else super().get_route_handler()
+            endpoint = self.endpoint
 
             async def answer_errors(request: Request) -> Response:
                 try:
+                    if handler is None:  # the request and its path parameters alone
+                        return await endpoint(request, **request.path_params)  # type: ignore[no-any-return]
                     return await handler(request)
                 except CLIENT_ERRORS as exc:
                     return error_response(exc, protocol)
@@ -97,14 +100,6 @@ def protocol_route(protocol: str, *, own_parameters: bool = False) -> type[APIRo
             if own_parameters:
                 self.direct_handler = answer_errors  # service.direct runs it as it is
             return answer_errors
-
-        def _direct(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
-            endpoint = self.endpoint
-
-            async def call(request: Request) -> Response:
-                return await endpoint(request, **request.path_params)  # type: ignore[no-any-return]
-
-            return call
 
     return ProtocolRoute
 

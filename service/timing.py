@@ -18,8 +18,6 @@ from __future__ import annotations
 import contextvars
 import time
 
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
-
 
 class Timing:
     __slots__ = ("_reserved", "_result_at", "inference_s", "preprocess_s", "queue_s")
@@ -74,28 +72,12 @@ def current() -> Timing | None:
     return _current.get()
 
 
-class TimingMiddleware:
-    """A fresh ``Timing`` for each HTTP request; its ``Server-Timing`` header on the answer."""
+def begin() -> tuple[Timing, contextvars.Token[Timing | None]]:
+    """A fresh ``Timing`` for the HTTP request this task serves (``RequestMiddleware``
+    sends its header); ``end`` with the token once the answer is sent."""
+    timing = Timing()
+    return timing, _current.set(timing)
 
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        timing = Timing()
-        token = _current.set(timing)
-
-        async def send_wrapper(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                value = timing.header()
-                if value is not None:
-                    headers = [*message.get("headers", []), (b"server-timing", value)]
-                    message = {**message, "headers": headers}
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_wrapper)
-        finally:
-            _current.reset(token)
+def end(token: contextvars.Token[Timing | None]) -> None:
+    _current.reset(token)

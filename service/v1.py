@@ -13,7 +13,7 @@ from pydantic import BaseModel
 from resnet_serve.contract.schema import LOGITS, PROBABILITIES, ModelSpec
 from resnet_serve.service.engine import Job
 from resnet_serve.service.httpcall import deadline, disconnect_watch, engine_of, query_values
-from resnet_serve.service.inputs import read_payload
+from resnet_serve.service.inputs import header, read_payload
 from resnet_serve.service.postprocess import encode_embeddings, to_npy, top_k
 from resnet_serve.service.reading import Reading
 from resnet_serve.service.responses import V1, FastJSONResponse, protocol_route
@@ -31,7 +31,7 @@ from resnet_serve.service.v1_schema import (
 
 
 def _wants_npy(request: Request) -> bool:
-    return NPY in request.headers.get("accept", "")
+    return NPY in (header(request, "accept") or "")
 
 
 router = APIRouter(route_class=protocol_route(V1))

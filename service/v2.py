@@ -18,7 +18,7 @@ from pydantic import BaseModel
 from resnet_serve.contract.schema import ModelSpec
 from resnet_serve.service.engine import Job
 from resnet_serve.service.httpcall import deadline, disconnect_watch, engine_of
-from resnet_serve.service.inputs import INLINE_PARSE_BYTES, read_body
+from resnet_serve.service.inputs import INLINE_PARSE_BYTES, header, read_body
 from resnet_serve.service.reading import Reading
 from resnet_serve.service.responses import V2, FastJSONResponse, protocol_route
 from resnet_serve.service.v2_codec import HEADER_LENGTH, job, parse_request
@@ -152,13 +152,13 @@ async def infer(request: Request, model: str, version: str | None = None) -> Res
         body = await read_body(request, s.max_body_bytes, reading)
         run = functools.partial(
             parse_request, body,
-            header_length=request.headers.get(HEADER_LENGTH),
-            content_encoding=request.headers.get("content-encoding"),
+            header_length=header(request, HEADER_LENGTH),
+            content_encoding=header(request, "content-encoding"),
             spec=spec, max_images=s.max_images_per_request, max_body_bytes=s.max_body_bytes,
             encoded=v2model.encoded,
         )  # fmt: skip
         # A compressed body may inflate far past its size: parsed off the loop too.
-        inline = len(body) <= INLINE_PARSE_BYTES and not request.headers.get("content-encoding")
+        inline = len(body) <= INLINE_PARSE_BYTES and not header(request, "content-encoding")
         return job(run() if inline else await engine.parse(run))
 
     result = await engine.infer(
