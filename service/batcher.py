@@ -147,7 +147,6 @@ class Batcher:
         self._closing = False
         self._task: asyncio.Task[None] | None = None
         self._running: set[asyncio.Task[None]] = set()
-        self._depth = metrics.queue_depth.labels(model)
         self._record = BatchRecord(model, metrics)
 
     @property
@@ -209,7 +208,6 @@ class Batcher:
             fut: asyncio.Future[Result] = loop.create_future()
             self._queue.append(QueuedImage(image, fut, now, outputs, timing))
             futures.append(fut)
-        self._depth.set(len(self._queue))
         self._arrival.set()
         return futures
 
@@ -256,7 +254,6 @@ class Batcher:
                 self.metrics.rejected.labels(self.model, "cancelled").inc()
                 continue
             items.append(item)
-        self._depth.set(len(self._queue))
         return items
 
     async def _execute(self, worker: Runner, items: list[QueuedImage]) -> None:

@@ -144,7 +144,7 @@ class Engine:
             n = len(job.images)
             self.metrics.images_of(endpoint, model.name).inc(n)
             ticket.admit(n)
-            work = asyncio.ensure_future(self._run(model, ticket, job, names))
+            work = asyncio.ensure_future(self._run(model, batcher, ticket, job, names))
             arrays = await self._guard(work, model, n, deadline, gone)
         return Result(model, job, Outputs(arrays))
 
@@ -199,12 +199,12 @@ class Engine:
         raise RequestTimeoutError(f"request timed out after {timeout:g}s")
 
     async def _run(
-        self, model: ServedModel, ticket: Ticket, job: Job, names: tuple[str, ...]
-    ) -> dict[str, np.ndarray]:
+        self, model: ServedModel, batcher: Batcher, ticket: Ticket, job: Job,
+        names: tuple[str, ...],
+    ) -> dict[str, np.ndarray]:  # fmt: skip
         arrays: list[np.ndarray | Deferred]
         limit_s = self.settings.decode_timeout_ms / 1000.0
         deferred: list[Clocked] = []
-        batcher = self._batcher(model)
         if isinstance(job.images, np.ndarray):
             arrays = list(self._check_preprocessed(model.spec, job.images))
         elif batcher.pool.decodes or (len(job.images) == 1 and batcher.alone()):

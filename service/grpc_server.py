@@ -62,7 +62,7 @@ def _rpc(endpoint: str) -> Callable[..., Any]:
             model = getattr(request, "name", "") or getattr(request, "model_name", "")
             status = 200
             token = logs.request_id.set(getattr(request, "id", "") or "")
-            self.metrics.in_flight.inc()
+            self.metrics.requests_in_flight += 1
             try:
                 if name not in OPEN:
                     self.authorize(context)
@@ -81,7 +81,7 @@ def _rpc(endpoint: str) -> Callable[..., Any]:
                 log.exception("unhandled error in gRPC %s", name)
                 await context.abort(grpc.StatusCode.INTERNAL, "internal error")
             finally:
-                self.metrics.in_flight.dec()
+                self.metrics.requests_in_flight -= 1
                 known = base_name(model, self.runtime.models)
                 known = known if known in self.runtime.models else ""
                 self.metrics.requests_of(endpoint, known, str(status)).inc()

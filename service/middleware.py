@@ -157,7 +157,7 @@ class RequestMiddleware:
         api = scope["path"].startswith(("/v1/", "/v2/"))  # not probes and scrapes
         if api:
             self.traffic.accepted += 1
-        self.metrics.in_flight.inc()
+        self.metrics.requests_in_flight += 1
         cut_off = False
         try:
             await self.app(scope, receive, send_wrapper)
@@ -184,7 +184,7 @@ class RequestMiddleware:
                 self.traffic.cut_off += 1
             elif api:
                 self.traffic.answered += 1
-            self.metrics.in_flight.dec()
+            self.metrics.requests_in_flight -= 1
             duration = time.perf_counter() - start
             endpoint, named = endpoint_of(scope["path"])
             model = self._model(scope, state, named)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import threading
@@ -80,8 +81,8 @@ class ServedModel:
     self_check: SelfCheck | None = None
     tuning_choice: tuning.Choice | None = None
 
-    @property
-    def name(self) -> str:
+    @functools.cached_property
+    def name(self) -> str:  # read several times a request: a plain attribute after the first
         return self.spec.name
 
     @property
@@ -235,6 +236,7 @@ class Runtime:
             max_batch_size=batcher.max_batch_size,
             sessions=len(pool.workers),
             admitted=lambda: batcher.pending,
+            queued=lambda: batcher.queued,
             healthy_sessions=lambda: pool.healthy,
             ready=lambda: 1.0 if m.serving else 0.0,
         )
