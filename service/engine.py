@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -144,28 +144,32 @@ class Engine:
             n = len(job.images)
             self.metrics.images_of(endpoint, model.name).inc(n)
             ticket.admit(n)
-            work = asyncio.ensure_future(self._run(model, batcher, ticket, job, names))
+            work = self._run(model, batcher, ticket, job, names)
             arrays = await self._guard(work, model, n, deadline, gone)
         return Result(model, job, Outputs(arrays))
 
     async def _guard(
         self,
-        work: asyncio.Future[dict[str, np.ndarray]],
+        work: Coroutine[Any, Any, dict[str, np.ndarray]],
         model: ServedModel,
         images: int,
         deadline: float,
         gone: Callable[[], Awaitable[object]] | None,
     ) -> dict[str, np.ndarray]:
-        # A timer and a callback stop the work, instead of a task watching the client and
-        # asyncio.wait over both: the same outcome with no task or waiter per request.
+        # ``work`` runs in this task, and a timer and a callback cancel the task, as
+        # asyncio.timeout() does: no task of its own per request (created, registered,
+        # scheduled, and awaited an event-loop turn later) and no task watching the client.
         loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
         timeout = max(0.0, deadline - time.perf_counter())
         why: list[str] = []
+        running = True
 
         def stop(reason: str) -> None:
-            if not work.done() and not why:
+            if running and not why:
                 why.append(reason)
-                work.cancel()
+                task.cancel()
 
         def left(_: object) -> None:
             stop("gone")
@@ -179,14 +183,15 @@ class Engine:
             watcher = watch if isinstance(watch, asyncio.Future) else asyncio.ensure_future(watch)
             watcher.add_done_callback(left)
         try:
-            # Cancelled from outside, this waits for the work to unwind (Task semantics):
-            # decoding that cannot be interrupted is counted as held before the ticket closes.
+            # Cancelled, the work unwinds before this returns: decoding that cannot be
+            # interrupted is counted as held before the ticket closes.
             return await work
         except asyncio.CancelledError:
-            task = asyncio.current_task()
-            if not why or (task is not None and task.cancelling()):
+            # Ours alone (not also the server's, at the drain timeout): answered here.
+            if not why or task.uncancel() > 0:
                 raise
         finally:
+            running = False
             timer.cancel()
             if watcher is not None:
                 watcher.remove_done_callback(left)

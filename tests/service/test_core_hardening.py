@@ -376,3 +376,58 @@ def test_sessions_that_run_alone_decode_every_request_themselves(
         with thread_server(tiny_repository, intra_op_threads=1, **more) as srv:
             batcher = srv.runtime.models[tiny.NAME].batcher
             assert batcher is not None and not batcher.pool.decodes
+
+
+def test_a_requests_deadline_stops_its_work_in_its_own_task_and_only_its_own_cancel() -> None:
+    """The work runs in the request's task (``Engine._guard``): its deadline cancels it,
+    answered as a timeout once the work has unwound, with the task no longer cancelled;
+    a cancel from outside (the drain timeout) still propagates, even when the deadline
+    fell at the same time."""
+    import asyncio
+    from types import SimpleNamespace
+
+    import pytest
+
+    from resnet_serve.service.engine import Engine
+    from resnet_serve.service.errors import RequestTimeoutError
+
+    model = SimpleNamespace(name="m")
+    unwound: list[str] = []
+
+    async def work(hold_s: float) -> dict[str, np.ndarray]:
+        try:
+            await asyncio.sleep(hold_s)
+            return {"logits": np.zeros((1, 2))}
+        finally:
+            unwound.append("done")
+
+    async def guarded(hold_s: float, deadline_s: float) -> dict[str, np.ndarray]:
+        deadline = time.perf_counter() + deadline_s
+        return await Engine._guard(SimpleNamespace(), work(hold_s), model, 1, deadline, None)  # type: ignore[arg-type]
+
+    async def scenario() -> None:
+        assert (await guarded(0.0, 5.0))["logits"].shape == (1, 2)
+        with pytest.raises(RequestTimeoutError):
+            await guarded(5.0, 0.05)
+        task = asyncio.current_task()
+        assert task is not None and task.cancelling() == 0  # nothing left for a later await
+        await asyncio.sleep(0)
+        assert unwound == ["done", "done"]
+
+        # Cancelled from outside while it waits: a CancelledError, not a timeout.
+        outside = asyncio.ensure_future(guarded(5.0, 5.0))
+        await asyncio.sleep(0.02)
+        outside.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await outside
+
+        # A deadline already passed (its cancel due in the next turn) and an outside
+        # cancel in this one: whichever lands first, the outside one is not swallowed.
+        both = asyncio.ensure_future(guarded(5.0, 0.0))
+        await asyncio.sleep(0)  # started: waiting in its work, its timer armed
+        both.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await both
+        assert unwound == ["done"] * 4
+
+    asyncio.run(scenario())
