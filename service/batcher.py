@@ -51,11 +51,8 @@ class Ticket:
 
     def __init__(self, batcher: Batcher) -> None:
         self._batcher = batcher
-        self._announced = True
-        self._over = False
-        self._admitted = 0
-        self._held = 0
-        self._open = True
+        self._announced, self._over, self._open = True, False, True
+        self._admitted = self._held = 0
         batcher._expected += 1
         batcher._requests += 1
 
@@ -64,10 +61,6 @@ class Ticket:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-    def _arrived(self) -> None:
-        self._over = True
-        self.pause()
 
     def pause(self) -> None:
         """Batches stop waiting for this request (its body stalled)..."""
@@ -94,7 +87,8 @@ class Ticket:
         self._admitted -= len(images)
         self._batcher._incoming -= len(images)
         futures = self._batcher._enqueue(images, outputs)
-        self._arrived()
+        self._over = True
+        self.pause()
         return futures
 
     def hold(self, n: int) -> None:
@@ -112,7 +106,8 @@ class Ticket:
         if self._open:
             self._open = False
             self._batcher._requests -= 1
-        self._arrived()
+        self._over = True
+        self.pause()
         free = self._admitted - self._held
         self._admitted -= free
         self._batcher._incoming -= free
@@ -143,7 +138,8 @@ class Batcher:
         self._expected = 0
         self._requests = 0  # tickets open: requests from arrival to answer
         self._free = False
-        self._arrival = asyncio.Event()
+        self._waiter: asyncio.Future[bool] | None = None  # the batch loop's (``_wait``)
+        self._filling = False
         self._closing = False
         self._task: asyncio.Task[None] | None = None
         self._running: set[asyncio.Task[None]] = set()
@@ -173,7 +169,7 @@ class Batcher:
 
     def _arrived(self) -> None:
         self._expected -= 1
-        self._arrival.set()  # a waiting batch may be waiting for this request
+        self._wake()  # a waiting batch may be waiting for this request
 
     def _reserve(self, n: int) -> None:
         """Admit ``n`` images that are about to be decoded, or refuse them now: 503 while
@@ -208,7 +204,7 @@ class Batcher:
             fut: asyncio.Future[Result] = loop.create_future()
             self._queue.append(QueuedImage(image, fut, now, outputs, timing))
             futures.append(fut)
-        self._arrival.set()
+        self._wake()
         return futures
 
     async def _loop(self) -> None:
@@ -226,27 +222,40 @@ class Batcher:
             self._running.add(task)
             task.add_done_callback(self._running.discard)
 
-    async def _wait_arrival(self, timeout: float | None) -> bool:
-        self._arrival.clear()
+    def _wake(self, timed_out: bool = False) -> None:
+        """The batch loop's wait may be over. A filling batch wakes once full, timed out or
+        with nobody announced left: not at every image (each was a task and a loop turn)."""
+        w = self._waiter
+        if w is None or w.done():
+            return
+        filling = self._filling and not self._closing and self._expected > 0
+        if timed_out or not (filling and 0 < len(self._queue) < self.max_batch_size):
+            w.set_result(None)
+
+    async def _wait(self, timeout: float | None, filling: bool) -> None:
+        loop = asyncio.get_running_loop()
+        self._waiter, self._filling = loop.create_future(), filling
+        timer = loop.call_later(timeout, self._wake, True) if timeout is not None else None
         try:
-            await asyncio.wait_for(self._arrival.wait(), timeout)
-            return True
-        except TimeoutError:
-            return False
+            await self._waiter  # left there, done: ``_wake`` ignores it
+        finally:
+            if timer is not None:
+                timer.cancel()
 
     async def _collect(self) -> list[QueuedImage] | None:
         """The next batch; ``None`` once closing with nothing left."""
         while not self._queue:
             if self._closing:
                 return None
-            await self._wait_arrival(None)
+            await self._wait(None, filling=False)
         # The batch's clock starts at its first image's arrival, not at this call: an image
         # that already waited for a busy session is not made to wait again.
         deadline = self._queue[0].enqueued + self.delay_s
         while len(self._queue) < self.max_batch_size and self._expected > 0 and not self._closing:
             remaining = deadline - time.perf_counter()
-            if remaining <= 0 or not await self._wait_arrival(remaining):
+            if remaining <= 0:
                 break
+            await self._wait(remaining, filling=True)
         items: list[QueuedImage] = []
         while self._queue and len(items) < self.max_batch_size:
             item = self._queue.popleft()
@@ -265,21 +274,16 @@ class Batcher:
             # and HTTP need (Worker.run's non-spinning copy). A lone client's batch spins.
             busy = self._requests > 1 or self.pending > 0
             bucket = self.buckets[bisect.bisect_left(self.buckets, n)]
-            batch = np.zeros((bucket, *self.image_shape), dtype=np.uint8)
-            # The batch fetches what any of its images asked for, each name once.
-            names = tuple(dict.fromkeys(name for item in items for name in item.outputs))
+            shape = (bucket, *self.image_shape)
             loop = asyncio.get_running_loop()
             try:
                 failed, assembled, outputs = await loop.run_in_executor(
-                    worker.executor, batchrecord.run_batch, worker, items, batch, names, busy
+                    worker.executor, batchrecord.run_batch, worker, items, shape, busy
                 )
             except Exception as exc:
-                self._record.failed(items)
                 log.exception("inference failed on a batch of %d for %s", n, self.model)
                 error = InferenceFailedError(f"inference failed for model {self.model}: {exc}")
-                for item in items:
-                    if not item.future.done():
-                        item.future.set_exception(error)
+                self._record.failed(items, error)
                 await self.pool.recover(worker)
                 return
             ran = time.perf_counter()
@@ -296,7 +300,7 @@ class Batcher:
     async def close(self, timeout_s: float) -> None:
         """Stop taking work, finish what was accepted (up to ``timeout_s``), stop."""
         self._closing = True
-        self._arrival.set()
+        self._wake()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         if self._task is not None:

@@ -46,12 +46,15 @@ def assemble(items: Sequence[QueuedImage], batch: np.ndarray) -> dict[int, Excep
 
 
 def run_batch(
-    worker: Runner, items: list[QueuedImage], batch: np.ndarray, names: tuple[str, ...], busy: bool
+    worker: Runner, items: list[QueuedImage], shape: tuple[int, ...], busy: bool
 ) -> tuple[dict[int, Exception], float, dict[str, np.ndarray]]:
-    """On the session's thread: assemble (``assemble``), then run what is left. The images
-    that failed, when the batch was assembled, and the outputs by name: the graph's, and
-    ``probabilities`` where asked for (with the logits), the softmax of the whole batch at
-    once here rather than one request at a time on the event loop."""
+    """On the session's thread: assemble (``assemble``) an input of ``shape``, then run
+    what is left. The images that failed, when the batch was assembled, and the outputs
+    by name: what any of its images asked for, each once; ``probabilities`` (with the
+    logits) as the softmax of the whole batch at once, not one request at a time on the
+    event loop."""
+    names = tuple(dict.fromkeys(name for item in items for name in item.outputs))
+    batch = np.zeros(shape, dtype=np.uint8)
     failed = assemble(items, batch)
     assembled = time.perf_counter()
     if len(failed) == len(items):  # nothing left to run
@@ -91,9 +94,13 @@ class BatchRecord:
         for item in items:
             self._queue_wait.observe(start - item.enqueued)
 
-    def failed(self, items: Sequence[QueuedImage]) -> None:
+    def failed(self, items: Sequence[QueuedImage], error: Exception) -> None:
+        """The batch's run raised: every image still waited for gets ``error``."""
         self._failures.inc()
         self.metrics.stats.of(self.model).failed([i.enqueued for i in items])
+        for item in items:
+            if not item.future.done():
+                item.future.set_exception(error)
 
     def ran(
         self, items: Sequence[QueuedImage], bucket: int, start: float, assembled: float, ran: float,

@@ -9,18 +9,13 @@ the second.
 
 from __future__ import annotations
 
-import os
 import platform
-import threading
-import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from importlib import metadata
-from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, values
-from prometheus_client.metrics_core import Metric
-from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from resnet_serve.service.metric_values import Labeled, LiveGauges, Refreshing, multiprocess
 from resnet_serve.service.stats import Stats
 
 # Seconds; fine at the low end, where a small model's whole request lives.
@@ -50,53 +45,9 @@ CONNECTION_REFUSALS = (
 )  # fmt: skip
 
 
-class Labeled:
-    """``metric.labels(*values)``, remembered: prometheus-client builds and checks the label
-    tuple and takes a lock on every call, several Python calls per request on the event
-    loop for a child that never changes. Only for labels of a bounded set of values (the
-    endpoint table, served models, statuses), as every label here is."""
-
-    __slots__ = ("_children", "_metric")
-
-    def __init__(self, metric: Any) -> None:
-        self._metric = metric
-        self._children: dict[tuple[str, ...], Any] = {}
-
-    def __call__(self, *values: str) -> Any:
-        child = self._children.get(values)
-        if child is None:
-            child = self._children[values] = self._metric.labels(*values)
-        return child
-
-
 def status_class(status: int) -> str:
     """200 -> "2xx": the latency histogram's label, a handful of values."""
     return f"{status // 100}xx"
-
-
-# How often each worker of ``--workers`` writes its live gauges (read from callables in one
-# process) to the shared files, besides at each scrape it answers itself.
-LIVE_REFRESH_S = 0.25
-
-
-def multiprocess() -> bool:
-    """prometheus-client's multiprocess mode: the directory is set, and was set when
-    prometheus_client was imported (it chooses its value storage then)."""
-    return bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR")) and (
-        values.ValueClass is not values.MutexValue
-    )
-
-
-class _Refreshing(MultiProcessCollector):
-    """Every process's files, after writing this process's live gauges to its own."""
-
-    def __init__(self, registry: CollectorRegistry, refresh: Callable[[], None]) -> None:
-        super().__init__(registry)
-        self._refresh = refresh
-
-    def collect(self) -> Iterable[Metric]:
-        self._refresh()
-        return super().collect()
 
 
 def _version(package: str) -> str:
@@ -116,11 +67,10 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.multiprocess = registry is None and multiprocess()
-        self._live: list[tuple[Any, Callable[[], float]]] = []
-        self._live_lock = threading.Lock()
+        self.live = LiveGauges(self.multiprocess)
         if self.multiprocess:
             self.registry = CollectorRegistry()
-            _Refreshing(self.registry, self.refresh)
+            Refreshing(self.registry, self.live.refresh)
             r: CollectorRegistry | None = None  # the files are the storage
         else:
             self.registry = registry or CollectorRegistry()
@@ -185,7 +135,7 @@ class Metrics:
         # Counted by the front ends in a plain int, read into the gauge when scraped: a
         # gauge's inc and dec cost about ten Python calls a request on the event loop.
         self.requests_in_flight = 0
-        self._live_gauge(self.in_flight, lambda: self.requests_in_flight)
+        self.live.add(self.in_flight, lambda: self.requests_in_flight)
         self.connections = gauge("connections", "Open HTTP connections", ())
         self.max_connections = gauge(
             "max_connections", "HTTP connections open at most (--max-connections); beyond, 503", ()
@@ -293,10 +243,10 @@ class Metrics:
         self.max_queue_images.labels(name).set(max_queue_images)
         self.max_batch_size.labels(name).set(max_batch_size)
         self.sessions.labels(name).set(sessions)
-        self._live_gauge(self.admitted.labels(name), admitted)
-        self._live_gauge(self.sessions_healthy.labels(name), healthy_sessions)
-        self._live_gauge(self.model_ready.labels(name), ready)
-        self._live_gauge(self.queue_depth.labels(name), queued)
+        self.live.add(self.admitted.labels(name), admitted)
+        self.live.add(self.sessions_healthy.labels(name), healthy_sessions)
+        self.live.add(self.model_ready.labels(name), ready)
+        self.live.add(self.queue_depth.labels(name), queued)
         for endpoint, statuses in INFERENCE_STATUSES.items():
             self.images.labels(endpoint, name)
             self.request_duration.labels(endpoint, name, "2xx")
@@ -307,28 +257,3 @@ class Metrics:
         for family in (self.queue_wait, self.preprocess_duration, self.inference_duration,
                        self.batch_size, self.batch_padding, self.inference_failures):  # fmt: skip
             family.labels(name)
-
-    def _live_gauge(self, child: Any, fn: Callable[[], float]) -> None:
-        """A gauge read from ``fn``: at each scrape in one process; under multiprocess mode
-        (where a scrape reads files, not callables) written to this process's file at each
-        scrape it answers and every LIVE_REFRESH_S by a thread."""
-        if not self.multiprocess:
-            child.set_function(fn)
-            return
-        with self._live_lock:
-            first = not self._live
-            self._live.append((child, fn))
-        child.set(fn())
-        if first:
-            threading.Thread(target=self._refresh_forever, name="metrics-live", daemon=True).start()
-
-    def refresh(self) -> None:
-        with self._live_lock:
-            live = list(self._live)
-        for child, fn in live:
-            child.set(fn())
-
-    def _refresh_forever(self) -> None:
-        while True:
-            time.sleep(LIVE_REFRESH_S)
-            self.refresh()

@@ -127,8 +127,14 @@ def test_batch_waits_for_announced_requests() -> None:
         for _ in range(10):
             await asyncio.sleep(0)
         assert b.queued == 1
+        # The announced request's image comes: the batch closes with both at once.
+        e.admit(1)
+        futures = e.submit([img(2)])
         e.close()
-        second = await asyncio.wait_for(submit(b, [2]), MINUTE_S)
+        second = [
+            float(r["logits"][0])
+            for r in await asyncio.wait_for(asyncio.gather(*futures), MINUTE_S)
+        ]
         assert await first == [1.0] and second == [2.0]
         assert worker.batches == [2]  # one batch for both
         await b.close(1)
