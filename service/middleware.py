@@ -192,7 +192,12 @@ class RequestMiddleware:
             if api and endpoint != UNKNOWN:
                 histogram = self.metrics.request_duration_of
                 histogram(endpoint, model, status_class(status)).observe(duration)
-            if self.access_log and (status >= 400 or endpoint not in QUIET):
+            # The level first: the record's arguments are built only for a line written.
+            if (
+                self.access_log
+                and (status >= 400 or endpoint not in QUIET)
+                and logs.access.isEnabledFor(logging.INFO)
+            ):
                 logs.access.info(
                     "%s %s %d", scope["method"], scope["path"][:MAX_LOGGED_PATH], status,
                     extra={"status": status, "endpoint": endpoint, "model": model,

@@ -168,3 +168,60 @@ def test_middleware_cannot_be_added_once_the_direct_path_is_built(tiny_pngs) -> 
     assert r.status_code == 404 and r.headers["x-request-id"]
     with pytest.raises(RuntimeError):
         app.add_middleware(GZipMiddleware)
+
+
+def test_routes_without_path_parameters_are_found_by_their_path_alone() -> None:
+    """The static inference paths by dict, the others (and any request under a root path)
+    by the routes' own matching: the same route and parameters either way."""
+    from resnet_serve.service.app import create_app
+    from resnet_serve.service.settings import Settings
+
+    app = create_app(Settings())
+    direct = DirectPath(app)
+    assert set(direct.static) == {"/v1/classify", "/v1/embed"}
+
+    def scope(path: str, root_path: str = "") -> dict[str, object]:
+        return {"type": "http", "method": "POST", "path": path, "root_path": root_path}
+
+    static = direct.match(scope("/v1/classify"))
+    assert static is not None and static["route"].path == "/v1/classify"
+    assert static["path_params"] == {} and static["endpoint"] is static["route"].endpoint
+    # The same answer from the routes' own matching, as under a root path.
+    assert direct.match(scope("/api/v1/classify", "/api")) == static
+    named = direct.match(scope("/v2/models/tiny/infer"))
+    assert named is not None and named["path_params"] == {"model": "tiny"}
+    assert direct.match({**scope("/v1/classify"), "method": "GET"}) is None
+    assert direct.match(scope("/v1/unknown")) is None
+
+
+def test_fastapis_telemetry_switched_on_later_is_seen_within_a_second(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Asked at most once a second (a dozen Python calls a request otherwise): a provider
+    configured after the first request still turns the inference routes over to FastAPI's
+    path, within TRACED_RECHECK_S."""
+    from fastapi.telemetry._asgi import NativeTelemetry
+
+    from resnet_serve.service import direct as direct_module
+    from resnet_serve.service.app import create_app
+    from resnet_serve.service.settings import Settings
+
+    on = {"now": False}
+    asked: list[bool] = []
+
+    def enabled(self: NativeTelemetry) -> bool:
+        asked.append(on["now"])
+        return on["now"]
+
+    monkeypatch.setattr(NativeTelemetry, "enabled", enabled)
+    clock = {"now": 100.0}
+    monkeypatch.setattr(direct_module.time, "monotonic", lambda: clock["now"])
+    app = create_app(Settings())
+    if getattr(app, "_native_telemetry", None) is None:
+        pytest.skip("this FastAPI has no native telemetry")
+    assert app._traced() is False
+    on["now"] = True
+    clock["now"] += direct_module.TRACED_RECHECK_S / 2
+    assert app._traced() is False and len(asked) == 1  # not asked again yet
+    clock["now"] += direct_module.TRACED_RECHECK_S
+    assert app._traced() is True and len(asked) == 2

@@ -1,0 +1,38 @@
+"""tools/loop_calls.py (docs/benchmarks.md, eighth session) still runs on both servers: its
+count is per request and per file, never checked against a figure (that depends on the
+code being measured, not on this tool)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.service import tiny
+from tools import loop_calls
+
+
+@pytest.mark.parametrize("floor", [False, True], ids=["service", "floor"])
+def test_loop_calls_counts_a_servers_calls_per_request(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], floor: bool
+) -> None:
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    tiny.export(repo)
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        pixels = rng.integers(0, 256, (tiny.CROP, tiny.CROP, 3), np.uint8)
+        Image.fromarray(pixels).save(images / f"{i}.png")
+    args = ["--repository", str(repo), "--model", tiny.NAME, "--images", str(images),
+            "--clients", "2", "--seconds", "1", "--top", "3"]  # fmt: skip
+    assert loop_calls.main([*args, "--floor"] if floor else args) == 0
+    out = capsys.readouterr().out
+    m = re.search(r"(\d+) requests .*: (\d+\.\d) Python function calls per request", out)
+    assert m and int(m.group(1)) > 0 and float(m.group(2)) > 10, out
+    # The parser both share is among the files named.
+    assert "python_multipart" in out, out

@@ -1,0 +1,183 @@
+"""How many Python function calls one request costs the event loop's thread, and whose:
+resnet-serve (one process) or the floor peer (bench/peers/floor.py) under cProfile, loaded
+with closed-loop clients, one image per request as a multipart ``file`` part.
+
+    python -m tools.loop_calls --repository /tmp/perf-repo --model resnet20_cifar10 \\
+        --images ../shared/data/cifar10-test-846.npz [--floor] [--server-arg "..."]
+
+cProfile sees the thread that enabled it, the one that runs the event loop (decoding and
+onnxruntime run on other threads and are not counted). Its timings are inflated by the
+profiling itself, in proportion to the calls made, so the figure printed is calls per
+request: on this code the loop's CPU per request follows it (docs/benchmarks.md, eighth
+session). The profile is dumped on SIGUSR1, so that the server's own exit path (which may
+skip the interpreter's teardown) does not matter.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import os
+import pstats
+import shlex
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import aiohttp
+
+from resnet_serve.bench.corpus import from_path, load
+from resnet_serve.bench.load import MULTIPART_TYPE, multipart_body
+from tools.perf_analyzer import cpu_line, free_port
+
+BOOT = """
+import cProfile, signal, sys
+state = {"profile": cProfile.Profile()}
+def restart(*_):  # SIGUSR2: count from now
+    state["profile"].disable()
+    state["profile"] = cProfile.Profile()
+    state["profile"].enable()
+def dump(*_):  # SIGUSR1: stop counting, write the profile
+    state["profile"].disable()
+    state["profile"].dump_stats(sys.argv[1])
+signal.signal(signal.SIGUSR2, restart)
+signal.signal(signal.SIGUSR1, dump)
+state["profile"].enable()
+if sys.argv[2] == "floor":
+    from pathlib import Path
+    from resnet_serve.bench.peers import floor
+    floor.serve(Path(sys.argv[3]), int(sys.argv[4]), Path(sys.argv[5]), 1)
+else:
+    from resnet_serve.service.cli import main
+    main(sys.argv[3:])
+"""
+# Load before the count starts: connections open, every path taken once.
+WARMUP_S = 2.0
+
+
+async def drive(url: str, pid: int, bodies: list[bytes], clients: int, seconds: float) -> int:
+    """Closed-loop clients; the server's profile restarted after the warm-up and dumped
+    ``seconds`` later. The requests answered in between (every answer must be a 200)."""
+    done = 0
+    stop = False
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=clients)) as s:
+
+        async def client(i: int) -> None:
+            nonlocal done
+            k = i
+            while not stop:
+                body = bodies[k % len(bodies)]
+                async with s.post(url, data=body, headers={"content-type": MULTIPART_TYPE}) as r:
+                    await r.read()
+                    if r.status != 200:
+                        raise SystemExit(f"{r.status}: {await r.text()}")
+                done += 1
+                k += clients
+
+        tasks = [asyncio.create_task(client(i)) for i in range(clients)]
+        await asyncio.sleep(WARMUP_S)
+        os.kill(pid, signal.SIGUSR2)
+        first = done
+        await asyncio.sleep(seconds)
+        os.kill(pid, signal.SIGUSR1)
+        counted = done - first
+        stop = True
+        await asyncio.gather(*tasks)
+    return counted
+
+
+def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout_s: float = 300) -> None:
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        if proc.poll() is not None:
+            raise SystemExit(f"the server exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise SystemExit(f"the server was not ready in {timeout_s:g} s")
+
+
+def calls_by_file(stats: pstats.Stats, requests: int) -> tuple[float, list[tuple[str, float]]]:
+    """Python-level function calls per request (builtins left out), and by source file."""
+    by: collections.Counter[str] = collections.Counter()
+    for (filename, _, _), (_, calls, _, _, _) in stats.stats.items():  # type: ignore[attr-defined]
+        if filename.startswith("~"):  # a builtin: a C call, not Python work of its own
+            continue
+        for marker in ("site-packages/", "/resnet_serve/", "/work/main/", "python3.11/"):
+            filename = filename.split(marker)[-1]
+        by[filename] += calls
+    total = sum(by.values()) / requests
+    return total, [(name, n / requests) for name, n in by.most_common()]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--repository", type=Path, required=True)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--images", type=Path, help="an .npz or folder (default: the photos)")
+    ap.add_argument("--floor", action="store_true", help="profile the floor peer instead")
+    ap.add_argument("--server-arg", default="", help="resnet-serve options")
+    ap.add_argument("--clients", type=int, default=32)
+    ap.add_argument("--seconds", type=float, default=10.0)
+    ap.add_argument("--top", type=int, default=25)
+    args = ap.parse_args(argv)
+    images = from_path(args.images) if args.images else load()
+    bodies = [multipart_body([im]) for im in images]
+    port = free_port()
+    with tempfile.TemporaryDirectory(prefix="loop-calls-") as tmp:
+        out = Path(tmp) / "loop.prof"
+        if args.floor:
+            model_dir = args.repository / args.model
+            argv_ = ["floor", str(model_dir), str(port), tmp]
+            url, ready = f"http://127.0.0.1:{port}/classify", f"http://127.0.0.1:{port}/health"
+        else:
+            argv_ = [
+                "service", "--repository", str(args.repository), "--models", args.model,
+                "--port", str(port), "--tuning", "off", "--log-level", "warning",
+                "--grpc-port", "0", *shlex.split(args.server_arg),
+            ]  # fmt: skip
+            url = f"http://127.0.0.1:{port}/v1/classify"
+            ready = f"http://127.0.0.1:{port}/readyz"
+        with (Path(tmp) / "server.log").open("wb") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-c", BOOT, str(out), *argv_], stdout=log,
+                stderr=subprocess.STDOUT,
+            )  # fmt: skip
+        try:
+            wait_ready(ready, proc)
+            requests = asyncio.run(drive(url, proc.pid, bodies, args.clients, args.seconds))
+            deadline = time.monotonic() + 60
+            while not out.exists() and time.monotonic() < deadline:
+                time.sleep(0.1)
+            time.sleep(0.5)  # written whole
+            stats = pstats.Stats(str(out))
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    total, rows = calls_by_file(stats, requests)
+    who = "the floor peer" if args.floor else f"resnet-serve {args.server_arg}".strip()
+    print(f"# machine: {cpu_line()}")
+    print(
+        f"{who}, {args.model}, {args.clients} clients, {args.seconds:g} s, {requests} requests "
+        f"({requests / args.seconds:.0f}/s under the profiler): {total:.1f} Python function "
+        "calls per request on the event loop's thread"
+    )
+    for name, calls in rows[: args.top]:
+        print(f"  {calls:7.1f}  {name}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
