@@ -50,15 +50,14 @@ class Timing:
 
     def header(self) -> bytes | None:
         """The ``Server-Timing`` value, or None when nothing was timed (no inference)."""
-        parts = [
-            f"{name};dur={seconds * 1000:.3f}"
-            for name, seconds in (
-                ("preprocess", self.preprocess_s),
-                ("queue", self.queue_s),
-                ("inference", self.inference_s),
-            )
-            if seconds is not None
-        ]
+        parts = []  # a loop, not a comprehension: one Python call less a request
+        for name, seconds in (
+            ("preprocess", self.preprocess_s),
+            ("queue", self.queue_s),
+            ("inference", self.inference_s),
+        ):
+            if seconds is not None:
+                parts.append(f"{name};dur={seconds * 1000:.3f}")
         return ", ".join(parts).encode("ascii") if parts else None
 
 
@@ -67,9 +66,9 @@ _current: contextvars.ContextVar[Timing | None] = contextvars.ContextVar(
 )
 
 
-def current() -> Timing | None:
-    """The timing of the request being served by this task, if any."""
-    return _current.get()
+# The timing of the request being served by this task, if any: the context variable's own
+# (C) getter, no Python frame of its own for every image queued.
+current = _current.get
 
 
 def begin() -> tuple[Timing, contextvars.Token[Timing | None]]:
