@@ -26,14 +26,13 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import aiohttp
 
 from resnet_serve.bench.corpus import from_path, load
 from resnet_serve.bench.load import MULTIPART_TYPE, multipart_body
-from tools.perf_analyzer import cpu_line, free_port
+from tools.perf_analyzer import cpu_line, free_port, wait_ready
 
 BOOT = """
 import cProfile, signal, sys
@@ -91,21 +90,6 @@ async def drive(url: str, pid: int, bodies: list[bytes], clients: int, seconds: 
     return counted
 
 
-def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout_s: float = 300) -> None:
-    end = time.monotonic() + timeout_s
-    while time.monotonic() < end:
-        if proc.poll() is not None:
-            raise SystemExit(f"the server exited with {proc.returncode}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.2)
-    raise SystemExit(f"the server was not ready in {timeout_s:g} s")
-
-
 def calls_by_file(stats: pstats.Stats, requests: int) -> tuple[float, list[tuple[str, float]]]:
     """Python-level function calls per request (builtins left out), and by source file."""
     by: collections.Counter[str] = collections.Counter()
@@ -138,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.floor:
             model_dir = args.repository / args.model
             argv_ = ["floor", str(model_dir), str(port), tmp]
-            url, ready = f"http://127.0.0.1:{port}/classify", f"http://127.0.0.1:{port}/health"
+            url, ready = f"http://127.0.0.1:{port}/classify", "/health"
         else:
             argv_ = [
                 "service", "--repository", str(args.repository), "--models", args.model,
@@ -146,14 +130,14 @@ def main(argv: list[str] | None = None) -> int:
                 "--grpc-port", "0", *shlex.split(args.server_arg),
             ]  # fmt: skip
             url = f"http://127.0.0.1:{port}/v1/classify"
-            ready = f"http://127.0.0.1:{port}/readyz"
+            ready = "/readyz"
         with (Path(tmp) / "server.log").open("wb") as log:
             proc = subprocess.Popen(
                 [sys.executable, "-c", BOOT, str(out), *argv_], stdout=log,
                 stderr=subprocess.STDOUT,
             )  # fmt: skip
         try:
-            wait_ready(ready, proc)
+            wait_ready(f"http://127.0.0.1:{port}", proc, 300, path=ready)
             requests = asyncio.run(drive(url, proc.pid, bodies, args.clients, args.seconds))
             deadline = time.monotonic() + 60
             while not out.exists() and time.monotonic() < deadline:

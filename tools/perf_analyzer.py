@@ -143,13 +143,16 @@ def cpu_line() -> str:
     )
 
 
-def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 120) -> None:
+def wait_ready(
+    url: str, proc: subprocess.Popen[bytes], timeout: float = 120, path: str = "/readyz"
+) -> None:
+    """Until ``url + path`` answers 200; the server's exit or ``timeout`` ends the run."""
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         if proc.poll() is not None:
             raise SystemExit(f"resnet-serve exited with {proc.returncode}")
         try:
-            with urllib.request.urlopen(url + "/readyz", timeout=2) as r:
+            with urllib.request.urlopen(url + path, timeout=2) as r:
                 if r.status == 200:
                     return
         except OSError:
