@@ -8,9 +8,11 @@ with closed-loop clients, one image per request as a multipart ``file`` part.
 cProfile sees the thread that enabled it, the one that runs the event loop (decoding and
 onnxruntime run on other threads and are not counted). Its timings are inflated by the
 profiling itself, in proportion to the calls made, so the figure printed is calls per
-request: on this code the loop's CPU per request follows it (docs/benchmarks.md, eighth
-session). The profile is dumped on SIGUSR1, so that the server's own exit path (which may
-skip the interpreter's teardown) does not matter.
+request, by file: where the loop's Python goes, not what it costs (small calls cost less
+than a coroutine's; docs/benchmarks.md, eighth session). The profile is dumped on
+SIGUSR1, so that the server's own exit path (which may skip the interpreter's teardown)
+does not matter. ``--cpu``: no profiler; the event loop
+thread's CPU per request and the other threads', from ``/proc/PID/task/*/stat``.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import aiohttp
 from resnet_serve.bench.corpus import from_path, load
 from resnet_serve.bench.load import MULTIPART_TYPE, multipart_body
 from tools.perf_analyzer import cpu_line, free_port, wait_ready
+from tools.request_cost import thread_cpu_seconds
 
 BOOT = """
 import cProfile, signal, sys
@@ -44,9 +47,10 @@ def restart(*_):  # SIGUSR2: count from now
 def dump(*_):  # SIGUSR1: stop counting, write the profile
     state["profile"].disable()
     state["profile"].dump_stats(sys.argv[1])
-signal.signal(signal.SIGUSR2, restart)
-signal.signal(signal.SIGUSR1, dump)
-state["profile"].enable()
+if sys.argv[1] != "-":  # "-": --cpu, no profiler
+    signal.signal(signal.SIGUSR2, restart)
+    signal.signal(signal.SIGUSR1, dump)
+    state["profile"].enable()
 if sys.argv[2] == "floor":
     from pathlib import Path
     from resnet_serve.bench.peers import floor
@@ -59,9 +63,12 @@ else:
 WARMUP_S = 2.0
 
 
-async def drive(url: str, pid: int, bodies: list[bytes], clients: int, seconds: float) -> int:
-    """Closed-loop clients; the server's profile restarted after the warm-up and dumped
-    ``seconds`` later. The requests answered in between (every answer must be a 200)."""
+async def drive(
+    url: str, pid: int, bodies: list[bytes], clients: int, seconds: float, profile: bool
+) -> tuple[int, float, float]:
+    """Closed-loop clients; the server's profile (``profile``) restarted after the warm-up
+    and dumped ``seconds`` later. The requests answered in between (every answer must be a
+    200), and the CPU seconds the event loop's thread and the others took meanwhile."""
     done = 0
     stop = False
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=clients)) as s:
@@ -80,14 +87,18 @@ async def drive(url: str, pid: int, bodies: list[bytes], clients: int, seconds: 
 
         tasks = [asyncio.create_task(client(i)) for i in range(clients)]
         await asyncio.sleep(WARMUP_S)
-        os.kill(pid, signal.SIGUSR2)
-        first = done
+        if profile:
+            os.kill(pid, signal.SIGUSR2)
+        first, before = done, thread_cpu_seconds(pid)
         await asyncio.sleep(seconds)
-        os.kill(pid, signal.SIGUSR1)
-        counted = done - first
+        if profile:
+            os.kill(pid, signal.SIGUSR1)
+        counted, after = done - first, thread_cpu_seconds(pid)
         stop = True
         await asyncio.gather(*tasks)
-    return counted
+    loop_s = after[pid] - before.get(pid, 0.0)  # the main thread runs the event loop
+    other_s = sum(v - before.get(t, 0.0) for t, v in after.items() if t != pid)
+    return counted, loop_s, other_s
 
 
 def calls_by_file(stats: pstats.Stats, requests: int) -> tuple[float, list[tuple[str, float]]]:
@@ -113,6 +124,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--clients", type=int, default=32)
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--top", type=int, default=25)
+    ap.add_argument(
+        "--cpu", action="store_true",
+        help="no profiler: the event loop thread's CPU per request, and the other threads'",
+    )  # fmt: skip
     args = ap.parse_args(argv)
     images = from_path(args.images) if args.images else load()
     bodies = [multipart_body([im]) for im in images]
@@ -133,26 +148,37 @@ def main(argv: list[str] | None = None) -> int:
             ready = "/readyz"
         with (Path(tmp) / "server.log").open("wb") as log:
             proc = subprocess.Popen(
-                [sys.executable, "-c", BOOT, str(out), *argv_], stdout=log,
-                stderr=subprocess.STDOUT,
+                [sys.executable, "-c", BOOT, "-" if args.cpu else str(out), *argv_],
+                stdout=log, stderr=subprocess.STDOUT,
             )  # fmt: skip
         try:
             wait_ready(f"http://127.0.0.1:{port}", proc, 300, path=ready)
-            requests = asyncio.run(drive(url, proc.pid, bodies, args.clients, args.seconds))
-            deadline = time.monotonic() + 60
-            while not out.exists() and time.monotonic() < deadline:
-                time.sleep(0.1)
-            time.sleep(0.5)  # written whole
-            stats = pstats.Stats(str(out))
+            requests, loop_s, other_s = asyncio.run(
+                drive(url, proc.pid, bodies, args.clients, args.seconds, not args.cpu)
+            )
+            if not args.cpu:
+                deadline = time.monotonic() + 60
+                while not out.exists() and time.monotonic() < deadline:
+                    time.sleep(0.1)
+                time.sleep(0.5)  # written whole
+                stats = pstats.Stats(str(out))
         finally:
             proc.terminate()
             try:
                 proc.wait(30)
             except subprocess.TimeoutExpired:
                 proc.kill()
-    total, rows = calls_by_file(stats, requests)
     who = "the floor peer" if args.floor else f"resnet-serve {args.server_arg}".strip()
     print(f"# machine: {cpu_line()}")
+    if args.cpu:
+        print(
+            f"{who}, {args.model}, {args.clients} clients, {args.seconds:g} s: "
+            f"{requests / args.seconds:.0f} requests/s, event loop thread "
+            f"{1e6 * loop_s / requests:.1f} us CPU per request, other threads "
+            f"{1e6 * other_s / requests:.1f} us"
+        )
+        return 0
+    total, rows = calls_by_file(stats, requests)
     print(
         f"{who}, {args.model}, {args.clients} clients, {args.seconds:g} s, {requests} requests "
         f"({requests / args.seconds:.0f}/s under the profiler): {total:.1f} Python function "

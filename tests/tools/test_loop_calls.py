@@ -36,3 +36,17 @@ def test_loop_calls_counts_a_servers_calls_per_request(
     assert m and int(m.group(1)) > 0 and float(m.group(2)) > 10, out
     # The parser both share is among the files named.
     assert "python_multipart" in out, out
+
+
+def test_loop_calls_cpu_reads_the_threads_cpu_per_request(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    tiny.export(repo)
+    args = ["--repository", str(repo), "--model", tiny.NAME, "--clients", "2", "--seconds", "1",
+            "--cpu"]  # fmt: skip
+    assert loop_calls.main(args) == 0
+    out = capsys.readouterr().out
+    m = re.search(r"event loop thread (\d+\.\d) us CPU per request, other threads", out)
+    assert m and float(m.group(1)) > 0, out
