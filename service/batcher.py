@@ -138,7 +138,7 @@ class Batcher:
         self._expected = 0
         self._requests = 0  # tickets open: requests from arrival to answer
         self._free = False
-        self._waiter: asyncio.Future[bool] | None = None  # the batch loop's (``_wait``)
+        self._waiter: asyncio.Future[None] | None = None  # the batch loop's (``_wait``)
         self._filling = False
         self._closing = False
         self._task: asyncio.Task[None] | None = None
