@@ -33,6 +33,7 @@ import orjson
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from resnet_serve.service.metrics import Metrics
+from resnet_serve.service.transport import CoalescingTransport
 
 log = logging.getLogger(__name__)
 LINGER_S = 1.0
@@ -134,7 +135,11 @@ def guarded_protocol(limits: ConnectionLimits, metrics: Metrics) -> type[asyncio
         # Connection events ---------------------------------------------------------
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-            super().connection_made(transport)
+            # Answers on a connection follow one another: the first write of each (its
+            # head) is held for its body.
+            self._out = CoalescingTransport(transport, self.loop)
+            self._out.hold_next()
+            super().connection_made(self._out)  # type: ignore[arg-type]
             metrics.connections.inc()
             if len(self.connections) > limits.max_connections:
                 self._refuse(
@@ -223,6 +228,10 @@ def guarded_protocol(limits: ConnectionLimits, metrics: Metrics) -> type[asyncio
                 extensions = self.cycle.scope.setdefault("extensions", {})
                 extensions[DISCONNECTED] = self.loop.create_future()
             self._timer = self.loop.call_later(limits.body_idle_timeout_s, self._body_idle)
+
+        def on_response_complete(self) -> None:
+            self._out.hold_next()
+            super().on_response_complete()
 
         def on_message_complete(self) -> None:
             super().on_message_complete()

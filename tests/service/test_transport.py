@@ -1,0 +1,181 @@
+"""A response's head and body leave in one write (service/transport.py), on its own and
+inside resnet-serve's HTTP protocol (service/connections.py), with nothing reordered."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import uvicorn
+from starlette.responses import Response, StreamingResponse
+from uvicorn.server import ServerState
+
+from resnet_serve.service.connections import ConnectionLimits, guarded_protocol
+from resnet_serve.service.metrics import Metrics
+from resnet_serve.service.transport import CoalescingTransport
+
+
+class Recorder:
+    """A transport that records what is sent on it, one entry per send."""
+
+    def __init__(self) -> None:
+        self.sent: list[bytes] = []
+        self.calls: list[str] = []
+        self.closing = False
+
+    def write(self, data: bytes) -> None:
+        self.sent.append(bytes(data))
+
+    def writelines(self, chunks: Any) -> None:
+        self.sent.append(b"".join(chunks))
+
+    def write_eof(self) -> None:
+        self.calls.append("write_eof")
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        self.calls.append("close")
+        self.closing = True
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return default
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+
+def run(fn: Callable[[], Coroutine[Any, Any, None]]) -> Callable[[], None]:
+    @functools.wraps(fn)
+    def test() -> None:
+        asyncio.run(fn())
+
+    return test
+
+
+async def _turn() -> None:
+    await asyncio.sleep(0)
+
+
+@run
+async def test_a_held_head_goes_out_with_the_next_write() -> None:
+    raw = Recorder()
+    out = CoalescingTransport(raw, asyncio.get_running_loop())  # type: ignore[arg-type]
+    out.hold_next()
+    out.write(b"head|")
+    assert raw.sent == []
+    out.write(b"body")
+    out.write(b"more")
+    assert raw.sent == [b"head|body", b"more"]
+    await _turn()
+    assert raw.sent == [b"head|body", b"more"]  # the flush found nothing left
+
+
+@run
+async def test_a_head_with_nothing_after_it_goes_out_at_the_next_turn() -> None:
+    raw = Recorder()
+    out = CoalescingTransport(raw, asyncio.get_running_loop())  # type: ignore[arg-type]
+    out.hold_next()
+    out.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+    await _turn()
+    await _turn()
+    assert raw.sent == [b"HTTP/1.1 100 Continue\r\n\r\n"]
+    out.write(b"next")  # held only once per hold_next
+    assert raw.sent[-1] == b"next"
+
+
+@run
+async def test_whatever_acts_on_the_connection_sends_what_is_held_first() -> None:
+    loop = asyncio.get_running_loop()
+    for act in ("close", "write_eof", "writelines"):
+        raw = Recorder()
+        out = CoalescingTransport(raw, loop)  # type: ignore[arg-type]
+        out.hold_next()
+        out.write(b"head")
+        if act == "writelines":
+            out.writelines([b"a", b"b"])
+            assert raw.sent == [b"head", b"ab"]
+        else:
+            getattr(out, act)()
+            assert raw.sent == [b"head"] and raw.calls == [act]
+
+
+@run
+async def test_nothing_is_written_to_a_connection_already_closing() -> None:
+    raw = Recorder()
+    out = CoalescingTransport(raw, asyncio.get_running_loop())  # type: ignore[arg-type]
+    out.hold_next()
+    out.write(b"head")
+    raw.closing = True  # the peer went away meanwhile
+    await _turn()
+    await _turn()
+    assert raw.sent == []
+
+
+def _connection(app: Any, request: bytes) -> tuple[Any, Recorder]:
+    """resnet-serve's HTTP protocol on a recording transport, ``request`` received."""
+    config = uvicorn.Config(app, lifespan="off", log_level="warning", access_log=False)
+    config.load()
+    limits = ConnectionLimits(
+        max_header_bytes=8192, max_headers=100, header_timeout_s=5.0,
+        body_idle_timeout_s=5.0, max_connections=10,
+    )  # fmt: skip
+    protocol = guarded_protocol(limits, Metrics())(  # type: ignore[call-arg]
+        config=config, server_state=ServerState(), app_state={}
+    )
+    raw = Recorder()
+    protocol.connection_made(raw)
+    protocol.data_received(request)
+    return protocol, raw
+
+
+async def _turns(n: int = 20) -> None:
+    for _ in range(n):
+        await _turn()
+
+
+REQUEST = b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n"
+
+
+@run
+async def test_an_answer_leaves_in_one_write() -> None:
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await Response(b'{"ok":true}', media_type="application/json")(scope, receive, send)
+
+    protocol, raw = _connection(app, REQUEST + REQUEST)  # two, kept alive
+    await _turns()
+    assert len(raw.sent) == 2  # one write each
+    for sent in raw.sent:
+        head, _, body = sent.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 OK") and body == b'{"ok":true}'
+    protocol.connection_lost(None)
+
+
+@run
+async def test_a_streamed_answer_sends_its_head_before_its_body_is_ready() -> None:
+    body_ready = asyncio.Event()
+
+    async def chunks() -> Any:
+        await body_ready.wait()
+        yield b"late"
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await StreamingResponse(chunks(), media_type="text/plain")(scope, receive, send)
+
+    protocol, raw = _connection(app, REQUEST)
+    await _turns()
+    assert len(raw.sent) == 1  # the head, on its own, while the body waits
+    assert raw.sent[0].startswith(b"HTTP/1.1 200 OK") and raw.sent[0].endswith(b"\r\n\r\n")
+    body_ready.set()
+    await _turns()
+    assert b"late" in b"".join(raw.sent[1:])
+    protocol.connection_lost(None)
