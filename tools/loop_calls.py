@@ -12,7 +12,10 @@ request, by file: where the loop's Python goes, not what it costs (small calls c
 than a coroutine's; docs/benchmarks.md, eighth session). The profile is dumped on
 SIGUSR1, so that the server's own exit path (which may skip the interpreter's teardown)
 does not matter. ``--cpu``: no profiler; the event loop
-thread's CPU per request and the other threads', from ``/proc/PID/task/*/stat``.
+thread's CPU per request and the other threads', from ``/proc/PID/task/*/stat``; with
+``--workers N`` (``--cpu`` only) N serving processes (``resnet-serve --workers N``, the
+floor's ``--workers N``), their event loop threads summed, and every other thread of the
+process tree (decoding, onnxruntime, the supervisor) counted as the others.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import contextlib
 import os
 import pstats
 import shlex
@@ -63,6 +67,30 @@ else:
 WARMUP_S = 2.0
 
 
+def processes(pid: int) -> list[int]:
+    """``pid`` and its descendants (a child started by any of its threads)."""
+    found = [pid]
+    for task in Path(f"/proc/{pid}/task").glob("*/children"):
+        with contextlib.suppress(OSError):  # the thread ended meanwhile
+            for child in task.read_text().split():
+                found += processes(int(child))
+    return found
+
+
+def tree_cpu_seconds(pid: int) -> dict[tuple[int, int], float]:
+    """CPU seconds by (process, thread) over ``pid``'s tree; a process that has children
+    (a supervisor) is keyed by thread -1, so that only serving processes' main threads
+    (their event loops) are keyed by their own pid."""
+    out: dict[tuple[int, int], float] = {}
+    for proc in processes(pid):
+        leaf = processes(proc) == [proc]
+        with contextlib.suppress(OSError):  # the process ended meanwhile
+            for tid, seconds in thread_cpu_seconds(proc).items():
+                key = (proc, tid if leaf else -1)
+                out[key] = out.get(key, 0.0) + seconds
+    return out
+
+
 async def drive(
     url: str, pid: int, bodies: list[bytes], clients: int, seconds: float, profile: bool
 ) -> tuple[int, float, float]:
@@ -89,16 +117,17 @@ async def drive(
         await asyncio.sleep(WARMUP_S)
         if profile:
             os.kill(pid, signal.SIGUSR2)
-        first, before = done, thread_cpu_seconds(pid)
+        first, before = done, tree_cpu_seconds(pid)
         await asyncio.sleep(seconds)
         if profile:
             os.kill(pid, signal.SIGUSR1)
-        counted, after = done - first, thread_cpu_seconds(pid)
+        counted, after = done - first, tree_cpu_seconds(pid)
         stop = True
         await asyncio.gather(*tasks)
-    loop_s = after[pid] - before.get(pid, 0.0)  # the main thread runs the event loop
-    other_s = sum(v - before.get(t, 0.0) for t, v in after.items() if t != pid)
-    return counted, loop_s, other_s
+    # A serving process's main thread runs its event loop.
+    spent = {key: v - before.get(key, 0.0) for key, v in after.items()}
+    loop_s = sum(v for (proc, tid), v in spent.items() if proc == tid)
+    return counted, loop_s, sum(spent.values()) - loop_s
 
 
 def calls_by_file(stats: pstats.Stats, requests: int) -> tuple[float, list[tuple[str, float]]]:
@@ -128,7 +157,12 @@ def main(argv: list[str] | None = None) -> int:
         "--cpu", action="store_true",
         help="no profiler: the event loop thread's CPU per request, and the other threads'",
     )  # fmt: skip
+    ap.add_argument(
+        "--workers", type=int, default=1, help="serving processes (with --cpu when over 1)"
+    )
     args = ap.parse_args(argv)
+    if args.workers > 1 and not args.cpu:
+        ap.error("--workers over 1 needs --cpu (the profile is of one process)")
     images = from_path(args.images) if args.images else load()
     bodies = [multipart_body([im]) for im in images]
     port = free_port()
@@ -138,17 +172,24 @@ def main(argv: list[str] | None = None) -> int:
             model_dir = args.repository / args.model
             argv_ = ["floor", str(model_dir), str(port), tmp]
             url, ready = f"http://127.0.0.1:{port}/classify", "/health"
+            if args.workers > 1:  # as resnet-bench starts it, the intra-op split included
+                argv_ = [
+                    "-m", "resnet_serve.bench.peers.floor", "--model-dir", str(model_dir),
+                    "--port", str(port), "--workdir", tmp, "--workers", str(args.workers),
+                ]  # fmt: skip
         else:
             argv_ = [
                 "service", "--repository", str(args.repository), "--models", args.model,
                 "--port", str(port), "--tuning", "off", "--log-level", "warning",
-                "--grpc-port", "0", *shlex.split(args.server_arg),
+                "--grpc-port", "0", "--workers", str(args.workers),
+                *shlex.split(args.server_arg),
             ]  # fmt: skip
             url = f"http://127.0.0.1:{port}/v1/classify"
             ready = "/readyz"
         with (Path(tmp) / "server.log").open("wb") as log:
+            boot = ["-c", BOOT, "-" if args.cpu else str(out)] if argv_[0] != "-m" else []
             proc = subprocess.Popen(
-                [sys.executable, "-c", BOOT, "-" if args.cpu else str(out), *argv_],
+                [sys.executable, *boot, *argv_],
                 stdout=log, stderr=subprocess.STDOUT,
             )  # fmt: skip
         try:
@@ -169,11 +210,13 @@ def main(argv: list[str] | None = None) -> int:
             except subprocess.TimeoutExpired:
                 proc.kill()
     who = "the floor peer" if args.floor else f"resnet-serve {args.server_arg}".strip()
+    who += f", {args.workers} processes" if args.workers > 1 else ""
     print(f"# machine: {cpu_line()}")
     if args.cpu:
+        plural = "s" if args.workers > 1 else ""
         print(
             f"{who}, {args.model}, {args.clients} clients, {args.seconds:g} s: "
-            f"{requests / args.seconds:.0f} requests/s, event loop thread "
+            f"{requests / args.seconds:.0f} requests/s, event loop thread{plural} "
             f"{1e6 * loop_s / requests:.1f} us CPU per request, other threads "
             f"{1e6 * other_s / requests:.1f} us"
         )

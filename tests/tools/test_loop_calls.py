@@ -4,7 +4,10 @@ code being measured, not on this tool)."""
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -50,3 +53,34 @@ def test_loop_calls_cpu_reads_the_threads_cpu_per_request(
     out = capsys.readouterr().out
     m = re.search(r"event loop thread (\d+\.\d) us CPU per request, other threads", out)
     assert m and float(m.group(1)) > 0, out
+
+
+@pytest.mark.parametrize("floor", [False, True], ids=["service", "floor"])
+def test_loop_calls_cpu_sums_the_event_loops_of_every_serving_process(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], floor: bool
+) -> None:
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    tiny.export(repo)
+    args = ["--repository", str(repo), "--model", tiny.NAME, "--clients", "4", "--seconds", "1",
+            "--cpu", "--workers", "2", *(["--floor"] if floor else [])]  # fmt: skip
+    assert loop_calls.main(args) == 0
+    out = capsys.readouterr().out
+    m = re.search(r"2 processes.*event loop threads (\d+\.\d) us CPU per request, other", out)
+    assert m and float(m.group(1)) > 0, out
+
+
+def test_loop_calls_profiles_one_process_only() -> None:
+    with pytest.raises(SystemExit):
+        loop_calls.main(["--repository", ".", "--model", "m", "--workers", "2"])
+
+
+def test_a_supervisors_threads_are_never_counted_as_an_event_loop() -> None:
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        keys = loop_calls.tree_cpu_seconds(os.getpid())
+        assert (os.getpid(), -1) in keys and (child.pid, child.pid) in keys
+        assert not any(proc == os.getpid() and tid != -1 for proc, tid in keys)
+    finally:
+        child.kill()
+        child.wait()
