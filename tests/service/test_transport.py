@@ -66,12 +66,18 @@ async def _turn() -> None:
     await asyncio.sleep(0)
 
 
-@run
-async def test_a_held_head_goes_out_with_the_next_write() -> None:
+def _holding(head: bytes) -> tuple[Recorder, CoalescingTransport]:
+    """A coalescing transport on a recorder, ``head`` written and held."""
     raw = Recorder()
     out = CoalescingTransport(raw, asyncio.get_running_loop())  # type: ignore[arg-type]
     out.hold_next()
-    out.write(b"head|")
+    out.write(head)
+    return raw, out
+
+
+@run
+async def test_a_held_head_goes_out_with_the_next_write() -> None:
+    raw, out = _holding(b"head|")
     assert raw.sent == []
     out.write(b"body")
     out.write(b"more")
@@ -82,10 +88,7 @@ async def test_a_held_head_goes_out_with_the_next_write() -> None:
 
 @run
 async def test_a_head_with_nothing_after_it_goes_out_at_the_next_turn() -> None:
-    raw = Recorder()
-    out = CoalescingTransport(raw, asyncio.get_running_loop())  # type: ignore[arg-type]
-    out.hold_next()
-    out.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+    raw, out = _holding(b"HTTP/1.1 100 Continue\r\n\r\n")
     await _turn()
     await _turn()
     assert raw.sent == [b"HTTP/1.1 100 Continue\r\n\r\n"]
@@ -95,12 +98,8 @@ async def test_a_head_with_nothing_after_it_goes_out_at_the_next_turn() -> None:
 
 @run
 async def test_whatever_acts_on_the_connection_sends_what_is_held_first() -> None:
-    loop = asyncio.get_running_loop()
     for act in ("close", "write_eof", "writelines"):
-        raw = Recorder()
-        out = CoalescingTransport(raw, loop)  # type: ignore[arg-type]
-        out.hold_next()
-        out.write(b"head")
+        raw, out = _holding(b"head")
         if act == "writelines":
             out.writelines([b"a", b"b"])
             assert raw.sent == [b"head", b"ab"]
@@ -111,10 +110,7 @@ async def test_whatever_acts_on_the_connection_sends_what_is_held_first() -> Non
 
 @run
 async def test_nothing_is_written_to_a_connection_already_closing() -> None:
-    raw = Recorder()
-    out = CoalescingTransport(raw, asyncio.get_running_loop())  # type: ignore[arg-type]
-    out.hold_next()
-    out.write(b"head")
+    raw, _ = _holding(b"head")
     raw.closing = True  # the peer went away meanwhile
     await _turn()
     await _turn()
