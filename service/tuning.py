@@ -12,8 +12,11 @@ The search (service/tuner.py), bounded by a time budget: (1) onnxruntime alone p
 size, all cores, to find the batch sizes worth trying (on CPUs a big CNN often gains nothing
 from large batches); (2) the pipeline, decode threads feeding full batches to the sessions,
 for each split of the cores between sessions, intra-op threads and decode threads, at those
-batch sizes. The best throughput whose batch latency (p50) stays under the bound wins;
-within 2% of it, the smaller batch and fewer threads (lower latency, less contention).
+batch sizes. The best throughput as served (the pipeline's, with the service's own CPU
+per batch added: ``tuner.served_img_s``) whose batch latency (p50) stays under the bound
+wins; within 2% of it, the smaller batch and fewer threads (lower latency, less
+contention). A choice made by an older rule (``SELECTION`` in its key) is not used by
+``auto``, which measures again.
 
 Settings given explicitly (flag or environment) are never overridden by a tuned choice.
 """
@@ -35,6 +38,9 @@ from resnet_serve.service.settings import Settings, cpu_count
 
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
+# The rule that picked a choice, part of its key: 2 compares candidates as served (before,
+# on offline throughput alone, batches came out too small for the service).
+SELECTION = 2
 TUNED_FIELDS = ("max_batch_size", "intra_op_threads", "sessions_per_device", "decode_workers")
 
 
@@ -100,6 +106,7 @@ def machine_key(spec: ModelSpec) -> dict[str, Any]:
         "cpus": cpu_count(),
         "onnxruntime": ort.__version__,
         "model_sha256": sha,
+        "selection": SELECTION,
     }
 
 
@@ -159,7 +166,8 @@ def find(spec: ModelSpec, settings: Settings) -> tuple[Choice | None, bool]:
     if choice.key != key:
         differs = [k for k in key if choice.key.get(k) != key[k]]
         log.warning(
-            "%s: the tuning in %s was measured elsewhere (%s differ): applied anyway",
+            "%s: the tuning in %s was measured elsewhere or chosen by an older search (%s "
+            "differ): applied anyway",
             spec.name, path, ", ".join(differs),
         )  # fmt: skip
     choice.source = str(path)
