@@ -21,7 +21,8 @@ from typing import Any
 import numpy as np
 
 from resnet_serve.contract.schema import ModelSpec, RepositoryError
-from resnet_serve.service.sessions import DEFAULT_OUTPUTS, Device, SessionPool, parse_devices
+from resnet_serve.service.devices import Device, parse_devices
+from resnet_serve.service.sessions import DEFAULT_OUTPUTS, SessionPool
 from resnet_serve.service.settings import Settings
 from resnet_serve.service.workers import INFERENCE_SOCKET_ENV
 

@@ -19,72 +19,13 @@ import onnxruntime as ort
 
 from resnet_serve.contract.schema import GRAPH_OUTPUTS, INPUT, ModelSpec
 from resnet_serve.service import affinity
+from resnet_serve.service.devices import Device, providers_for, resolve_devices
 from resnet_serve.service.settings import Settings, cpu_count
 
 log = logging.getLogger(__name__)
 
 # What classification and the default embedding need; stage maps are asked for by name.
 DEFAULT_OUTPUTS: tuple[str, ...] = GRAPH_OUTPUTS
-
-
-@dataclass(frozen=True)
-class Device:
-    kind: str  # "cpu" | "cuda"
-    index: int = 0
-
-    def __str__(self) -> str:
-        return "cpu" if self.kind == "cpu" else f"cuda:{self.index}"
-
-
-def parse_devices(spec: str) -> list[Device]:
-    """``cpu`` | ``cuda`` | ``cuda:0,1``."""
-    spec = spec.strip().lower()
-    if spec == "cpu":
-        return [Device("cpu")]
-    if spec == "cuda":
-        return [Device("cuda", 0)]
-    if spec.startswith("cuda:"):
-        try:
-            indices = [int(i) for i in spec[5:].split(",") if i.strip()]
-        except ValueError:
-            indices = []
-        if indices and all(i >= 0 for i in indices):
-            return [Device("cuda", i) for i in dict.fromkeys(indices)]
-    raise ValueError(f"device must be cpu, cuda or cuda:0,1,..., got {spec!r}")
-
-
-def resolve_devices(spec: str, available: list[str] | None = None) -> list[Device]:
-    """The devices to use; CUDA asked for but not present falls back to the CPU, logged."""
-    devices = parse_devices(spec)
-    if devices[0].kind == "cuda":
-        available = available if available is not None else ort.get_available_providers()
-        if "CUDAExecutionProvider" not in available:
-            log.warning(
-                "device %s requested but onnxruntime has no CUDAExecutionProvider "
-                "(providers: %s; install the `gpu` extra on a machine with CUDA): using the CPU",
-                spec, ", ".join(available),
-            )  # fmt: skip
-            return [Device("cpu")]
-    return devices
-
-
-def providers_for(device: Device, settings: Settings) -> list[str | tuple[str, dict[str, str]]]:
-    if device.kind == "cpu":
-        return ["CPUExecutionProvider"]
-    cuda = {
-        "device_id": str(device.index),
-        # Every batch shape is a warmed-up bucket, so an exhaustive search is paid once per
-        # shape at startup and never on a request (HEURISTIC if shapes were unbounded).
-        "cudnn_conv_algo_search": settings.cuda_conv_algo_search,
-        "cudnn_conv_use_max_workspace": "1",
-        "prefer_nhwc": "1" if settings.cuda_prefer_nhwc else "0",
-        # Grow the arena by what is asked, not by doubling: the buckets' sizes are known.
-        "arena_extend_strategy": "kSameAsRequested",
-        "do_copy_in_default_stream": "1",
-    }
-    if settings.gpu_mem_limit_bytes:
-        cuda["gpu_mem_limit"] = str(settings.gpu_mem_limit_bytes)
-    return [("CUDAExecutionProvider", cuda), "CPUExecutionProvider"]
 
 
 class Runner(Protocol):
@@ -101,11 +42,25 @@ class Runner(Protocol):
     def recreate(self) -> None: ...
 
 
+class Lone:
+    """One session on all the cores a model's sessions split among them, shared by its
+    workers, for a lone batch (nothing else in flight): one set of threads, warm whichever
+    worker's thread runs it, never two sets spinning against each other."""
+
+    def __init__(self, path: str, options: ort.SessionOptions) -> None:
+        self.path, self.options = path, options
+        self.recreate()
+
+    def recreate(self) -> None:
+        self.session = ort.InferenceSession(self.path, self.options, ["CPUExecutionProvider"])
+
+
 @dataclass(eq=False)
 class Worker:
     """One session and the one thread that runs it; optionally a non-spinning copy of the
     session (``calm_options``) for the batches of busy spells, run by the same thread, so
-    the two never run at once."""
+    the two never run at once; and where the model's sessions split the cores, the shared
+    ``Lone`` session for lone batches."""
 
     path: str
     options: ort.SessionOptions
@@ -115,6 +70,7 @@ class Worker:
     io_binding: bool = False
     cpu: int | None = None  # the core its thread is pinned to (--cpu-affinity)
     calm_options: ort.SessionOptions | None = None
+    lone: Lone | None = None
     session: ort.InferenceSession = field(init=False)
     calm: ort.InferenceSession | None = field(init=False, default=None)
     executor: ThreadPoolExecutor = field(init=False)
@@ -123,7 +79,7 @@ class Worker:
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=self.name)
         if self.cpu is not None:
             self.executor.submit(affinity.pin_this_thread, self.cpu).result()
-        self.recreate()
+        self._own()
 
     def _create(self, options: ort.SessionOptions) -> ort.InferenceSession:
         return ort.InferenceSession(self.path, sess_options=options, providers=self.providers)
@@ -133,8 +89,11 @@ class Worker:
     ) -> list[np.ndarray]:
         """The named outputs for a batch (only those: a feature map nobody asked for is
         never copied out). ``busy``: other images wait or decode meanwhile, so the batch
-        runs on the non-spinning copy where there is one."""
+        runs on the non-spinning copy where there is one; otherwise on the shared ``Lone``
+        session where there is one."""
         session = self.calm if busy and self.calm is not None else self.session
+        if not busy and self.lone is not None:
+            session = self.lone.session
         if self.io_binding:
             # The uint8 batch goes to the device in one copy and each output comes back in
             # one copy into host memory; nothing else crosses the bus.
@@ -149,6 +108,11 @@ class Worker:
     def recreate(self) -> None:
         """Fresh sessions after a failed run: whatever state the failure left (a CUDA
         error poisons the context's stream, an arena may stay fragmented) goes with it."""
+        self._own()
+        if self.lone is not None:
+            self.lone.recreate()
+
+    def _own(self) -> None:
         self.session = self._create(self.options)
         if self.calm_options is not None:
             self.calm = self._create(self.calm_options)
@@ -213,8 +177,19 @@ class SessionPool:
         # and a fixed fraction each would leave a lone busy model on a fraction of the cores.
         threads = settings.intra_op_threads or max(1, cpu_count() // settings.sessions_per_device)
         cpus = affinity.process_cpus() if settings.cpu_affinity else []
+        # A lone batch (nothing else in flight) has the model's cores to itself: where they
+        # are split among sessions, it runs on one shared session with all of them, the split
+        # sessions (not spinning, unless --spin-under-load) taking the busy spells (ResNet-50,
+        # tuned to 2 sessions x 1 thread, one client: p50 38.7 ms on one thread, about 22 on
+        # two; docs/benchmarks.md, ninth session).
+        # Not with --cpu-affinity, where every thread has its own core.
+        wide = min(cpu_count(), threads * settings.sessions_per_device)
+        lone = None
+        if wide > threads and not cpus and all(d.kind == "cpu" for d in devices):
+            lone = Lone(str(spec.onnx_path), session_options(wide, settings.cpu_spinning, None))
+        spin = settings.cpu_spinning and (lone is None or settings.spin_under_load)
         # One intra-op thread has no pool to spin; a GPU session's CPU threads barely run.
-        twin = settings.cpu_spinning and not settings.spin_under_load and threads > 1
+        twin = spin and not settings.spin_under_load and threads > 1
         workers: list[Runner] = []
         for device in devices:
             for i in range(settings.sessions_per_device):
@@ -222,7 +197,7 @@ class SessionPool:
                 if cpus and device.kind == "cpu":
                     cores = affinity.session_cores(cpus, i, threads)
                     log.info("%s session %d: threads on CPUs %s", spec.name, i, cores)
-                opts = session_options(threads, settings.cpu_spinning, cores)
+                opts = session_options(threads, spin, cores)
                 calm = None
                 if twin and device.kind == "cpu":
                     calm = session_options(threads, False, cores)
@@ -234,7 +209,9 @@ class SessionPool:
                 providers = providers_for(device, settings)
                 cpu = cores[0] if cores else None
                 path = str(spec.onnx_path)
-                workers.append(Worker(path, opts, device, name, providers, io_binding, cpu, calm))
+                workers.append(
+                    Worker(path, opts, device, name, providers, io_binding, cpu, calm, lone)
+                )
         # The session's thread decodes when the process has one session of one intra-op
         # thread (CPU) and one decode thread (--workers N on N cores): one core's work either
         # way, two hand-offs between threads saved per image (ResNet-20 +5-6%). Not with an
@@ -243,10 +220,12 @@ class SessionPool:
         decodes = threads == 1 and all(d.kind == "cpu" for d in devices)
         decodes = decodes and settings.sessions_per_device == 1 == settings.decode_threads
         first = workers[0]
+        copy = ", and a non-spinning copy for busy spells" if getattr(first, "calm", None) else ""
+        if lone is not None:
+            copy += f"; a lone batch on one shared session of {wide} threads"
         log.info(
             "%s: %d session(s) on %s, %d intra-op thread(s) each%s, providers %s",
-            spec.name, len(workers), ", ".join(map(str, devices)), threads,
-            ", and a non-spinning copy for busy spells" if getattr(first, "calm", None) else "",
+            spec.name, len(workers), ", ".join(map(str, devices)), threads, copy,
             first.session.get_providers(),
         )  # fmt: skip
         if decodes:
@@ -268,7 +247,11 @@ class SessionPool:
         runs = [
             (worker, busy)
             for worker in self.workers
-            for busy in ((False, True) if getattr(worker, "calm", None) is not None else (False,))
+            for busy in (
+                (False, True)
+                if getattr(worker, "calm", None) or getattr(worker, "lone", None)
+                else (False,)
+            )
         ]
         total, done = len(runs) * len(sizes), 0
         for worker, busy in runs:

@@ -147,8 +147,8 @@ def tuned_layout(settings: Settings) -> Settings:
     --intra-op-threads, --shared-inference), off the CPU, or when the served models'
     choices do not all ask for the same such layout."""
     from resnet_serve.service import tuning
+    from resnet_serve.service.devices import parse_devices
     from resnet_serve.service.repository import RepositoryError, discover
-    from resnet_serve.service.sessions import parse_devices
 
     layout = {"workers", "sessions_per_device", "intra_op_threads", "shared_inference"}
     if settings.tuning == "off" or layout & settings.model_fields_set:

@@ -15,9 +15,10 @@ import numpy as np
 import pytest
 
 from resnet_serve.service.batcher import Batcher
+from resnet_serve.service.devices import Device
 from resnet_serve.service.errors import InferenceFailedError, OverloadedError
 from resnet_serve.service.metrics import Metrics
-from resnet_serve.service.sessions import Device, SessionPool
+from resnet_serve.service.sessions import SessionPool
 
 SHAPE = (2, 2, 3)
 

@@ -6,8 +6,9 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
+from resnet_serve.service.devices import Device, providers_for
 from resnet_serve.service.repository import load_model_spec
-from resnet_serve.service.sessions import Device, SessionPool, providers_for
+from resnet_serve.service.sessions import SessionPool
 from resnet_serve.service.settings import Settings
 from tests.service import tiny
 
@@ -39,6 +40,47 @@ def test_threads_are_split_between_sessions(tiny_repository) -> None:
     pool = SessionPool.load(spec, Settings(sessions_per_device=2, intra_op_threads=1))
     assert len(pool.workers) == 2
     assert all(w.options.intra_op_num_threads == 1 for w in pool.workers)
+
+
+@pytest.mark.parametrize("spin_under_load", [False, True])
+def test_a_lone_batch_has_the_cores_the_sessions_split(
+    tiny_repository, tiny_images, monkeypatch: pytest.MonkeyPatch, spin_under_load: bool
+) -> None:
+    # ResNet-50 tuned to 2 sessions x 1 thread served one client at 0.58x the throughput of
+    # one 2-thread session (docs/benchmarks.md, ninth session): its batch ran on one core.
+    from resnet_serve.service import sessions
+
+    monkeypatch.setattr(sessions, "cpu_count", lambda: 4)
+    spec = load_model_spec(tiny_repository / tiny.NAME)
+    pool = SessionPool.load(spec, Settings(sessions_per_device=2, spin_under_load=spin_under_load))
+    key = "session.intra_op.allow_spinning"
+    lone = pool.workers[0].lone
+    assert lone is not None and all(w.lone is lone for w in pool.workers)  # one, shared
+    assert lone.options.intra_op_num_threads == 4  # every core, spinning
+    assert lone.options.get_session_config_entry(key) == "1"
+    for worker in pool.workers:
+        assert worker.calm is None  # busy spells: its own share, spinning only if asked
+        assert worker.options.intra_op_num_threads == 2
+        assert worker.options.get_session_config_entry(key) == ("1" if spin_under_load else "0")
+    worker = pool.workers[1]
+    shared, own = Recording(lone.session), Recording(worker.session)
+    lone.session, worker.session = shared, own  # type: ignore[assignment]
+    images = np.ascontiguousarray(tiny_images[:4])
+    for a, b in zip(worker.run(images), worker.run(images, busy=True), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert (shared.runs, own.runs) == (1, 1)
+    pool.warmup([1, 2], spec.input_shape)  # both warmed from every worker's thread
+    assert (shared.runs, own.runs) == (1 + 2 * 2, 1 + 2)
+    worker.recreate()  # after a failure: the shared one anew too
+    assert lone.session is not shared and worker.session is not own
+
+
+@pytest.mark.parametrize(
+    "args", [{}, {"sessions_per_device": 2, "cpu_affinity": True}, {"intra_op_threads": 2}]
+)
+def test_no_shared_session_where_the_sessions_do_not_split_the_cores(tiny_repository, args) -> None:
+    spec = load_model_spec(tiny_repository / tiny.NAME)
+    assert all(w.lone is None for w in SessionPool.load(spec, Settings(**args)).workers)
 
 
 @pytest.mark.parametrize(("args", "spin"), [({}, "1"), ({"cpu_spinning": False}, "0")])

@@ -4,7 +4,7 @@ import pytest
 from pydantic import ValidationError
 
 from resnet_serve.service.cli import build_parser, settings_from_args
-from resnet_serve.service.sessions import Device, parse_devices, resolve_devices
+from resnet_serve.service.devices import Device, parse_devices, resolve_devices
 from resnet_serve.service.settings import Settings
 
 

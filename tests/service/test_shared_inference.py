@@ -18,10 +18,11 @@ import httpx
 import numpy as np
 import pytest
 
+from resnet_serve.service.devices import Device
 from resnet_serve.service.inference_host import InferenceHost
 from resnet_serve.service.remote import RemoteInferenceError, RemoteRunner, load_pool
 from resnet_serve.service.repository import discover
-from resnet_serve.service.sessions import DEFAULT_OUTPUTS, Device, SessionPool
+from resnet_serve.service.sessions import DEFAULT_OUTPUTS, SessionPool
 from resnet_serve.service.settings import Settings, cpu_count
 from tests.service import tiny
 from tests.service.servers import (
