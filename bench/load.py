@@ -188,7 +188,7 @@ def check_answer(body: bytes, target: Target) -> str | None:
     return None
 
 
-def _children(pid: int) -> list[int]:
+def children(pid: int) -> list[int]:
     # Every thread's children: a process started from another thread than the main one (a
     # JVM's or Ray's raylet's workers) is listed under that thread only.
     found: list[int] = []
@@ -216,7 +216,7 @@ def process_cpu_s(pid: int) -> float | None:
         return None
     # Fields 14 and 15 of proc(5) (utime, stime), counted after the ")" of the name.
     own = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return own + sum(process_cpu_s(c) or 0.0 for c in _children(pid))
+    return own + sum(process_cpu_s(c) or 0.0 for c in children(pid))
 
 
 BATCH_METRICS = {

@@ -37,7 +37,7 @@ from pathlib import Path
 import aiohttp
 
 from resnet_serve.bench.corpus import from_path, load
-from resnet_serve.bench.load import MULTIPART_TYPE, multipart_body
+from resnet_serve.bench.load import MULTIPART_TYPE, children, multipart_body
 from tools.perf_analyzer import cpu_line, free_port, wait_ready
 from tools.request_cost import thread_cpu_seconds
 
@@ -69,12 +69,7 @@ WARMUP_S = 2.0
 
 def processes(pid: int) -> list[int]:
     """``pid`` and its descendants (a child started by any of its threads)."""
-    found = [pid]
-    for task in Path(f"/proc/{pid}/task").glob("*/children"):
-        with contextlib.suppress(OSError):  # the thread ended meanwhile
-            for child in task.read_text().split():
-                found += processes(int(child))
-    return found
+    return [pid, *(p for child in children(pid) for p in processes(child))]
 
 
 def tree_cpu_seconds(pid: int) -> dict[tuple[int, int], float]:
@@ -83,7 +78,7 @@ def tree_cpu_seconds(pid: int) -> dict[tuple[int, int], float]:
     (their event loops) are keyed by their own pid."""
     out: dict[tuple[int, int], float] = {}
     for proc in processes(pid):
-        leaf = processes(proc) == [proc]
+        leaf = not children(proc)
         with contextlib.suppress(OSError):  # the process ended meanwhile
             for tid, seconds in thread_cpu_seconds(proc).items():
                 key = (proc, tid if leaf else -1)

@@ -147,7 +147,7 @@ def test_process_cpu_counts_the_children(from_thread: bool) -> None:
     import subprocess
     import sys
 
-    from resnet_serve.bench.load import _children, process_cpu_s
+    from resnet_serve.bench.load import children, process_cpu_s
     from tests.service.servers import wait_until
 
     burn = (
@@ -159,13 +159,13 @@ def test_process_cpu_counts_the_children(from_thread: bool) -> None:
         spawn = f"t = threading.Thread(target=lambda: {spawn}); t.start(); t.join()"
     parent = subprocess.Popen([sys.executable, "-c", f"import subprocess, sys, threading; {spawn}"])
     try:
-        wait_until(lambda: len(_children(parent.pid)) == 1, timeout=30)
-        (child,) = _children(parent.pid)
+        wait_until(lambda: len(children(parent.pid)) == 1, timeout=30)
+        (child,) = children(parent.pid)
         wait_until(lambda: (process_cpu_s(child) or 0) >= 0.3, timeout=30)
         total, own_child = process_cpu_s(parent.pid), process_cpu_s(child)
         assert total is not None and own_child is not None
         assert total >= own_child >= 0.3
     finally:
-        for pid in _children(parent.pid):
+        for pid in children(parent.pid):
             os.kill(pid, signal.SIGKILL)
         parent.wait(timeout=30)

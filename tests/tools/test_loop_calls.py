@@ -18,13 +18,18 @@ from tests.service import tiny
 from tools import loop_calls
 
 
+def _tiny_repository(tmp_path: Path) -> Path:
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    tiny.export(repo)
+    return repo
+
+
 @pytest.mark.parametrize("floor", [False, True], ids=["service", "floor"])
 def test_loop_calls_counts_a_servers_calls_per_request(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], floor: bool
 ) -> None:
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    tiny.export(repo)
+    repo = _tiny_repository(tmp_path)
     images = tmp_path / "images"
     images.mkdir()
     rng = np.random.default_rng(0)
@@ -44,9 +49,7 @@ def test_loop_calls_counts_a_servers_calls_per_request(
 def test_loop_calls_cpu_reads_the_threads_cpu_per_request(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    tiny.export(repo)
+    repo = _tiny_repository(tmp_path)
     args = ["--repository", str(repo), "--model", tiny.NAME, "--clients", "2", "--seconds", "1",
             "--cpu"]  # fmt: skip
     assert loop_calls.main(args) == 0
@@ -59,9 +62,7 @@ def test_loop_calls_cpu_reads_the_threads_cpu_per_request(
 def test_loop_calls_cpu_sums_the_event_loops_of_every_serving_process(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], floor: bool
 ) -> None:
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    tiny.export(repo)
+    repo = _tiny_repository(tmp_path)
     args = ["--repository", str(repo), "--model", tiny.NAME, "--clients", "4", "--seconds", "1",
             "--cpu", "--workers", "2", *(["--floor"] if floor else [])]  # fmt: skip
     assert loop_calls.main(args) == 0
