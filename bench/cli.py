@@ -43,6 +43,10 @@ if TYPE_CHECKING:
     from rich.progress import TaskID
 
 EXIT_USAGE = 2
+BODIES = ("multipart", "raw")
+# resnet-serve takes any image/* type or this one for a raw body; one type for every image
+# of the corpus lets the lean client prepare its header set once.
+RAW_CONTENT_TYPE = ("Content-Type", "application/octet-stream")
 DEFAULT_CONCURRENCY = "1,2,4,8,16,32,64"
 
 
@@ -89,6 +93,12 @@ def build_parser() -> argparse.ArgumentParser:
     length.add_argument("--requests", type=int, help="requests measured per step")
     p.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds per step")
     p.add_argument("--images-per-request", type=int, default=1, help="multipart file parts")
+    p.add_argument(
+        "--body", choices=BODIES, default="multipart",
+        help="how a request carries its image: multipart (a form's file parts, as curl -F "
+        "sends them; default) or raw (the image itself as the body, application/octet-stream, "
+        "as curl --data-binary sends it: one image per request, and only peers that take it)",
+    )  # fmt: skip
     p.add_argument("--endpoint", choices=("classify", "embed"), default="classify")
     p.add_argument("--encoding", choices=("float", "base64"), default="float", help="embed answers")
     p.add_argument(
@@ -428,6 +438,7 @@ def _meta(
         "baseline": _baseline_info(args),
         "endpoint_path": path,
         "images_per_request": args.images_per_request,
+        "body": args.body,
         "concurrency": args.concurrency,
         "step": f"{args.duration:g} s measured per step"
         if args.duration is not None
@@ -500,6 +511,14 @@ def run(args: argparse.Namespace) -> int:
         usage_errors.append(
             "the baselines and peers compare classification only (--endpoint classify)"
         )
+    if args.body == "raw":
+        if args.images_per_request != 1:
+            usage_errors.append("--body raw carries one image per request (--images-per-request 1)")
+        if args.baseline or args.baseline_ort:
+            usage_errors.append("--body raw: the FastAPI baselines take multipart forms only")
+        for name in {p.partition("=")[0] for p in args.peer}:
+            if name in peers.NAMES and not peers.peer(name).raw_body:
+                usage_errors.append(f"--body raw: the {name} peer takes multipart forms only")
     if min(args.images_per_request, args.corpus_size, args.offline_rounds, args.rounds) < 1:
         usage_errors.append(
             "--images-per-request, --corpus-size, --offline-rounds and --rounds must be positive"
@@ -628,6 +647,8 @@ def run(args: argparse.Namespace) -> int:
                 if contract.request == "v2":
                     v2_bodies, v2_headers = load.v2_bytes_bodies(images, *contract.v2_tensors)
                     requests[name] = (url_path, "v2", tuple(v2_headers), v2_bodies)
+                elif args.body == "raw":
+                    requests[name] = (url_path, "classify", (RAW_CONTENT_TYPE,), list(images))
                 else:
                     requests[name] = (url_path, "classify", (), one_image)
             systems: list[System] = []
@@ -644,7 +665,11 @@ def run(args: argparse.Namespace) -> int:
 
                 systems.append((report.label(system), start, run_baseline))
 
-            bodies = load.request_bodies(images, args.images_per_request)
+            if args.body == "raw":
+                bodies = list(images)
+                headers.append(RAW_CONTENT_TYPE)
+            else:
+                bodies = load.request_bodies(images, args.images_per_request)
 
             def run_service(server: ServerProcess | None) -> list[load.StepResult]:
                 base = server.url if server is not None else args.url.rstrip("/")

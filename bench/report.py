@@ -221,6 +221,14 @@ def _cpu(seconds: float | None, window: float) -> str:
     return "-" if seconds is None or window <= 0 else f"{100.0 * seconds / window:.0f}%"
 
 
+def _per_image(seconds: float | None, window: float, img_s: float) -> str:
+    # CPU time per image: the budget a request spends, comparable across systems whatever
+    # their rates (the offline pipeline's included), where percentages are not.
+    if seconds is None or window <= 0 or img_s <= 0:
+        return "-"
+    return f"{1e6 * seconds / window / img_s:.0f}"
+
+
 def _idle_line(idle_cpu: dict[str, float]) -> str:
     servers = ", ".join(f"{k} {_cpu(v, 1.0)}" for k, v in idle_cpu.items())
     return (
@@ -271,6 +279,7 @@ def markdown(
         f"(load average {m['loadavg_before'][0]:.2f} before, {m['loadavg_after'][0]:.2f} after)",
         f"- model: `{m['model_dir'] or m['model']}` ({_model_line(m['model_info'])})",
         f"- load: `{m['endpoint_path']}`, {m['images_per_request']} image(s) per request"
+        f"{' as the raw body' if m.get('body') == 'raw' else ''}"
         f"{' (baseline: 1)' if m.get('baseline') else ''}, {m['step']}, "
         f"warmup {m['warmup_s']:g} s per step, "
         f"{_corpus_line(m['corpus'])}, client {m.get('client', 'aiohttp')}",
@@ -282,8 +291,8 @@ def markdown(
         "## HTTP load",
         "",
         "| system | clients | img/s | req/s | p50 ms | p95 ms | p99 ms | errors "
-        "| client CPU | server CPU | mean batch |",
-        "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|",
+        "| client CPU | server CPU | mean batch | client µs/img | server µs/img |",
+        "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|",
     ]
     many = len({s.round for s in steps}) > 1
     for s in steps:
@@ -292,7 +301,9 @@ def markdown(
             f"| {s.concurrency} | {s.img_s:.1f} "
             f"| {s.req_s:.1f} | {_ms(s.percentile(50))} | {_ms(s.percentile(95))} "
             f"| {_ms(s.percentile(99))} | {_errors(s)} | {_cpu(s.client_cpu_s, s.window_s)} "
-            f"| {_cpu(s.server_cpu_s, s.window_s)} | {_batch(s)} |"
+            f"| {_cpu(s.server_cpu_s, s.window_s)} | {_batch(s)} "
+            f"| {_per_image(s.client_cpu_s, s.window_s, s.img_s)} "
+            f"| {_per_image(s.server_cpu_s, s.window_s, s.img_s)} |"
         )
     if offline is not None:
         lines += [
@@ -305,13 +316,16 @@ def markdown(
             "The pipeline runs its batches as the service does under load (onnxruntime's "
             "threads not spinning while decoding goes on, unless --spin-under-load).",
             "",
-            "| measurement | img/s | p50 ms per call | CPU |",
-            "|---|---:|---:|---:|",
+            "| measurement | img/s | p50 ms per call | CPU | CPU µs/img |",
+            "|---|---:|---:|---:|---:|",
         ]
         for r in offline.rates():
-            cpu = f"{r.cpu_percent:.0f}%" if math.isfinite(r.cpu_percent) else "-"
+            known = math.isfinite(r.cpu_percent)
+            cpu = f"{r.cpu_percent:.0f}%" if known else "-"
+            per = _per_image(r.cpu_percent / 100, 1.0, r.images_per_s) if known else "-"
             lines.append(
-                f"| {offline_label(r)} | {r.images_per_s:.1f} | {_ms(r.percentile(50))} | {cpu} |"
+                f"| {offline_label(r)} | {r.images_per_s:.1f} | {_ms(r.percentile(50))} | {cpu} "
+                f"| {per} |"
             )
     if ratio_rows:
         lines += ["", "## Ratios", "", "| ratio | value | from |", "|---|---:|---|"]

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import aiohttp
 
-from resnet_serve.bench.corpus import from_path, load
+from resnet_serve.bench.corpus import from_path, image_type, load
 from resnet_serve.bench.load import MULTIPART_TYPE, children, multipart_body
 from tools.perf_analyzer import cpu_line, free_port, wait_ready
 from tools.request_cost import thread_cpu_seconds
@@ -87,7 +87,12 @@ def tree_cpu_seconds(pid: int) -> dict[tuple[int, int], float]:
 
 
 async def drive(
-    url: str, pid: int, bodies: list[bytes], clients: int, seconds: float, profile: bool
+    url: str,
+    pid: int,
+    bodies: list[tuple[bytes, str]],
+    clients: int,
+    seconds: float,
+    profile: bool,
 ) -> tuple[int, float, float]:
     """Closed-loop clients; the server's profile (``profile``) restarted after the warm-up
     and dumped ``seconds`` later. The requests answered in between (every answer must be a
@@ -100,8 +105,8 @@ async def drive(
             nonlocal done
             k = i
             while not stop:
-                body = bodies[k % len(bodies)]
-                async with s.post(url, data=body, headers={"content-type": MULTIPART_TYPE}) as r:
+                body, content_type = bodies[k % len(bodies)]
+                async with s.post(url, data=body, headers={"content-type": content_type}) as r:
                     await r.read()
                     if r.status != 200:
                         raise SystemExit(f"{r.status}: {await r.text()}")
@@ -155,11 +160,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--workers", type=int, default=1, help="serving processes (with --cpu when over 1)"
     )
+    ap.add_argument(
+        "--raw", action="store_true",
+        help="each image as the raw body (its image/* type) instead of a multipart part",
+    )  # fmt: skip
     args = ap.parse_args(argv)
     if args.workers > 1 and not args.cpu:
         ap.error("--workers over 1 needs --cpu (the profile is of one process)")
     images = from_path(args.images) if args.images else load()
-    bodies = [multipart_body([im]) for im in images]
+    if args.raw:
+        bodies = [(im, image_type(im)[1]) for im in images]
+    else:
+        bodies = [(multipart_body([im]), MULTIPART_TYPE) for im in images]
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="loop-calls-") as tmp:
         out = Path(tmp) / "loop.prof"

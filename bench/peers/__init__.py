@@ -18,7 +18,9 @@ multipart ``file`` part answered by ``{"model": ..., "results": [{"predictions":
 [{"index", "label", "score"}, ...]}]}``, the shape of the service's own ``/classify``
 answer; or ``REQUEST = "v2"`` (a server that speaks KServe V2, Triton), a binary-tensor
 V2 request with the encoded image as the ``[1, 1]`` BYTES input ``V2_INPUT``, answered
-with that JSON as the BYTES output ``V2_OUTPUT``. The module keeps its framework's imports
+with that JSON as the BYTES output ``V2_OUTPUT``. ``RAW_BODY = True``: it also takes the
+image itself as the body (``application/octet-stream`` or ``image/*``), for
+``resnet-bench --body raw``. The module keeps its framework's imports
 inside ``main`` so that resnet-bench can read these constants and ``DESCRIPTION`` without
 the framework installed.
 """
@@ -61,6 +63,7 @@ class Peer:
     description: str
     request: str = "multipart"  # | "v2"
     v2_tensors: tuple[str, str] = ("", "")  # with "v2": (V2_INPUT, V2_OUTPUT)
+    raw_body: bool = False  # also takes the image itself as the body (resnet-bench --body raw)
 
 
 def peer(name: str) -> Peer:
@@ -71,7 +74,7 @@ def peer(name: str) -> Peer:
     tensors = (module.V2_INPUT, module.V2_OUTPUT) if request == "v2" else ("", "")
     return Peer(
         name, module.LABEL, module.HEALTH_PATH, module.CLASSIFY_PATH, module.DESCRIPTION,
-        request, tensors,
+        request, tensors, getattr(module, "RAW_BODY", False),
     )  # fmt: skip
 
 

@@ -3,7 +3,8 @@
 A bare ASGI function under uvicorn (uvloop, httptools: the same server stack as
 resnet-serve's), no framework, no routing table, no middleware, no validation, no
 metrics, no logs: ``POST /classify`` reads the body, takes the ``file`` part out of the
-multipart form with python-multipart (the parser resnet-serve and Starlette use), queues
+multipart form with python-multipart (the parser resnet-serve and Starlette use) or takes
+a raw image body as it is, queues
 the image with a future and waits. One asyncio task per process takes whatever has queued
 (at most 32) whenever the model is free, greedily, and hands it to one thread that
 decodes every image (``common.Classifier``: the service's decoding, the same session
@@ -46,13 +47,18 @@ CLASSIFY_PATH = "/classify"
 DESCRIPTION = (
     "the floor: a bare ASGI function under uvicorn (uvloop, httptools), no framework, "
     "middleware, validation, metrics or logs; the multipart `file` part taken out by "
-    "python-multipart, one asyncio task per process batching greedily (whatever queued "
+    "python-multipart (a raw image body taken as it is), one asyncio task per process "
+    "batching greedily (whatever queued "
     f"while the model was busy, at most {MAX_BATCH_SIZE}; --batch-delay-ms does not apply), "
     "and one thread per process that decodes the batch's images and runs it (the offline "
     "pipeline's best shape); --workers N processes share the port (SO_REUSEPORT), cores // N "
     "intra-op threads each"
 )
 
+# A body of these types is the image itself, as resnet-serve takes it (resnet-bench
+# --body raw).
+RAW_BODY = True
+RAW_TYPES = (b"image/", b"application/octet-stream")
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
@@ -147,7 +153,10 @@ class FloorApp:
                 break
         content_type = dict(scope["headers"]).get(b"content-type", b"")
         try:
-            blob = file_part(content_type, b"".join(chunks))
+            if content_type.startswith(RAW_TYPES):
+                blob = b"".join(chunks)
+            else:
+                blob = file_part(content_type, b"".join(chunks))
         except Exception as exc:
             await self.answer(send, 400, orjson.dumps({"error": str(exc)}))
             return

@@ -19,7 +19,7 @@ from tests.conftest import WEIGHTS_HOME
 REQUESTS = 8  # measured per step
 HTTP_COLUMNS = [
     "system", "clients", "img/s", "req/s", "p50 ms", "p95 ms", "p99 ms", "errors",
-    "client CPU", "server CPU", "mean batch",
+    "client CPU", "server CPU", "mean batch", "client µs/img", "server µs/img",
 ]  # fmt: skip
 
 
@@ -80,10 +80,18 @@ def test_markdown_report(bench_run: tuple[int, Path]) -> None:
         assert r[7] == "0"
         # The service's batches are read from its /metrics; the baseline has none.
         assert (float(r[10]) >= 1) if r[0] == "resnet-serve" else (r[10] == "-")
+        # CPU per image: the CPU share over the rate, for the client and the server (the
+        # share is printed to a whole percent).
+        for share, per_image in ((r[8], r[11]), (r[9], r[12])):
+            low, high = (1e4 * (float(share.rstrip("%")) + d) / float(r[2]) for d in (-0.5, 0.5))
+            assert low - 1 <= float(per_image) <= high + 1, (share, per_image, r[2])
     header, *offline = _table(text, "## Offline limits")
-    assert header == ["measurement", "img/s", "p50 ms per call", "CPU"]
+    assert header == ["measurement", "img/s", "p50 ms per call", "CPU", "CPU µs/img"]
     assert len(offline) == 6
     assert all(float(r[1]) > 0 and r[3].endswith("%") for r in offline)
+    for r in offline:
+        low, high = (1e4 * (float(r[3].rstrip("%")) + d) / float(r[1]) for d in (-0.5, 0.5))
+        assert low - 1 <= float(r[4]) <= high + 1, r
     header, *ratios = _table(text, "## Ratios")
     names = [r[0] for r in ratios]
     assert "service@4 / offline pipeline (img/s)" in names

@@ -20,6 +20,7 @@ import pytest
 
 from resnet_serve.bench import peers
 from resnet_serve.bench.cli import main
+from resnet_serve.bench.corpus import from_path
 from resnet_serve.bench.peers import floor
 from resnet_serve.bench.peers.common import Classifier
 from tests.service.servers import png
@@ -85,6 +86,16 @@ def test_two_workers_answer_as_the_classifier_batch_and_stop(
                 assert [p["score"] for p in result["predictions"]] == pytest.approx(
                     [p["score"] for p in ours["predictions"]], abs=1e-6
                 )
+            # The image itself as the body (resnet-bench --body raw): the same answer.
+            for blob, want in zip(blobs[:3], expected, strict=False):
+                for kind in ("image/png", "application/octet-stream"):
+                    got = client.post(url, content=blob, headers={"content-type": kind})
+                    assert got.status_code == 200
+                    (result,) = got.json()["results"]
+                    (ours,) = want["results"]
+                    assert [p["index"] for p in result["predictions"]] == [
+                        p["index"] for p in ours["predictions"]
+                    ]
             # Not a server to deploy, but it answers a broken upload rather than hanging.
             assert post(client, url, b"not an image").status_code == 500
             assert client.post(url, content=b"x").status_code == 400
@@ -115,3 +126,42 @@ def test_resnet_bench_sweeps_the_floor_and_reports_it(
     text = (out / "results.md").read_text()
     assert f"| {peers.peer('floor').label} | 4 |" in text
     assert "service peak / floor peak (img/s)" in {r["name"] for r in doc["ratios"]}
+
+
+def test_resnet_bench_sends_raw_bodies_to_the_service_and_the_floor(
+    cifar_repository: Path, cifar_test: dict[str, np.ndarray], tmp_path: Path
+) -> None:
+    """``--body raw``: each image is the whole body. The service is limited to the largest
+    image's size, so a multipart form around it (some 150 bytes more) would be refused
+    with 413 and counted as errors."""
+    pytest.importorskip("matplotlib")
+    np.savez(tmp_path / "eight.npz", images=cifar_test["images"][:8])
+    largest = max(len(b) for b in from_path(tmp_path / "eight.npz"))
+    out = tmp_path / "out"
+    rc = main([
+        "--start-server", "--repository", str(cifar_repository), "--model", MODEL,
+        "--server-arg", f"--max-body-bytes {largest}", "--body", "raw",
+        "--concurrency", "4", "--requests", "24", "--warmup", "0.2", "--no-offline",
+        "--images", str(tmp_path / "eight.npz"),
+        "--peer", f"floor={sys.executable}", "--out", str(out), "--no-progress",
+    ])  # fmt: skip
+    assert rc == 0
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["meta"]["body"] == "raw"
+    for system in ("service", "floor"):
+        (step,) = [s for s in doc["steps"] if s["system"] == system]
+        assert step["ok"] == 24 and step["errors"] == {}, system
+    assert "1 image(s) per request as the raw body" in (out / "results.md").read_text()
+
+
+def test_raw_bodies_only_where_they_are_taken(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    base = ["--url", "http://127.0.0.1:9", "--model", MODEL, "--body", "raw"]
+    assert main([*base, "--images-per-request", "2"]) == 2
+    assert "--body raw carries one image per request" in capsys.readouterr().err
+    assert main([*base, "--repository", str(tmp_path), "--baseline-ort"]) == 2
+    assert "the FastAPI baselines take multipart forms only" in capsys.readouterr().err
+    assert main([*base, "--repository", str(tmp_path), "--peer", f"ray={sys.executable}"]) == 2
+    assert "the ray peer takes multipart forms only" in capsys.readouterr().err
+    assert peers.peer("floor").raw_body and not peers.peer("torchserve").raw_body

@@ -46,6 +46,21 @@ def test_loop_calls_counts_a_servers_calls_per_request(
     assert "python_multipart" in out, out
 
 
+@pytest.mark.parametrize("floor", [False, True], ids=["service", "floor"])
+def test_loop_calls_raw_sends_each_image_as_the_body(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], floor: bool
+) -> None:
+    repo = _tiny_repository(tmp_path)
+    args = ["--repository", str(repo), "--model", tiny.NAME, "--clients", "2", "--seconds", "1",
+            "--top", "1000", "--raw", *(["--floor"] if floor else [])]  # fmt: skip
+    assert loop_calls.main(args) == 0
+    out = capsys.readouterr().out
+    m = re.search(r"(\d+) requests .*: (\d+\.\d) Python function calls per request", out)
+    assert m and int(m.group(1)) > 0, out
+    # Every file the loop ran is listed: no form was parsed.
+    assert "python_multipart" not in out, out
+
+
 def test_loop_calls_cpu_reads_the_threads_cpu_per_request(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
