@@ -270,9 +270,9 @@ class Batcher:
             start = time.perf_counter()
             self._record.started(items, start)
             n = len(items)
-            # Other requests in flight: spinning threads would take the CPU their decoding
-            # and HTTP need (Worker.run's non-spinning copy). A lone client's batch spins.
-            busy = self._requests > 1 or self.pending > 0
+            # Other requests or batches in flight (a request's first batch, one whose client
+            # left): spinning threads would take their CPU. A lone client's batch spins.
+            busy = self._requests > 1 or self.pending > 0 or len(self._running) > 1
             bucket = self.buckets[bisect.bisect_left(self.buckets, n)]
             shape = (bucket, *self.image_shape)
             loop = asyncio.get_running_loop()

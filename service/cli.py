@@ -19,12 +19,8 @@ from pydantic import ValidationError
 
 from resnet_serve.service import logs, workers
 from resnet_serve.service.app import create_app
-from resnet_serve.service.connections import (
-    ConnectionLimits,
-    connection_limit,
-    guarded_protocol,
-    raise_fd_limit,
-)
+from resnet_serve.service.connections import ConnectionLimits, guarded_protocol
+from resnet_serve.service.descriptors import connection_limit, raise_fd_limit
 from resnet_serve.service.metrics import Metrics
 from resnet_serve.service.repository import RepositoryError
 from resnet_serve.service.runtime import Runtime

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import resource
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -38,9 +37,6 @@ from resnet_serve.service.transport import CoalescingTransport
 log = logging.getLogger(__name__)
 LINGER_S = 1.0
 LINGER_BYTES = 1024 * 1024  # discarded at most while lingering, then closed at once
-# Descriptors kept for everything but client connections: the listening sockets, model
-# files, onnxruntime's and the decoders' threads, logs, the gRPC port.
-RESERVED_FDS = 256
 # Refusals are logged at most this often (with a count): an attack is not a log flood.
 LOG_EVERY_S = 10.0
 
@@ -56,36 +52,6 @@ class ConnectionLimits:
 
 class _Refusal(Exception):
     """Raised from a parser callback to stop parsing; the answer is sent after."""
-
-
-def raise_fd_limit() -> int:
-    """The soft open-files limit raised to the hard one (as Go's runtime does): a server's
-    connections are its descriptors. Returns the limit now in force."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != hard and soft != resource.RLIM_INFINITY:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-            soft = hard
-        except (ValueError, OSError):  # a hard limit the kernel will not grant
-            pass
-    return soft
-
-
-def connection_limit(configured: int, fd_limit: int) -> int:
-    """``configured``, or (0) what the descriptors allow; never more than they allow, so
-    that refusing stays possible: a process out of descriptors can no longer accept a
-    connection to refuse it."""
-    allowed = max(1, fd_limit - RESERVED_FDS) if fd_limit != resource.RLIM_INFINITY else 65536
-    if configured <= 0:
-        return allowed
-    if configured > allowed:
-        log.warning(
-            "--max-connections %d is more than the open-files limit allows (%d, limit %d); "
-            "using %d: raise the limit (ulimit -n, LimitNOFILE=) to allow more",
-            configured, allowed, fd_limit, allowed,
-        )  # fmt: skip
-        return allowed
-    return configured
 
 
 class _RefusalLog:
@@ -210,6 +176,18 @@ def guarded_protocol(limits: ConnectionLimits, metrics: Metrics) -> type[asyncio
         # them), not one callback each: their bytes are bounded all along
         # (max_header_bytes), and no request reaches the application before this.
         def on_headers_complete(self) -> None:
+            # A header block that came whole in this read (or completed in it) passes the
+            # check after each read; what came since the request began, body bytes of the
+            # same read included, bounds it, so it is measured only when that is over.
+            if self._header_bytes > limits.max_header_bytes and (
+                len(self.url) + sum(len(n) + len(v) + 4 for n, v in self.headers)
+                > limits.max_header_bytes
+            ):
+                self._refusal = (
+                    431, "header_too_large",
+                    f"request headers exceed {limits.max_header_bytes} bytes", "header_too_large",
+                )  # fmt: skip
+                raise _Refusal
             if len(self.headers) > limits.max_headers:
                 self._refusal = (
                     431, "header_too_large",

@@ -49,6 +49,8 @@ class Lone:
 
     def __init__(self, path: str, options: ort.SessionOptions) -> None:
         self.path, self.options = path, options
+        # Held by the worker whose batch runs on it: never two runs with every core each.
+        self.lock = threading.Lock()
         self.recreate()
 
     def recreate(self) -> None:
@@ -90,10 +92,14 @@ class Worker:
         """The named outputs for a batch (only those: a feature map nobody asked for is
         never copied out). ``busy``: other images wait or decode meanwhile, so the batch
         runs on the non-spinning copy where there is one; otherwise on the shared ``Lone``
-        session where there is one."""
+        session where there is one and no other worker's batch runs on it."""
+        lone = self.lone
+        if not busy and lone is not None and lone.lock.acquire(blocking=False):
+            try:
+                return list(lone.session.run(list(names), {INPUT: images}))
+            finally:
+                lone.lock.release()
         session = self.calm if busy and self.calm is not None else self.session
-        if not busy and self.lone is not None:
-            session = self.lone.session
         if self.io_binding:
             # The uint8 batch goes to the device in one copy and each output comes back in
             # one copy into host memory; nothing else crosses the bus.

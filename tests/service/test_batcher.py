@@ -202,6 +202,40 @@ def test_batches_run_busy_while_other_requests_are_in_flight() -> None:
     asyncio.run(main())
 
 
+def test_batches_run_busy_while_another_batch_runs() -> None:
+    # Was: ``busy`` counted requests and queued images, not running batches, so a request
+    # over the largest batch and one whose client left while its batch ran sent batches to
+    # the shared every-core session at once (``sessions.Lone``).
+    async def main() -> None:
+        workers = [FakeWorker(), FakeWorker()]
+        metrics = Metrics()
+        pool = SessionPool(workers, [1, 2])  # type: ignore[list-item]
+        b = Batcher("m", pool, image_shape=SHAPE, metrics=metrics, buckets=[1, 2],
+                    max_batch_delay_ms=1.0, max_queue_images=64)  # fmt: skip
+        b.start()
+        assert await submit(b, [1, 2, 3]) == [1.0, 2.0, 3.0]  # one request, two batches
+        assert sorted(workers[0].busy + workers[1].busy) == [True, True]
+        for w in workers:
+            w.busy.clear()
+            w.entered.clear()
+            w.gate.clear()
+        first = asyncio.ensure_future(submit(b, [4]))
+        while not any(w.entered.is_set() for w in workers):
+            await asyncio.sleep(0.01)
+        stuck, free = workers if workers[0].entered.is_set() else workers[::-1]
+        first.cancel()  # its client left; its batch still runs
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        free.gate.set()
+        assert await asyncio.wait_for(submit(b, [5]), MINUTE_S) == [5.0]
+        assert free.busy == [True]
+        stuck.gate.set()
+        await b.close(1)
+        assert stuck.busy == [False]  # it was alone when it started
+
+    asyncio.run(main())
+
+
 def test_cancelled_work_is_not_computed() -> None:
     async def main() -> None:
         worker = FakeWorker()

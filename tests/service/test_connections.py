@@ -4,6 +4,7 @@ served while it goes on."""
 
 from __future__ import annotations
 
+import io
 import json
 import signal
 import socket
@@ -13,7 +14,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
+from PIL import Image
 
 from tests.service.servers import ProcessServer, metric_value
 
@@ -97,6 +100,38 @@ def test_a_huge_header_is_431_before_it_stalls_anything(server: ProcessServer) -
     assert _error(body)["code"] == "header_too_large"
     assert sent < 16 * 1024 * 1024  # refused early, not after reading it all
     assert _refused(server, "header_too_large") == before + 1
+
+
+def test_a_header_block_over_the_limit_in_one_send_is_431(server: ProcessServer) -> None:
+    # Was: a block that completed within one read (the check ran after each read, once
+    # the headers were in and the count reset) was served, 60 000 bytes against 8 192.
+    before = _refused(server, "header_too_large")
+    sock = _connect(server)
+    big = b"a" * (64 * 1024 + 100)  # just over the default --max-header-bytes
+    sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + big + b"\r\n\r\n")
+    status, headers, body = _read_answer(sock)
+    assert status == 431 and headers["connection"] == "close"
+    assert _error(body)["code"] == "header_too_large"
+    assert _refused(server, "header_too_large") == before + 1
+
+
+def test_a_body_read_with_the_headers_is_not_counted_as_headers(
+    server: ProcessServer,
+) -> None:
+    # Small headers and a body four times the header limit, sent at once.
+    rng = np.random.default_rng(0)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (300, 300, 3), np.uint8)).save(buf, format="PNG")
+    blob = buf.getvalue()
+    assert len(blob) > 4 * 64 * 1024
+    sock = _connect(server)
+    sock.sendall(
+        b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+        b"Connection: close\r\nContent-Length: %d\r\n\r\n" % len(blob) + blob
+    )
+    status, _, body = _read_answer(sock)
+    assert status == 200, body
+    assert json.loads(body)["results"][0]["predictions"]
 
 
 def test_too_many_header_fields_is_431(server: ProcessServer) -> None:

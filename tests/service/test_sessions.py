@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -73,6 +76,45 @@ def test_a_lone_batch_has_the_cores_the_sessions_split(
     assert (shared.runs, own.runs) == (1 + 2 * 2, 1 + 2)
     worker.recreate()  # after a failure: the shared one anew too
     assert lone.session is not shared and worker.session is not own
+
+
+def test_the_shared_session_runs_one_batch_at_a_time(
+    tiny_repository, tiny_images, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A second lone batch (one the batcher counted as alone just before) runs on its own
+    # worker's share instead of a second set of every-core threads on the shared session.
+    from resnet_serve.service import sessions
+
+    monkeypatch.setattr(sessions, "cpu_count", lambda: 4)
+    spec = load_model_spec(tiny_repository / tiny.NAME)
+    pool = SessionPool.load(spec, Settings(sessions_per_device=2))
+    first, second = pool.workers
+    lone = first.lone
+    assert lone is not None
+
+    class Held(Recording):
+        entered, release = threading.Event(), threading.Event()
+
+        def run(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+            self.entered.set()
+            assert self.release.wait(60)
+            return super().run(*args, **kwargs)
+
+    shared, own = Held(lone.session), Recording(second.session)
+    lone.session, second.session = shared, own  # type: ignore[assignment]
+    images = np.ascontiguousarray(tiny_images[:2])
+    with ThreadPoolExecutor(1) as other:
+        held = other.submit(first.run, images)
+        assert shared.entered.wait(60)
+        expected = own.session.run(list(sessions.DEFAULT_OUTPUTS), {sessions.INPUT: images})
+        for a, b in zip(second.run(images), expected, strict=True):  # not blocked, not shared
+            np.testing.assert_array_equal(a, b)
+        assert (shared.runs, own.runs) == (0, 1)
+        shared.release.set()
+        held.result(60)
+    assert shared.runs == 1
+    second.run(images)  # free again: the shared session's
+    assert (shared.runs, own.runs) == (2, 1)
 
 
 @pytest.mark.parametrize(
