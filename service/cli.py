@@ -141,6 +141,14 @@ def bind(host: str, port: int, reuse_port: bool = False) -> socket.socket:
     return sock
 
 
+def exclusive(host: str, port: int) -> int:
+    """``port`` (or, for 0, the one the kernel picks), checked to be free by binding it
+    alone: another server's ``--workers`` share theirs with SO_REUSEPORT, which would take
+    a shared bind in, halving each one's traffic without a word. OSError when taken."""
+    with bind(host, port) as probe:
+        return int(probe.getsockname()[1])
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         settings = settings_from_args(argv)
@@ -158,19 +166,23 @@ def main(argv: list[str] | None = None) -> int:
     is_worker = workers.worker_index() is not None
     if not is_worker:
         settings = workers.tuned_layout(settings)
+    port, option = settings.port, "--port"
     try:
         if settings.workers > 1 and not is_worker:
-            reserved = bind(settings.host, settings.port, reuse_port=True)
+            reserved = bind(settings.host, exclusive(settings.host, settings.port), True)
+            if settings.grpc_port:  # its workers share it as they share the HTTP port
+                port, option = settings.grpc_port, "--grpc-port"
+                exclusive(settings.host, settings.grpc_port)
         else:
             sock = bind(settings.host, settings.port, reuse_port=is_worker)
     except OSError as exc:
         hint = (
-            ": another process is using it; stop that one or choose another --port"
+            f": another process is using it; stop that one or choose another {option}"
             if exc.errno == errno.EADDRINUSE
             else ""
         )
         print(
-            f"resnet-serve: cannot listen on {settings.host}:{settings.port} "
+            f"resnet-serve: cannot listen on {settings.host}:{port} "
             f"({exc.strerror or exc}){hint}",
             file=sys.stderr,
         )

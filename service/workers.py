@@ -197,6 +197,7 @@ class Supervisor:
         self.stopping = False
         self._own_dir: str | None = None
         self._ready_dir = tempfile.mkdtemp(prefix="resnet-serve-ready-")
+        self._signalled: set[int] = set()  # workers passed a stop signal
 
     def _metrics_dir(self) -> str:
         path = os.environ.get(MULTIPROC_ENV)
@@ -213,6 +214,7 @@ class Supervisor:
         self.stopping = True
         for p in self.procs:
             if p.poll() is None:
+                self._signalled.add(p.pid)
                 p.send_signal(sig)
 
     def run(self, sock: socket.socket) -> int:
@@ -232,6 +234,8 @@ class Supervisor:
             if self.settings.shared_inference:
                 env[INFERENCE_SOCKET_ENV] = self._start_host()
             for i in range(self.settings.workers):
+                if self.stopping:  # a signal came while they start: no more of them
+                    break
                 # A session of their own: a terminal's Ctrl-C reaches the supervisor alone,
                 # which passes it on once (twice would be "quit now, skip the drain").
                 self.procs.append(
@@ -244,6 +248,9 @@ class Supervisor:
                 "%d workers on port %d (pids %s)",
                 len(self.procs), port, ", ".join(str(p.pid) for p in self.procs),
             )  # fmt: skip
+            for p in self.procs:  # started as the signal came, after it was passed on
+                if self.stopping and p.pid not in self._signalled:
+                    p.send_signal(signal.SIGTERM)
             return self._wait()
         finally:
             self._forward(signal.SIGTERM, None)
@@ -258,24 +265,33 @@ class Supervisor:
             if self._own_dir is not None:
                 shutil.rmtree(self._own_dir, ignore_errors=True)
 
+    def _exit_code(self, code: int) -> int:
+        """A return code as the service's: 128 + a signal's number (as shells give it), 0
+        for the stop signals passed on while stopping."""
+        if code >= 0:
+            return code
+        if self.stopping and -code in (signal.SIGTERM, signal.SIGINT):
+            return 0
+        return 128 - code
+
     def _wait(self) -> int:
         while True:
             codes = [p.poll() for p in self.procs]
             if all(c is not None for c in codes):
-                return next((c for c in codes if c), 0)
-            failed = next((c for c in codes if c is not None and c != 0), None)
+                return next((e for c in codes if (e := self._exit_code(c or 0))), 0)
+            failed = next((c for c in codes if c is not None), None)
             if not self.stopping and self.host is not None and self.host.poll() is not None:
                 failed = self.host.returncode or 1
                 codes.append(failed)
                 log.error("the inference process exited (code %s)", self.host.returncode)
             if not self.stopping and any(c is not None for c in codes):
-                # A process ended without being asked to: the service is not whole any more.
+                # A process ended unasked (even cleanly): the service is not whole any more.
                 log.error("a process exited (code %s): stopping the others", failed)
-                self.stopping = True
+                code = self._exit_code(failed) if failed else 1
                 self._forward(signal.SIGTERM, None)
                 for p in self.procs:
                     p.wait()
-                return failed if failed is not None else 1
+                return code
             time.sleep(0.1)
 
     def _start_host(self) -> str:

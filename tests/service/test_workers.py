@@ -11,7 +11,9 @@ import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
+from typing import ClassVar
 
 import httpx
 import numpy as np
@@ -144,7 +146,7 @@ def test_a_worker_that_dies_ends_the_service(tiny_repository: Path) -> None:
     srv = ProcessServer(tiny_repository, workers="2").start()
     workers = children(srv.proc.pid)  # type: ignore[union-attr]
     os.kill(workers[0], signal.SIGKILL)
-    assert srv.proc.wait(timeout=60) != 0  # type: ignore[union-attr]
+    assert srv.proc.wait(timeout=60) == 128 + signal.SIGKILL  # type: ignore[union-attr]
     wait_until(lambda: not alive(workers[1]), timeout=60)
 
 
@@ -160,6 +162,87 @@ def test_port_in_use(tiny_repository: Path) -> None:
         )  # fmt: skip
     assert proc.returncode == 3, proc.stderr
     assert "cannot listen" in proc.stderr
+
+
+def test_ports_another_servers_workers_share_are_in_use(tiny_repository: Path) -> None:
+    # Was: SO_REUSEPORT let a second --workers server join the first's ports, and each
+    # took about half of the other's connections (with its own settings, API keys...).
+    grpc_port = free_port()
+    first = ProcessServer(tiny_repository, workers="2", grpc_port=str(grpc_port)).start()
+    try:
+        cases = ((first.port, 0, "--port"), (free_port(), grpc_port, "--grpc-port"))
+        for port, grpc, option in cases:
+            proc = subprocess.run(
+                [sys.executable, "-m", "resnet_serve.service.cli", "--repository",
+                 str(tiny_repository), "--port", str(port), "--grpc-port", str(grpc),
+                 "--workers", "2"],
+                capture_output=True, text=True, timeout=60, check=False,
+            )  # fmt: skip
+            assert proc.returncode == 3, proc.stderr
+            taken = port if grpc == 0 else grpc
+            assert f"cannot listen on 127.0.0.1:{taken}" in proc.stderr and option in proc.stderr
+        assert len(children(first.proc.pid)) == 2  # type: ignore[union-attr]
+    finally:
+        assert first.stop() == 0
+
+
+class _Proc:
+    """A worker process that ends when signalled."""
+
+    pids = iter(range(10**6, 2 * 10**6))
+    started: ClassVar[list[_Proc]] = []
+    on_first: ClassVar[Callable[[], None] | None] = None
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        self.pid = next(self.pids)
+        self.signals: list[int] = []
+        self.returncode: int | None = None
+        _Proc.started.append(self)
+        if len(_Proc.started) == 1 and _Proc.on_first is not None:
+            _Proc.on_first()  # the signal arrives while this one starts
+
+    def send_signal(self, sig: int) -> None:
+        self.signals.append(sig)
+        self.returncode = -sig
+
+    def poll(self) -> int | None:
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        assert self.returncode is not None, "never signalled: the supervisor would hang"
+        return self.returncode
+
+
+def test_a_stop_signal_while_workers_start_stops_them_all(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # Was: a SIGTERM during the start loop reached only the workers started before it;
+    # the loop went on, and the supervisor waited forever for the late ones.
+    from resnet_serve.service import workers as workers_mod
+    from resnet_serve.service.settings import Settings
+
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path / "metrics"))
+    monkeypatch.setattr(workers_mod.subprocess, "Popen", _Proc)
+    monkeypatch.setattr(workers_mod.signal, "signal", lambda *a: None)  # not this process's
+    supervisor = workers_mod.Supervisor(Settings(workers=4, grpc_port=0), [])
+    _Proc.started, _Proc.on_first = [], lambda: supervisor._forward(signal.SIGTERM, None)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        assert supervisor.run(sock) == 0  # stopped as asked: a clean exit
+    (only,) = _Proc.started  # no worker started after the signal
+    assert only.signals == [signal.SIGTERM]  # passed on once: a second would skip the drain
+
+
+def test_exit_codes_of_processes_that_end() -> None:
+    from resnet_serve.service.settings import Settings
+    from resnet_serve.service.workers import Supervisor
+
+    supervisor = Supervisor(Settings(workers=2, grpc_port=0), [])
+    assert supervisor._exit_code(3) == 3
+    assert supervisor._exit_code(-signal.SIGKILL) == 137  # as a shell reports it
+    assert supervisor._exit_code(-signal.SIGTERM) == 128 + signal.SIGTERM  # not asked to
+    supervisor.stopping = True
+    assert supervisor._exit_code(-signal.SIGTERM) == 0  # the stop it passed on
 
 
 def test_cores_are_split_unless_given() -> None:
