@@ -284,7 +284,8 @@ class Batcher:
                 log.exception("inference failed on a batch of %d for %s", n, self.model)
                 error = InferenceFailedError(f"inference failed for model {self.model}: {exc}")
                 self._record.failed(items, error)
-                await self.pool.recover(worker)
+                if not await self.pool.recover(worker) and self.pool.broken:  # nothing will run
+                    batchrecord.abandon(self._queue, NotReadyError(f"model {self.model} is broken"))
                 return
             ran = time.perf_counter()
             ok = batchrecord.hand_out(items, failed, outputs)
@@ -306,15 +307,12 @@ class Batcher:
         if self._task is not None:
             # With nothing queued the loop may be parked waiting for a session (all busy or
             # retired): there is nothing left for it to do, so it is stopped, not awaited.
-            if self._queue:
+            if any(not item.future.done() for item in self._queue):
                 done, _ = await asyncio.wait({self._task}, timeout=timeout_s)
                 if not done:
                     log.warning("%s: drain timed out with %d queued", self.model, self.queued)
             self._task.cancel()
         if self._running:
             await asyncio.wait(set(self._running), timeout=max(deadline - loop.time(), 0.1))
-        for item in self._queue:
-            if not item.future.done():
-                item.future.set_exception(NotReadyError("the service shut down"))
-        self._queue.clear()
+        batchrecord.abandon(self._queue, NotReadyError("the service shut down"))
         self.pool.close()

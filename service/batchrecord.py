@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -120,3 +121,11 @@ class BatchRecord:
         self.metrics.stats.of(self.model).executed(
             [item.enqueued for item in items], start, assembled, ran, answered
         )
+
+
+def abandon(queue: deque[QueuedImage], error: Exception) -> None:
+    """Every image still queued and waited for gets ``error``, unrun; the queue empties."""
+    for item in queue:
+        if not item.future.done():
+            item.future.set_exception(error)
+    queue.clear()

@@ -182,8 +182,7 @@ def main(argv: list[str] | None = None) -> int:
             else ""
         )
         print(
-            f"resnet-serve: cannot listen on {settings.host}:{port} "
-            f"({exc.strerror or exc}){hint}",
+            f"resnet-serve: cannot listen on {settings.host}:{port} ({exc.strerror or exc}){hint}",
             file=sys.stderr,
         )
         return EXIT_LISTEN

@@ -16,7 +16,7 @@ import pytest
 
 from resnet_serve.service.batcher import Batcher
 from resnet_serve.service.devices import Device
-from resnet_serve.service.errors import InferenceFailedError, OverloadedError
+from resnet_serve.service.errors import InferenceFailedError, NotReadyError, OverloadedError
 from resnet_serve.service.metrics import Metrics
 from resnet_serve.service.sessions import SessionPool
 
@@ -302,6 +302,37 @@ def test_inference_failure_fails_only_that_batch() -> None:
             )
             == 1
         )
+
+    asyncio.run(main())
+
+
+def test_queued_work_fails_at_once_when_no_session_is_left() -> None:
+    # Was: the queue's images waited for their request's timeout (and the drain for its
+    # own, twice) once the last session was retired: nothing would ever run them.
+    class Unrecoverable(FakeWorker):
+        def recreate(self) -> None:
+            raise RuntimeError("the inference process is gone")
+
+    async def main() -> None:
+        worker = Unrecoverable(fail=True)
+        worker.gate.clear()
+        b, _ = make(worker, max_batch_delay_ms=0.0)
+        b.start()
+        running = asyncio.ensure_future(submit(b, [1]))
+        while not worker.entered.is_set():
+            await asyncio.sleep(0.01)
+        queued = asyncio.ensure_future(submit(b, [2]))  # waits for the busy session
+        await asyncio.sleep(0.05)
+        assert b.queued == 1
+        worker.gate.set()  # the run fails, the session cannot be made again
+        with pytest.raises(InferenceFailedError):
+            await asyncio.wait_for(running, MINUTE_S)
+        with pytest.raises(NotReadyError):
+            await asyncio.wait_for(queued, MINUTE_S)
+        assert b.pool.broken and b.queued == 0
+        t = time.perf_counter()
+        await b.close(MINUTE_S)  # nothing left to wait for
+        assert time.perf_counter() - t < MINUTE_S / 2
 
     asyncio.run(main())
 
