@@ -161,6 +161,7 @@ class Runtime:
             path = remote.socket_path()
             # --shared-inference: the sessions are the inference process's (service/remote.py).
             pool = remote.load_pool(spec, tuned, path) if path else SessionPool.load(spec, tuned)
+            pool.on_broken = functools.partial(workers.mark_ready, False)  # all say not ready
             model = ServedModel(spec, pool, tuning_choice=choice)
             model.self_check = self_check(model.spec, model.pool, tuned, metrics)
             models[spec.name] = model

@@ -151,6 +151,7 @@ class SessionPool:
         self.decodes = decodes
         self._idle: asyncio.Queue[Runner] | None = None
         self._retired: set[Runner] = set()
+        self.on_broken: Callable[[], None] | None = None  # once no worker is left
 
     @property
     def healthy(self) -> int:
@@ -173,6 +174,8 @@ class SessionPool:
         except Exception:
             log.exception("%s: session could not be recreated; retired", worker.name)
             self._retired.add(worker)
+            if self.broken and self.on_broken is not None:
+                self.on_broken()
             return False
 
     @classmethod

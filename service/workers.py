@@ -57,7 +57,6 @@ READY_DIR_ENV = "_RESNET_SERVE_READY_DIR"
 COUNT_ENV = "_RESNET_SERVE_WORKERS"
 # The inference process's Unix socket, set for every process under --shared-inference.
 INFERENCE_SOCKET_ENV = "_RESNET_SERVE_INFERENCE_SOCKET"
-_all_ready = False
 
 
 def worker_index() -> int | None:
@@ -87,22 +86,23 @@ def tag_logs() -> None:
             handler.addFilter(WorkerTag(index))
 
 
-def mark_ready() -> None:
-    """This worker is ready (nothing outside ``--workers``)."""
+def mark_ready(ready: bool = True) -> None:
+    """This worker is ready, or no longer is (a model lost its last session); workers only."""
     index, path = worker_index(), os.environ.get(READY_DIR_ENV)
     if index is not None and path:
-        (Path(path) / str(index)).touch()
+        if ready:
+            (Path(path) / str(index)).touch()
+        else:
+            (Path(path) / str(index)).unlink(missing_ok=True)
 
 
 def peers_ready() -> bool:
-    """Whether every worker is ready; True outside ``--workers``. Once true it stays so:
-    a worker that ends ends the service (the supervisor stops the others)."""
-    global _all_ready
+    """Whether every worker is ready (True outside ``--workers``), read at each call: a
+    worker whose model broke takes its mark back, and then no worker answers ready."""
     path = os.environ.get(READY_DIR_ENV)
-    if _all_ready or worker_index() is None or not path:
+    if worker_index() is None or not path:
         return True
-    _all_ready = len(list(Path(path).iterdir())) >= int(os.environ.get(COUNT_ENV, "1"))
-    return _all_ready
+    return len(os.listdir(path)) >= int(os.environ.get(COUNT_ENV, "1"))
 
 
 def split_threads(settings: Settings) -> dict[str, str]:

@@ -317,6 +317,8 @@ def test_queued_work_fails_at_once_when_no_session_is_left() -> None:
         worker = Unrecoverable(fail=True)
         worker.gate.clear()
         b, _ = make(worker, max_batch_delay_ms=0.0)
+        broken: list[bool] = []
+        b.pool.on_broken = lambda: broken.append(True)  # the runtime: not ready any more
         b.start()
         running = asyncio.ensure_future(submit(b, [1]))
         while not worker.entered.is_set():
@@ -329,7 +331,7 @@ def test_queued_work_fails_at_once_when_no_session_is_left() -> None:
             await asyncio.wait_for(running, MINUTE_S)
         with pytest.raises(NotReadyError):
             await asyncio.wait_for(queued, MINUTE_S)
-        assert b.pool.broken and b.queued == 0
+        assert b.pool.broken and b.queued == 0 and broken == [True]
         t = time.perf_counter()
         await b.close(MINUTE_S)  # nothing left to wait for
         assert time.perf_counter() - t < MINUTE_S / 2

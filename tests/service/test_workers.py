@@ -233,6 +233,26 @@ def test_a_stop_signal_while_workers_start_stops_them_all(
     assert only.signals == [signal.SIGTERM]  # passed on once: a second would skip the drain
 
 
+def test_a_worker_whose_model_broke_makes_every_worker_not_ready(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # Was: readiness latched once every worker had been ready, so the healthy workers kept
+    # answering 200 while the broken one answered 503: /readyz flapped by connection.
+    from resnet_serve.service import workers as workers_mod
+
+    monkeypatch.setenv(workers_mod.READY_DIR_ENV, str(tmp_path))
+    monkeypatch.setenv(workers_mod.COUNT_ENV, "2")
+    monkeypatch.setenv(workers_mod.WORKER_ENV, "0")
+    workers_mod.mark_ready()
+    assert not workers_mod.peers_ready()  # worker 1 still loading
+    (tmp_path / "1").touch()  # worker 1 ready
+    assert workers_mod.peers_ready()
+    workers_mod.mark_ready(False)  # this worker's model lost its last session
+    assert not workers_mod.peers_ready()
+    workers_mod.mark_ready(False)  # idempotent
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["1"]
+
+
 def test_exit_codes_of_processes_that_end() -> None:
     from resnet_serve.service.settings import Settings
     from resnet_serve.service.workers import Supervisor
