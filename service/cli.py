@@ -21,6 +21,7 @@ from resnet_serve.service import logs, workers
 from resnet_serve.service.app import create_app
 from resnet_serve.service.connections import ConnectionLimits, guarded_protocol
 from resnet_serve.service.descriptors import connection_limit, raise_fd_limit
+from resnet_serve.service.metric_values import clear_files
 from resnet_serve.service.metrics import Metrics
 from resnet_serve.service.repository import RepositoryError
 from resnet_serve.service.runtime import Runtime
@@ -188,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_LISTEN
     if settings.workers > 1 and not is_worker:
         return workers.Supervisor(settings, sys.argv[1:] if argv is None else argv).run(reserved)
+    if not is_worker and os.environ.get(workers.MULTIPROC_ENV):  # one process, a given dir
+        clear_files(os.environ[workers.MULTIPROC_ENV])
     try:
         # Loaded before the server starts, so a bad repository fails fast with a message.
         runtime = Runtime.load(settings, Metrics())

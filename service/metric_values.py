@@ -10,6 +10,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 from prometheus_client import CollectorRegistry, values
@@ -27,6 +28,15 @@ def multiprocess() -> bool:
     return bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR")) and (
         values.ValueClass is not values.MutexValue
     )
+
+
+def clear_files(path: str) -> None:
+    """The multiprocess directory ``path`` emptied of an earlier run's files, made if need
+    be: a directory given by the operator keeps them, and they would add to this run's
+    counters and, for gauges of processes long gone, to its live sums."""
+    Path(path).mkdir(parents=True, exist_ok=True)
+    for f in Path(path).glob("*.db"):
+        f.unlink()
 
 
 class Labeled:

@@ -45,6 +45,7 @@ import time
 from pathlib import Path
 from types import FrameType
 
+from resnet_serve.service.metric_values import clear_files
 from resnet_serve.service.settings import Settings, cpu_count
 
 log = logging.getLogger(__name__)
@@ -201,11 +202,8 @@ class Supervisor:
 
     def _metrics_dir(self) -> str:
         path = os.environ.get(MULTIPROC_ENV)
-        if path:
-            # A directory given by the operator: last run's files would add to this one's.
-            Path(path).mkdir(parents=True, exist_ok=True)
-            for f in Path(path).glob("*.db"):
-                f.unlink()
+        if path:  # given by the operator
+            clear_files(path)
             return path
         self._own_dir = tempfile.mkdtemp(prefix="resnet-serve-metrics-")
         return self._own_dir

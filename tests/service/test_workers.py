@@ -253,6 +253,35 @@ def test_a_worker_whose_model_broke_makes_every_worker_not_ready(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["1"]
 
 
+def test_one_process_with_a_multiprocess_directory_starts_from_zero(
+    tiny_repository: Path, tiny_images: np.ndarray, tmp_path: Path
+) -> None:
+    # Was: outside --workers nothing cleared the operator's directory, so a restart
+    # reported the last run's counters, and dead processes' gauges in its live sums.
+    image = png(tiny_images[0])
+
+    def run(requests: int) -> tuple[float, float]:
+        srv = ProcessServer(tiny_repository, grpc_port="0")
+        srv.env["PROMETHEUS_MULTIPROC_DIR"] = str(tmp_path)
+        srv.start()
+        try:
+            for _ in range(requests):
+                r = httpx.post(srv.url + f"/v1/models/{MODEL}/classify", content=image,
+                               headers={"content-type": "image/png"}, timeout=60)  # fmt: skip
+                assert r.status_code == 200
+            text = httpx.get(srv.url + "/metrics").text
+            answered = metric_value(
+                text, "resnet_serve_requests_total", endpoint="classify", model=MODEL,
+                status="200",
+            )  # fmt: skip
+            return answered, metric_value(text, "resnet_serve_sessions", model=MODEL)
+        finally:
+            srv.stop(signal.SIGKILL)  # no clean-up of its own at exit
+
+    assert run(3) == (3, 1)
+    assert run(2) == (2, 1)
+
+
 def test_exit_codes_of_processes_that_end() -> None:
     from resnet_serve.service.settings import Settings
     from resnet_serve.service.workers import Supervisor
