@@ -30,7 +30,7 @@ MEDIA_TYPES = {".js": "text/javascript; charset=utf-8", ".css": "text/css; chars
 
 @functools.cache
 def static_dir() -> Path:
-    return Path(str(resources.files("service") / "static"))
+    return Path(str(resources.files(__package__) / "static"))
 
 
 @functools.cache

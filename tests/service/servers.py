@@ -223,9 +223,13 @@ class ProcessServer:
 
     def start(self, wait_ready: bool = True) -> ProcessServer:
         """Start and wait until ready, or (``wait_ready=False``) only until it listens."""
+        # From a folder of its own, as the installed script runs: the checkout's top-level
+        # names (``service``, ``contract``) are not importable there, as they are not for
+        # users (``python -m`` puts the working directory on the path).
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "resnet_serve.service.cli"], env=self.env,
             stdout=self.log, stderr=subprocess.STDOUT, preexec_fn=self.preexec,
+            cwd=tempfile.gettempdir(),
         )  # fmt: skip
         probe = "/readyz" if wait_ready else "/healthz"
 

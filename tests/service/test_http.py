@@ -268,6 +268,16 @@ def test_health_and_metrics(server: ProcessServer) -> None:
     assert "/v1/models/{model}/classify" in spec["paths"]
 
 
+def test_pages_come_from_the_installed_package(server: ProcessServer) -> None:
+    # Was: the pages' files were looked up as the top-level package ``service``, which
+    # only a process started from the checkout's root could import: every page was a 500
+    # under the installed `resnet-serve` script.
+    for path in ("/", "/ui", "/docs", "/redoc", "/static/swagger-ui.css"):
+        r = httpx.get(server.url + path, timeout=30)
+        assert r.status_code == 200, (path, r.status_code)
+        assert r.content
+
+
 def test_request_id(server: ProcessServer, tiny_pngs) -> None:
     r = httpx.get(server.url + "/healthz", headers={"x-request-id": "abc-123"})
     assert r.headers["x-request-id"] == "abc-123"
