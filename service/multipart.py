@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from python_multipart.exceptions import MultipartParseError
+from python_multipart.exceptions import FormParserError, MultipartParseError
 from python_multipart.multipart import MultipartParser, MultipartState, parse_options_header
 
 from resnet_serve.service.errors import BadRequestError, PayloadTooLargeError
@@ -65,17 +65,20 @@ def parse_multipart(
         elif len(parts) - files > MAX_FIELDS:
             raise BadRequestError(f"invalid multipart body: more than {MAX_FIELDS} fields")
 
-    parser = MultipartParser(
-        boundary,
-        {
-            "on_part_begin": part_begin,
-            "on_part_data": lambda data, start, end: parts[-1].data.extend(data[start:end]),
-            "on_header_field": lambda data, start, end: field_name.extend(data[start:end]),
-            "on_header_value": lambda data, start, end: field_value.extend(data[start:end]),
-            "on_header_end": header_end,
-            "on_headers_finished": headers_finished,
-        },
-    )
+    try:  # python-multipart refuses a boundary over 256 bytes as it builds the parser
+        parser = MultipartParser(
+            boundary,
+            {
+                "on_part_begin": part_begin,
+                "on_part_data": lambda data, start, end: parts[-1].data.extend(data[start:end]),
+                "on_header_field": lambda data, start, end: field_name.extend(data[start:end]),
+                "on_header_value": lambda data, start, end: field_value.extend(data[start:end]),
+                "on_header_end": header_end,
+                "on_headers_finished": headers_finished,
+            },
+        )
+    except FormParserError as exc:
+        raise BadRequestError(f"invalid multipart body: {exc}") from None
     try:
         parser.write(body)
         parser.finalize()

@@ -30,6 +30,12 @@ class CoalescingTransport:
         self._hold = True
 
     def write(self, data: bytes) -> None:
+        if self._transport.is_closing():
+            # The client is gone; uvloop raises on a closed transport, and uvicorn marks
+            # only the newest of pipelined requests as disconnected, so an earlier one's
+            # answer still comes here: dropped, as asyncio's own transports drop it.
+            self._held = None
+            return
         held = self._held
         if held is not None:
             self._held = None
@@ -43,7 +49,8 @@ class CoalescingTransport:
 
     def writelines(self, chunks: Iterable[bytes]) -> None:
         self.flush()
-        self._transport.writelines(chunks)
+        if not self._transport.is_closing():
+            self._transport.writelines(chunks)
 
     def flush(self) -> None:
         """Send what is held, if anything and if the connection is still open."""

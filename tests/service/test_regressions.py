@@ -239,3 +239,27 @@ def test_a_full_tmpdir_does_not_fail_uploads(tiny_repository, tmp_path) -> None:
         assert len(r.json()["results"]) == 2
     finally:
         server.stop(signal.SIGKILL)
+
+
+def test_a_multipart_boundary_too_long_for_the_parser_is_a_400(srv, tiny_pngs) -> None:
+    # Was: python-multipart refuses a boundary over 256 bytes as it builds its parser,
+    # outside the parse's error handling: a 500 and a traceback.
+    for length in (256, 257, 5000):
+        boundary = "X" * length
+        body = (
+            (
+                f'--{boundary}\r\nContent-Disposition: form-data; name="file"; '
+                f'filename="a.png"\r\nContent-Type: image/png\r\n\r\n'
+            ).encode()
+            + tiny_pngs[0]
+            + f"\r\n--{boundary}--\r\n".encode()
+        )
+        r = httpx.post(
+            srv.url + "/v1/classify", content=body,
+            headers={"content-type": f"multipart/form-data; boundary={boundary}"},
+        )  # fmt: skip
+        if length <= 256:
+            assert r.status_code == 200, r.text
+        else:
+            assert r.status_code == 400, r.text
+            assert r.json()["error"]["code"] == "bad_request"

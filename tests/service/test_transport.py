@@ -26,10 +26,16 @@ class Recorder:
         self.closing = False
 
     def write(self, data: bytes) -> None:
+        self._alive()
         self.sent.append(bytes(data))
 
     def writelines(self, chunks: Any) -> None:
+        self._alive()
         self.sent.append(b"".join(chunks))
+
+    def _alive(self) -> None:
+        if self.closing:  # as uvloop's transports do
+            raise RuntimeError("unable to perform operation on a closed transport")
 
     def write_eof(self) -> None:
         self.calls.append("write_eof")
@@ -114,6 +120,18 @@ async def test_nothing_is_written_to_a_connection_already_closing() -> None:
     raw.closing = True  # the peer went away meanwhile
     await _turn()
     await _turn()
+    assert raw.sent == []
+
+
+@run
+async def test_an_answer_to_a_client_gone_is_dropped_not_raised() -> None:
+    # Was: a pipelined request's answer, its client gone (uvicorn marks only the newest
+    # request of a connection as disconnected), raised from uvloop: a 500 and a traceback.
+    raw, out = _holding(b"head")
+    raw.closing = True
+    out.write(b"body")
+    out.writelines([b"more"])
+    out.write(b"again")
     assert raw.sent == []
 
 
