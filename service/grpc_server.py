@@ -21,6 +21,7 @@ from typing import Any
 
 import grpc
 from google.protobuf import json_format
+from google.protobuf.message import DecodeError
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as rpc
 
@@ -197,6 +198,49 @@ class Servicer(rpc.GRPCInferenceServiceServicer):
     ModelStreamInfer = _unimplemented("ModelStreamInfer")
 
 
+class _Handlers:
+    """The generated servicer's method handlers, taken as they are registered, each parsing
+    its own request: a malformed message is INVALID_ARGUMENT, not grpcio's UNKNOWN with a
+    logged traceback (its deserializer runs outside every handler). A method the service
+    does not implement answers UNIMPLEMENTED without the generated stub's traceback."""
+
+    SERVICE = "inference.GRPCInferenceService"
+
+    def __init__(self) -> None:
+        self.handlers: dict[str, grpc.RpcMethodHandler] = {}
+
+    def add_generic_rpc_handlers(self, handlers: object) -> None:
+        pass  # the same handlers as below, built by ``generic``
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, Any]) -> None:
+        self.handlers.update(handlers)
+
+    def generic(self) -> grpc.GenericRpcHandler:
+        return grpc.method_handlers_generic_handler(
+            self.SERVICE, {name: self._lenient(name, h) for name, h in self.handlers.items()}
+        )
+
+    @staticmethod
+    def _lenient(name: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        behaviour, parse = handler.unary_unary, handler.request_deserializer
+        if behaviour is None or parse is None:  # ModelStreamInfer: unimplemented anyway
+            return handler
+        servicer = behaviour.__self__  # type: ignore[attr-defined]
+        if getattr(type(servicer), name) is getattr(rpc.GRPCInferenceServiceServicer, name):
+            behaviour = functools.partial(_unimplemented(name), servicer)
+
+        async def call(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
+            try:
+                request = parse(raw)
+            except DecodeError as exc:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed {name}: {exc}")
+            return await behaviour(request, context)
+
+        return grpc.unary_unary_rpc_method_handler(
+            call, response_serializer=handler.response_serializer
+        )
+
+
 class GrpcServer:
     """The gRPC front end's lifecycle, driven by the application's lifespan."""
 
@@ -215,7 +259,9 @@ class GrpcServer:
                 ("grpc.so_reuseport", int(workers.worker_index() is not None)),
             ]
         )
-        rpc.add_GRPCInferenceServiceServicer_to_server(Servicer(runtime), self.server)
+        handlers = _Handlers()
+        rpc.add_GRPCInferenceServiceServicer_to_server(Servicer(runtime), handlers)
+        self.server.add_generic_rpc_handlers((handlers.generic(),))
         host = f"[{s.host}]" if ":" in s.host else s.host
         try:
             self.port = self.server.add_insecure_port(f"{host}:{s.grpc_port}")

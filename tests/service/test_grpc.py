@@ -337,3 +337,35 @@ def test_triton_extensions_answer_what_http_answers(srv: ThreadServer) -> None:
     with pytest.raises(InferenceServerException) as exc:
         client.get_model_config(name)  # no key
     assert "UNAUTHENTICATED" in str(exc.value.status())
+
+
+def test_malformed_messages_are_invalid_and_unsupported_methods_unimplemented(
+    srv: ThreadServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Was: grpcio's deserializer ran outside every handler, so a message that does not
+    # parse was UNKNOWN with a logged traceback; the generated stub's methods (load,
+    # shared memory, trace and log settings) logged one too.
+    import grpc
+
+    caplog.set_level("ERROR")
+    with grpc.insecure_channel(target(srv)) as channel:
+
+        def call(method: str, body: bytes) -> grpc.StatusCode:
+            stub = channel.unary_unary(
+                f"/inference.GRPCInferenceService/{method}",
+                request_serializer=lambda x: x, response_deserializer=lambda x: x,
+            )  # fmt: skip
+            try:
+                stub(body, metadata=tuple(AUTH.items()), timeout=30)
+            except grpc.RpcError as exc:
+                return exc.code()
+            return grpc.StatusCode.OK
+
+        for method in ("ModelInfer", "ModelMetadata", "ServerLive"):
+            assert call(method, b"\xff\xff") == grpc.StatusCode.INVALID_ARGUMENT, method
+        bad_utf8 = b"\x0a\x02\xc3\x28"  # field 1 (a name), two bytes that are not UTF-8
+        assert call("ModelMetadata", bad_utf8) == grpc.StatusCode.INVALID_ARGUMENT
+        assert call("ServerLive", b"") == grpc.StatusCode.OK  # an empty message parses
+        for method in ("RepositoryModelLoad", "SystemSharedMemoryStatus", "LogSettings"):
+            assert call(method, b"") == grpc.StatusCode.UNIMPLEMENTED, method
+    assert not [r for r in caplog.records if r.levelname == "ERROR"], caplog.text
