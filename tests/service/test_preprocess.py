@@ -70,6 +70,19 @@ def test_any_mode_becomes_rgb(mode: str) -> None:
     assert out.shape == (224, 224, 3) and out.dtype == np.uint8
 
 
+def test_16_bit_scaling_is_exact_for_every_value() -> None:
+    # In float32 now (the float64 copy of a large image was seconds): the same bytes as
+    # rint(v / 257) in float64, for each of the 65536 values.
+    from resnet_serve.contract.preprocess import decode
+
+    values = np.arange(65536, dtype=np.uint16).reshape(256, 256)
+    data = save(Image.fromarray(values), "PNG")
+    assert Image.open(io.BytesIO(data)).mode.startswith("I;16")
+    expected = np.rint(values.astype(np.float64) / 257.0).astype(np.uint8)
+    rgb = np.asarray(decode(data, 0, SPEC, OPTS))
+    assert all(np.array_equal(rgb[:, :, c], expected) for c in range(3))
+
+
 def test_16_bit_is_scaled_not_clipped() -> None:
     img = Image.fromarray(np.full((240, 240), 65535, np.uint16))
     out = preprocess(save(img, "PNG"), 0, SPEC, OPTS)
