@@ -22,6 +22,7 @@ from resnet_serve.contract.schema import INPUT, VECTOR_OUTPUTS, ModelSpec
 from resnet_serve.service.engine import Job
 from resnet_serve.service.errors import BadRequestError
 from resnet_serve.service.inputs import decode_base64_image, decode_content, too_many
+from resnet_serve.service.v2_lists import leaves, nested_as
 
 OUTPUTS = VECTOR_OUTPUTS
 HEADER_LENGTH = "Inference-Header-Content-Length"
@@ -104,24 +105,6 @@ def deserialize_bytes(raw: memoryview | bytes, limit: int) -> list[bytes]:
     return items
 
 
-def _leaves(data: Any, limit: int) -> list[Any]:
-    """The elements of ``data``, flat or nested lists alike (both are valid V2 ``data``),
-    in row-major order; at most ``limit + 1``. Iterative: nesting depth costs no stack."""
-    out: list[Any] = []
-    stack = [iter([data])]
-    while stack and len(out) <= limit:
-        for item in stack[-1]:
-            if isinstance(item, list):
-                stack.append(iter(item))
-                break
-            out.append(item)
-            if len(out) > limit:
-                break
-        else:
-            stack.pop()
-    return out
-
-
 def uint8_images(data: Any, raw: memoryview | None, shape: list[int]) -> np.ndarray:
     where = f"input '{INPUT}'"
     count = math.prod(shape)
@@ -131,6 +114,12 @@ def uint8_images(data: Any, raw: memoryview | None, shape: list[int]) -> np.ndar
                 f"{where}: {len(raw)} bytes of UINT8 data for shape {shape}, expected {count}"
             )
         return np.frombuffer(raw, dtype=np.uint8).reshape(shape)
+    if isinstance(data, list) and data and not isinstance(data[0], list):  # flat
+        if len(data) != count:
+            got = len(data)
+            raise BadRequestError(f"{where}: {got} values for shape {shape}, expected {count}")
+    elif isinstance(data, list) and not nested_as(data, shape):
+        raise BadRequestError(f"{where}: 'data' does not hold the {count} values of shape {shape}")
     try:
         values = np.asarray(data)
     except (ValueError, TypeError, RecursionError):
@@ -149,7 +138,7 @@ def encoded_images(data: Any, raw: memoryview | None, count: int) -> list[bytes]
     else:
         # JSON cannot carry raw bytes; like tritonclient's JSON mode, each element is a
         # string, and for images that string is base64 (as in /v1's JSON form).
-        items = [decode_base64_image(i, item) for i, item in enumerate(_leaves(data, count))]
+        items = [decode_base64_image(i, item) for i, item in enumerate(leaves(data, count))]
     if len(items) != count:
         found = f"more than {count}" if len(items) > count else str(len(items))
         raise BadRequestError(f"{where}: {found} BYTES elements for shape [{count}]")

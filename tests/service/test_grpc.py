@@ -369,3 +369,30 @@ def test_malformed_messages_are_invalid_and_unsupported_methods_unimplemented(
         for method in ("RepositoryModelLoad", "SystemSharedMemoryStatus", "LogSettings"):
             assert call(method, b"") == grpc.StatusCode.UNIMPLEMENTED, method
     assert not [r for r in caplog.records if r.levelname == "ERROR"], caplog.text
+
+
+def test_typed_contents_larger_than_their_shape_are_refused_before_a_copy(
+    tiny_repository: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Was: 30 million uint_contents were copied into numpy (and 15 million bytes_contents
+    # into a list) on the event loop before their count was compared with the shape.
+    from tritonclient.grpc import service_pb2 as pb
+
+    from resnet_serve.service import grpc_codec
+    from resnet_serve.service.errors import BadRequestError
+    from resnet_serve.service.repository import load_model_spec
+
+    def no_copy(*args: object, **kwargs: object) -> np.ndarray:
+        raise AssertionError("copied before the count check")
+
+    monkeypatch.setattr(grpc_codec.np, "asarray", no_copy)
+    spec = load_model_spec(tiny_repository / tiny.NAME)
+    for datatype, shape, field, item in (
+        ("UINT8", [1, tiny.CROP, tiny.CROP, 3], "uint_contents", 0),
+        ("BYTES", [1], "bytes_contents", b""),
+    ):
+        request = pb.ModelInferRequest(model_name=tiny.NAME)
+        inp = request.inputs.add(name="images", datatype=datatype, shape=shape)
+        getattr(inp.contents, field).extend([item] * 100_000)
+        with pytest.raises(BadRequestError, match="100000"):
+            grpc_codec.parse_request(request, spec, max_images=8)

@@ -538,3 +538,30 @@ def test_any_body_parses_or_is_a_typed_client_error(doc: Any, tail: bytes, heade
     assert 1 <= n <= 4 and parsed.outputs
     if isinstance(parsed.images, np.ndarray):
         assert parsed.images.dtype == np.uint8 and parsed.images.shape == (n, 2, 2, 3)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [[0] * 100_000, [[[[0] * 3] * 2] * 2] * 50_000, [[[[0] * 30_000] * 2] * 2]],
+    ids=["flat", "nested-first-dimension", "nested-last-dimension"],
+)
+def test_uint8_data_larger_than_its_shape_is_refused_before_it_is_copied(
+    data: list[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Was: numpy copied the whole list before its size was compared with the shape, which
+    # for tens of millions of numbers was seconds on the event loop.
+    from resnet_serve.service import v2_codec
+
+    def no_copy(*args: Any, **kwargs: Any) -> np.ndarray:
+        raise AssertionError("copied before the size check")
+
+    monkeypatch.setattr(v2_codec.np, "asarray", no_copy)
+    body = orjson.dumps({"inputs": [
+        {"name": "images", "datatype": "UINT8", "shape": [1, 2, 2, 3], "data": data}
+    ]})  # fmt: skip
+    with pytest.raises(ServeError) as exc:
+        parse_request(
+            body, header_length=None, content_encoding=None, spec=SPEC, max_images=4,
+            max_body_bytes=1 << 22,
+        )  # fmt: skip
+    assert answer(exc.value).v2_http == 400 and "values" in str(exc.value)
