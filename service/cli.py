@@ -223,6 +223,9 @@ def main(argv: list[str] | None = None) -> int:
         # Nothing here reads the client's address or scheme, which is all X-Forwarded-*
         # would change: one ASGI layer less around every request.
         proxy_headers=False,
+        # No WebSocket route exists: an upgrade is answered as the HTTP request it also is,
+        # not handed to a WebSocket protocol (which our connection accounting never saw end).
+        ws="none",
         log_config=None,
         # 0: cancel at once; fractions as given (uvicorn passes it to asyncio.wait_for).
         timeout_graceful_shutdown=settings.drain_timeout_s,

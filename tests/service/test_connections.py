@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.service.servers import ProcessServer, metric_value
+from tests.service.servers import ProcessServer, metric_value, wait_until
 
 # A client's bound on what it waits for: far above the timeouts under test (1 s), far below
 # what the attacks cost before (the huge header stalled /healthz for 12 s and more).
@@ -132,6 +132,28 @@ def test_a_body_read_with_the_headers_is_not_counted_as_headers(
     status, _, body = _read_answer(sock)
     assert status == 200, body
     assert json.loads(body)["results"][0]["predictions"]
+
+
+def test_websocket_upgrades_are_plain_requests_and_their_connections_counted(
+    server: ProcessServer,
+) -> None:
+    # Was: uvicorn handed the connection to a WebSocket protocol, and the open-connections
+    # gauge never came down for it.
+    def open_connections() -> float:
+        text = httpx.get(server.url + "/metrics", timeout=PATIENCE_S).text
+        return metric_value(text, "resnet_serve_connections")
+
+    before = open_connections()
+    for _ in range(5):
+        sock = _connect(server)
+        sock.sendall(
+            b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+            b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+        )
+        data = sock.recv(65536)
+        assert data.startswith(b"HTTP/1.1 200"), data[:40]  # answered as HTTP
+        sock.close()
+    wait_until(lambda: open_connections() == before, timeout=PATIENCE_S)
 
 
 def test_too_many_header_fields_is_431(server: ProcessServer) -> None:
