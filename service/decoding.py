@@ -72,9 +72,17 @@ def watch(
 
 
 async def decode_all(
-    pool: ThreadPoolExecutor, blobs: list[bytes], work: Work, limit_s: float, ticket: Ticket
+    pool: ThreadPoolExecutor,
+    blobs: list[bytes],
+    work: Work,
+    limit_s: float,
+    ticket: Ticket,
+    window: int = 1 << 30,
 ) -> list[np.ndarray]:
-    """``work(blob, index)`` for every blob, in order; the first failure is raised."""
+    """``work(blob, index)`` for every blob, in order; the first failure is raised. At most
+    ``window`` of them in the pool at once, the next submitted as one ends: the pool is
+    first come, first served, and one request's many large images would otherwise hold
+    every other request's decoding behind them for as long as they all take."""
     loop = asyncio.get_running_loop()
     results: list[asyncio.Future[np.ndarray]] = [loop.create_future() for _ in blobs]
     timers: dict[int, asyncio.TimerHandle] = {}
@@ -97,6 +105,8 @@ async def decode_all(
             )
 
     def settle(i: int, value: np.ndarray | None, error: BaseException | None) -> None:
+        if error is None:
+            submit_next()
         timer = timers.pop(i, None)
         if timer is not None:
             timer.cancel()
@@ -123,14 +133,23 @@ async def decode_all(
         with contextlib.suppress(RuntimeError):
             loop.call_soon_threadsafe(settle, i, value, error)
 
-    jobs: list[Future[None]] = [pool.submit(run, i, blob) for i, blob in enumerate(blobs)]
-    for i in range(len(blobs)):
-        timers[i] = loop.call_later(limit_s, check, i)
+    jobs: list[Future[None]] = []
+
+    def submit_next() -> None:
+        i = len(jobs)
+        if i < len(blobs) and not stopped:
+            jobs.append(pool.submit(run, i, blobs[i]))
+            timers[i] = loop.call_later(limit_s, check, i)
+
+    stopped = False
+    for _ in range(min(window, len(blobs))):
+        submit_next()
     try:
         if len(results) == 1:
             return [await results[0]]
         return list(await asyncio.gather(*results))
     except BaseException:
+        stopped = True  # what was not submitted never will be
         for i, job in enumerate(jobs):
             # Not started: never will. Still running (even past its limit): counted in
             # admission until it ends (``settle``).

@@ -229,6 +229,9 @@ class Engine:
                 functools.partial(self.preprocess_one, model=model),
                 limit_s,
                 ticket,
+                # Two per decode thread: none idles between two of this request's images,
+                # and another request's image waits behind at most these.
+                window=2 * self.settings.decode_threads,
             )
         futures = ticket.submit(arrays, names)
         unwatch = [

@@ -75,3 +75,33 @@ def test_an_image_over_its_limit_fails_and_its_running_decode_stays_held() -> No
     with ThreadPoolExecutor(1) as pool:
         asyncio.run(run())
     assert started == [0] and ticket.held == 0
+
+
+def test_one_requests_many_images_leave_room_for_another_request() -> None:
+    # Was: every image of a request went into the pool at once, first come first served,
+    # so another request's one image waited for all of them (64 large 16-bit PNGs held
+    # small requests for 27-29 s, or past their deadline). Now at most ``window`` each.
+    order: list[bytes] = []
+    gate = threading.Event()
+
+    def work(blob: bytes, index: int) -> np.ndarray:
+        gate.wait(60)
+        order.append(blob)
+        return np.zeros(2)
+
+    async def run() -> None:
+        big = asyncio.ensure_future(
+            decode_all(pool, [b"big"] * 8, work, 60.0, cast(Ticket, CountingTicket()), window=2)
+        )
+        await asyncio.sleep(0.05)  # the big request's first images are in the pool
+        small = asyncio.ensure_future(
+            decode_all(pool, [b"small"], work, 60.0, cast(Ticket, CountingTicket()), window=2)
+        )
+        await asyncio.sleep(0.05)
+        gate.set()
+        assert len(await small) == 1 and len(await big) == 8
+
+    with ThreadPoolExecutor(1) as pool:
+        asyncio.run(run())
+    # Behind the two of the big request's images that were in the pool, not all eight.
+    assert order.index(b"small") <= 2, order
