@@ -80,7 +80,7 @@ def test_an_image_over_its_limit_fails_and_its_running_decode_stays_held() -> No
 def test_one_requests_many_images_leave_room_for_another_request() -> None:
     # Was: every image of a request went into the pool at once, first come first served,
     # so another request's one image waited for all of them (64 large 16-bit PNGs held
-    # small requests for 27-29 s, or past their deadline). Now at most ``window`` each.
+    # small requests past their deadlines). Now at most ``window`` each.
     order: list[bytes] = []
     gate = threading.Event()
 
