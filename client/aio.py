@@ -19,7 +19,7 @@ class AsyncClient:
     options and errors of ``Client``."""
 
     def __init__(
-        self, url: str, api_key: str | None = None, *, timeout_s: float = 30.0,
+        self, url: str, api_key: str | None = None, *, timeout_s: float | None = 30.0,
         retries: int = 3, max_retry_wait_s: float = 10.0,
     ) -> None:  # fmt: skip
         self.policy = Policy(timeout_s, retries, max_retry_wait_s)

@@ -81,6 +81,18 @@ class RequestTimeoutError(ServeError, builtins.TimeoutError):
     status, code = 504, "timeout"
 
 
+class MethodNotAllowedError(ServeError):
+    """The path exists, not with this method."""
+
+    status, code = 405, "method_not_allowed"
+
+
+class InternalError(ServeError):
+    """A fault of the service's own (logged there with the request's ID)."""
+
+    status, code = 500, "internal"
+
+
 class ConnectError(ServeError, builtins.ConnectionError):
     """No answer: the service could not be reached, or the connection broke."""
 
@@ -93,13 +105,14 @@ BY_CODE: dict[str, type[ServeError]] = {
         BadRequestError, InvalidImageError, UnauthorizedError, NotFoundError,
         ModelNotFoundError, PayloadTooLargeError, UnsupportedMediaTypeError,
         InvalidParameterError, OverloadedError, NotReadyError, InferenceFailedError,
-        RequestTimeoutError,
+        RequestTimeoutError, MethodNotAllowedError, InternalError,
     )
 }  # fmt: skip
 BY_STATUS: dict[int, type[ServeError]] = {
     400: BadRequestError, 401: UnauthorizedError, 404: NotFoundError,
-    413: PayloadTooLargeError, 415: UnsupportedMediaTypeError, 422: InvalidParameterError,
-    503: UnavailableError, 504: RequestTimeoutError,
+    405: MethodNotAllowedError, 413: PayloadTooLargeError, 415: UnsupportedMediaTypeError,
+    422: InvalidParameterError, 500: InternalError, 503: UnavailableError,
+    504: RequestTimeoutError,
 }  # fmt: skip
 
 

@@ -25,6 +25,28 @@ def _png(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+# Modes PNG holds as they are; integer and float images go as TIFF, which the service scales
+# to 8 bits as it does a file of theirs; any other (CMYK, YCbCr, LAB, HSV) becomes RGB, the
+# service's own conversion.
+PNG_MODES = frozenset({"1", "L", "LA", "P", "RGB", "RGBA", "I;16"})
+TIFF_MODES = frozenset({"I", "F"})
+
+
+def _pil(image: Any, index: int) -> tuple[str, bytes, str]:
+    from PIL import ImageOps
+
+    # Upright by its EXIF orientation, as the service makes the file it was opened from:
+    # the re-encoded image carries no EXIF.
+    image = ImageOps.exif_transpose(image)
+    fmt = "TIFF" if image.mode in TIFF_MODES else "PNG"
+    if fmt == "PNG" and image.mode not in PNG_MODES:
+        image = image.convert("RGB")
+    buf = io.BytesIO()
+    image.save(buf, fmt)  # lossless either way
+    ext = fmt.lower()
+    return (f"image-{index}.{ext}", buf.getvalue(), f"image/{ext}")
+
+
 def encode(image: ImageLike, index: int) -> Part:
     """One multipart ``file`` part."""
     if isinstance(image, str | os.PathLike):
@@ -41,9 +63,7 @@ def encode(image: ImageLike, index: int) -> Part:
             )
         return ("file", (f"image-{index}.png", _png(image), "image/png"))
     if hasattr(image, "save") and hasattr(image, "mode"):  # a PIL image
-        buf = io.BytesIO()
-        image.save(buf, "PNG")
-        return ("file", (f"image-{index}.png", buf.getvalue(), "image/png"))
+        return ("file", _pil(image, index))
     raise TypeError(f"image {index}: {type(image).__name__} is not an image (path, bytes, "
                     "PIL image or uint8 array)")  # fmt: skip
 

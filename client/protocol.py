@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import email.utils
 import io
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -40,7 +41,10 @@ class Call:
 
 
 def model_path(model: str | None, action: str) -> str:
-    return f"/v1/{action}" if model is None else f"/v1/models/{quote(model, safe='')}/{action}"
+    if model is None:
+        return f"/v1/{action}"
+    # Dots too: "." and ".." as path segments would be resolved away on the way.
+    return f"/v1/models/{quote(model, safe='').replace('.', '%2E')}/{action}"
 
 
 def classify_call(images: ImageLike | Sequence[ImageLike], model: str | None, top_k: int) -> Call:
@@ -84,11 +88,13 @@ def error_of(response: httpx.Response) -> ServeError:
     """The typed exception of an error answer."""
     code, message = None, response.reason_phrase or f"HTTP {response.status_code}"
     try:
-        error = response.json().get("error")
+        body = response.json()
     except ValueError:
-        error = None
+        body = None
+    # Not always the service's shape: a proxy in front of it answers its own errors.
+    error = body.get("error") if isinstance(body, dict) else None
     if isinstance(error, dict):
-        code, message = error.get("code"), error.get("message", message)
+        code, message = error.get("code"), error.get("message") or message
     elif isinstance(error, str):  # the /v2 shape
         message = error
     return from_answer(response.status_code, code, message, response.headers.get("x-request-id"))
@@ -108,7 +114,7 @@ def retry_after_s(response: httpx.Response) -> float | None:
     value = response.headers.get("retry-after", "").strip()
     if not value:
         return None
-    if value.isdigit():
+    if value.isascii() and value.isdigit():
         return float(value)
     try:
         when = email.utils.parsedate_to_datetime(value)
@@ -121,13 +127,16 @@ def retry_after_s(response: httpx.Response) -> float | None:
 class Policy:
     """Timeouts and retries, the same for both clients."""
 
-    timeout_s: float = 30.0
+    timeout_s: float | None = 30.0  # None: no limit (httpx's)
     retries: int = 3  # 503 answers retried at most this many times per call
     max_retry_wait_s: float = 10.0  # a longer Retry-After is waited this long
 
     def headers(self, api_key: str | None) -> dict[str, str]:
         # The service stops working on a request the client has given up on.
-        headers = {"X-Request-Timeout-Ms": f"{self.timeout_s * 1000:.0f}"}
+        headers = {}
+        if self.timeout_s is not None and math.isfinite(self.timeout_s):
+            # At least 1 ms: the service refuses 0 as no time at all.
+            headers["X-Request-Timeout-Ms"] = f"{max(1.0, self.timeout_s * 1000):.0f}"
         if api_key:
             headers["Authorization"] = f"Bearer {api_key}"
         return headers

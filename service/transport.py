@@ -40,6 +40,10 @@ class CoalescingTransport:
         if held is not None:
             self._held = None
             self._transport.writelines((held, data))  # one send() for both
+        elif self._hold and data.startswith(b"HTTP/1.1 1"):
+            # An interim answer (100 Continue): at once, for a client that waits for it
+            # before its body; the final answer's head is the one to hold.
+            self._transport.write(data)
         elif self._hold:
             self._hold = False
             self._held = data

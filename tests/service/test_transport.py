@@ -94,12 +94,23 @@ async def test_a_held_head_goes_out_with_the_next_write() -> None:
 
 @run
 async def test_a_head_with_nothing_after_it_goes_out_at_the_next_turn() -> None:
-    raw, out = _holding(b"HTTP/1.1 100 Continue\r\n\r\n")
+    raw, out = _holding(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
     await _turn()
     await _turn()
-    assert raw.sent == [b"HTTP/1.1 100 Continue\r\n\r\n"]
+    assert raw.sent == [b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"]
     out.write(b"next")  # held only once per hold_next
     assert raw.sent[-1] == b"next"
+
+
+@run
+async def test_100_continue_goes_at_once_and_the_final_head_is_held() -> None:
+    # Was: the interim line took the hold, so the answer's head and body went in two sends.
+    continue_ = b"HTTP/1.1 100 Continue\r\n\r\n"
+    raw, out = _holding(continue_)
+    assert raw.sent == [continue_]  # the client waits for it before sending its body
+    out.write(b"HTTP/1.1 200 OK\r\n\r\n")
+    out.write(b"body")
+    assert raw.sent == [continue_, b"HTTP/1.1 200 OK\r\n\r\nbody"]
 
 
 @run
