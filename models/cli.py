@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
+import re
 import sys
 from pathlib import Path
 
@@ -130,12 +132,37 @@ def _positive_int(text: str) -> int:
     return value
 
 
+# A model's folder name in the repository (--name).
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
 def _usage_error(args: argparse.Namespace) -> str | None:
     """What is wrong with the arguments as a whole, before anything is loaded."""
     if not args.names or args.repository is None:
         return "give NAME [NAME ...] and --repository DIR (or --list)"
     if args.name and len(args.names) != 1:
         return "--name needs exactly one NAME"
+    if args.name is not None and not NAME_RE.fullmatch(args.name):
+        # It names a folder the export replaces: "..", "." or a path would replace another.
+        return (
+            f"--name {args.name!r}: letters, digits, '.', '_' and '-' only, starting with a "
+            "letter or digit"
+        )
+    for flag, value, low, high in (
+        ("--tolerance", args.tolerance, 0.0, math.inf),
+        ("--min-agreement", args.min_agreement, 0.0, 1.0),
+    ):
+        if value is not None and not (low < value <= high and math.isfinite(value)):
+            return f"{flag} {value}: must be a finite number above {low:g}" + (
+                f" and at most {high:g}" if math.isfinite(high) else ""
+            )
+    if args.labels is not None:
+        try:
+            names = read_labels(args.labels)
+        except (OSError, UnicodeDecodeError) as exc:
+            return f"--labels {args.labels}: cannot read it ({exc}); one class name per line"
+        if not names:
+            return f"--labels {args.labels}: no class names in it (one per line)"
     if args.ema and args.weights in ("default", "random"):
         return "--ema picks the EMA weights of a training checkpoint: give --weights PATH"
     int8_only = {
@@ -235,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
                 name=args.name,
                 labels=names,
                 opset=args.opset or DEFAULT_OPSET,
-                tolerance=args.tolerance or DEFAULT_TOLERANCE,
+                tolerance=DEFAULT_TOLERANCE if args.tolerance is None else args.tolerance,
                 precision=args.precision,
                 calibration=args.calibration,
                 calibration_limit=args.calibration_limit,

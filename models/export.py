@@ -249,7 +249,12 @@ def export_variant(
     """
     # A suffix keeps an int8/fp16 export from replacing the fp32 model of the same variant.
     name = name or (variant.name if precision == "fp32" else f"{variant.name}_{precision}")
+    if name in (".", "..") or Path(name).name != name:
+        # The folder an export replaces must be one of the repository's own.
+        raise ExportError(f"model name {name!r} is not a folder name")
     labels = class_labels(variant, weights, labels)
+    if not labels:
+        raise ExportError("no class labels: the model.json would not match the graph's logits")
     calib = None
     if precision != "fp32":
         # Imported only here: the fp32 path needs neither the quantizer nor the runtime code.

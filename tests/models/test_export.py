@@ -213,6 +213,36 @@ def test_cli_usage_errors(tmp_path: Path, capsys) -> None:
     assert "wide_resnet101_2" in capsys.readouterr().out
 
 
+def test_cli_refuses_what_would_replace_other_folders_or_mislabel_the_graph(
+    tmp_path: Path, capsys
+) -> None:
+    # Was: --name .. replaced the repository's parent (and everything in it), --name . the
+    # repository; a labels file with no names gave a model.json of 0 classes for a graph of
+    # 10, served with 500s; bad paths and numbers were tracebacks or silently changed.
+    repo = tmp_path / "box" / "repo"
+    keep = tmp_path / "box" / "keep"
+    keep.mkdir(parents=True)
+    (keep / "file").write_text("mine")
+    (tmp_path / "empty.txt").write_text("\n \n")
+    base = ["resnet20_cifar10", "--weights", "random", "--repository", str(repo)]
+    for extra, words in (
+        (["--name", ".."], "--name '..'"), (["--name", "."], "--name '.'"),
+        (["--name", "a/b"], "--name 'a/b'"),
+        (["--labels", str(tmp_path / "empty.txt")], "no class names"),
+        (["--labels", str(tmp_path / "none.txt")], "cannot read it"),
+        (["--labels", str(tmp_path)], "cannot read it"),
+        (["--tolerance", "0"], "--tolerance"), (["--tolerance", "nan"], "--tolerance"),
+        (["--precision", "int8", "--calibration", str(tmp_path), "--min-agreement", "1.5"],
+         "--min-agreement"),
+    ):  # fmt: skip
+        assert cli_main([*base, *extra]) == 2, extra
+        assert words in capsys.readouterr().err, extra
+    assert (keep / "file").read_text() == "mine" and not repo.exists()
+    weights = resolve(get_variant("resnet20_cifar10"), "random")
+    with pytest.raises(ExportError, match="not a folder name"):
+        export_variant(get_variant("resnet20_cifar10"), weights, repo, name="..")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", IMAGENET + CIFAR)
 def test_full_family_parity(tmp_path: Path, name: str) -> None:
