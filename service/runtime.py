@@ -22,7 +22,7 @@ from resnet_serve.service.batcher import Batcher
 from resnet_serve.service.engine import Engine
 from resnet_serve.service.loadcheck import self_check
 from resnet_serve.service.metrics import Metrics
-from resnet_serve.service.repository import ModelSpec, RepositoryError, discover
+from resnet_serve.service.repository import ModelSpec, RepositoryError, check_graph, discover
 from resnet_serve.service.sessions import SessionPool
 from resnet_serve.service.settings import Settings
 
@@ -162,6 +162,8 @@ class Runtime:
             # --shared-inference: the sessions are the inference process's (service/remote.py).
             pool = remote.load_pool(spec, tuned, path) if path else SessionPool.load(spec, tuned)
             pool.on_broken = functools.partial(workers.mark_ready, False)  # all say not ready
+            if (session := getattr(pool.workers[0], "session", None)) is not None:
+                check_graph(spec, session)  # not in a worker of --shared-inference
             model = ServedModel(spec, pool, tuning_choice=choice)
             model.self_check = self_check(model.spec, model.pool, tuned, metrics)
             models[spec.name] = model

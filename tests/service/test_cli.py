@@ -138,6 +138,37 @@ def test_port_in_use_is_one_line_and_exit_code_3(tiny_repository) -> None:
 
 
 @pytest.mark.parametrize(
+    ("edit", "words"),
+    [
+        ({"crop": 16, "resize": 16}, "input"),  # was: a warm-up that never ended, silently
+        ({"labels": [*tiny.LABELS, "extra"], "num_classes": 11}, "output 'logits'"),  # 500s
+        ({"embedding_dim": 128}, "output 'embedding'"),
+    ],
+    ids=["input-size", "labels", "embedding"],
+)
+def test_a_model_json_that_does_not_describe_its_graph_is_one_line_and_exit_code_2(
+    tmp_path: Path, edit: dict, words: str
+) -> None:
+    import json
+
+    tiny.export(tmp_path)
+    path = tmp_path / tiny.NAME / "model.json"
+    doc = json.loads(path.read_text())
+    for key, value in edit.items():
+        if key in ("crop", "resize"):
+            doc["preprocess"][key] = value
+        else:
+            doc[key] = value
+    path.write_text(json.dumps(doc))
+    proc = _resnet_serve(
+        "--repository", str(tmp_path), "--port", "0", "--grpc-port", "0", "--log-level", "warning"
+    )
+    assert proc.returncode == 2, proc.stderr
+    (line,) = proc.stderr.strip().splitlines()
+    assert "does not describe its model.onnx" in line and words in line, line
+
+
+@pytest.mark.parametrize(
     "args",
     [["--default-model", "resnet18"], ["--models", tiny.NAME, "--default-model", "tiny2"]],
     ids=["not-in-repository", "not-in-models"],
