@@ -207,6 +207,8 @@ def load_model_spec(model_dir: Path) -> ModelSpec:
         raise RepositoryError(f"{meta_path} is missing") from None
     except (OSError, ValueError) as exc:
         raise RepositoryError(f"{meta_path} is not readable JSON: {exc}") from None
+    if not isinstance(meta, dict):
+        raise RepositoryError(f"{meta_path}: invalid model.json (not a JSON object)")
     meta = _file_name_only(meta)
     if not (model_dir / MODEL_FILE).is_file():
         raise RepositoryError(f"{model_dir / MODEL_FILE} is missing")
@@ -227,5 +229,5 @@ def load_model_spec(model_dir: Path) -> ModelSpec:
             metadata=meta,
             features={f["name"]: FeatureSpec.from_json(f) for f in meta.get("features", [])},
         )
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:  # a field of a wrong type
         raise RepositoryError(f"{meta_path}: invalid model.json ({exc!r})") from None

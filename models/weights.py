@@ -117,8 +117,11 @@ def load_default(variant: Variant, progress: bool = False) -> Weights:
             f"or pass --weights PATH to a local .pth/.th/.safetensors file, "
             f"or --weights random for seeded random weights."
         ) from None
-    except RuntimeError as exc:
-        raise WeightsError(f"default weights of {variant.name} failed to load: {exc}") from None
+    except Exception as exc:  # torch.load's faults with a broken file: unpickling, EOF...
+        raise WeightsError(
+            f"default weights of {variant.name} failed to load from {cached} ({exc}): delete "
+            "that file and retry, or pass --weights PATH"
+        ) from None
     # torch.hub checks the hash only when it downloads; a cached file is checked here too.
     digest = sha256_file(cached)
     if not digest.startswith(spec.sha256_prefix):

@@ -86,6 +86,20 @@ def test_corrupt_cached_file_fails_the_hash_check(tmp_path: Path, monkeypatch) -
         resolve(V20, "default")
 
 
+@pytest.mark.parametrize("content", [b"not a checkpoint at all", b"PK\x03\x04truncated"])
+def test_an_unloadable_cached_file_is_a_clear_error(
+    tmp_path: Path, monkeypatch, content: bytes
+) -> None:
+    # Was: torch.load's UnpicklingError escaped as a traceback and ended the whole export.
+    cache = tmp_path / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    (cache / V20.weights.filename).write_bytes(content)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    with pytest.raises(WeightsError, match="delete that file") as caught:
+        resolve(V20, "default")
+    assert str(cache / V20.weights.filename) in str(caught.value)
+
+
 def _offline_env(torch_home: Path) -> dict[str, str]:
     # A proxy on a closed local port makes every download fail at once, with or without
     # a network, which is what "offline" means for this test.

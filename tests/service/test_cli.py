@@ -137,6 +137,20 @@ def test_port_in_use_is_one_line_and_exit_code_3(tiny_repository) -> None:
     assert seconds < 30
 
 
+@pytest.mark.parametrize("text", ["[1, 2]", '{"labels": 5}', '"model"'])
+def test_a_model_json_of_the_wrong_shape_is_one_line_and_exit_code_2(
+    tmp_path: Path, text: str
+) -> None:
+    # Was: a JSON array at the top was a traceback (the document was read as an object
+    # outside every check).
+    tiny.export(tmp_path)
+    (tmp_path / tiny.NAME / "model.json").write_text(text)
+    proc = _resnet_serve("--repository", str(tmp_path), "--port", "0", "--grpc-port", "0")
+    assert proc.returncode == 2, proc.stderr
+    (line,) = proc.stderr.strip().splitlines()
+    assert "invalid model.json" in line and str(tmp_path) in line, line
+
+
 @pytest.mark.parametrize(
     ("edit", "words"),
     [
