@@ -111,6 +111,14 @@ def export_onnx(graph: ServingGraph, crop: int, path: Path, opset: int = DEFAULT
         raise ExportError("torch.onnx.export returned no program")
     program.save(str(path), external_data=False)
     model = onnx.load(str(path))
+    written = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    if written != opset:
+        # torch's dynamo exporter writes its own opset and converts only where it can; a
+        # model.json recording the requested one would say what the graph is not.
+        raise ExportError(
+            f"opset {opset} was asked for, torch {torch.__version__} wrote opset {written}: "
+            f"leave --opset out (default {DEFAULT_OPSET}) or give {written}"
+        )
     # Readable dimension names for tools like Netron and for the runtime's checks.
     model.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "N"
     for out in model.graph.output:

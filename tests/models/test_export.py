@@ -243,6 +243,24 @@ def test_cli_refuses_what_would_replace_other_folders_or_mislabel_the_graph(
         export_variant(get_variant("resnet20_cifar10"), weights, repo, name="..")
 
 
+def test_the_opset_recorded_is_the_graphs(tmp_path: Path, capsys) -> None:
+    # Was: --opset 17 wrote an opset-18 graph (torch's exporter converts only where it can)
+    # and a model.json saying 17.
+    import onnx
+
+    repo = tmp_path / "r"
+    rc = cli_main(["resnet20_cifar10", "--weights", "random", "--repository", str(repo),
+                   "--opset", "17"])  # fmt: skip
+    err = capsys.readouterr().err
+    model_dir = repo / "resnet20_cifar10"
+    if rc == 0:  # a torch that converts it: then the graph is opset 17
+        graph = onnx.load(str(model_dir / "model.onnx"))
+        assert {o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")} == {17}
+        assert json.loads((model_dir / "model.json").read_text())["opset"] == 17
+    else:
+        assert rc == 1 and "opset 17 was asked for" in err and not model_dir.exists(), err
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", IMAGENET + CIFAR)
 def test_full_family_parity(tmp_path: Path, name: str) -> None:
