@@ -11,6 +11,7 @@ import signal
 import socket
 import sys
 import time
+from importlib.util import find_spec
 from types import FrameType
 from typing import NoReturn
 
@@ -171,7 +172,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if settings.workers > 1 and not is_worker:
             reserved = bind(settings.host, exclusive(settings.host, settings.port), True)
-            if settings.grpc_port:  # its workers share it as they share the HTTP port
+            # Its workers share it as they share the HTTP port (where gRPC will serve).
+            grpc_on = find_spec("grpc") is not None or "grpc_port" in settings.model_fields_set
+            if settings.grpc_port and grpc_on:
                 port, option = settings.grpc_port, "--grpc-port"
                 exclusive(settings.host, settings.grpc_port)
         else:
